@@ -1,0 +1,116 @@
+"""The backend-neutral store interface.
+
+The server depends only on this class, so that the SQLite backend used in
+development and a later PostgreSQL backend are interchangeable. SQL of any
+dialect belongs in the backend modules, never here.
+
+Visibility rules shared by every backend:
+
+* A tenant sees the adapters it owns and every public adapter.
+* When the tenant owns an adapter of some name, that name resolves to its own
+  versions only: a public adapter of the same name is shadowed.
+* Otherwise the name resolves to the public adapter of that name whose owner
+  published first (earliest created version, then owner id), so that the
+  answer does not change when another tenant later publishes the same name.
+* Absent and invisible adapters raise the same ``NotFound`` message.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from types import TracebackType
+
+from .models import AdapterRecord, NewAdapter, Page, Tenant
+
+
+class Store(ABC):
+    """Async adapter and tenant store.
+
+    Construct, then ``await open()`` (or use ``async with``); ``open`` creates
+    or migrates the schema so the server never runs against a stale one.
+    """
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect and apply any missing schema migrations."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release the connection; the store may be opened again afterwards."""
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # Tenants
+
+    @abstractmethod
+    async def ensure_tenant(self, name: str) -> Tenant:
+        """Return the tenant called ``name``, creating it if needed (idempotent)."""
+
+    @abstractmethod
+    async def get_tenant(self, tenant_id: str) -> Tenant:
+        """Return the tenant; ``NotFound`` if absent."""
+
+    @abstractmethod
+    async def list_tenants(self) -> list[Tenant]:
+        """Return every tenant, ordered by name."""
+
+    # Adapters
+
+    @abstractmethod
+    async def create_adapter(self, tenant_id: str, new: NewAdapter) -> AdapterRecord:
+        """Store a new version of ``new.name`` owned by ``tenant_id``.
+
+        The version is 1 for a new name, else the highest existing version
+        plus one; concurrent creates of one name get distinct versions. Row
+        and blob are written atomically. A new version inherits the public
+        flag of the name's existing versions, since ``set_public`` treats
+        publicity as a property of the name.
+        """
+
+    @abstractmethod
+    async def get_adapter(
+        self, tenant_id: str, name: str, version: int | None = None
+    ) -> AdapterRecord:
+        """Resolve a visible adapter; ``version=None`` means the newest."""
+
+    @abstractmethod
+    async def get_blob(self, adapter_id: str) -> bytes:
+        """Return the stored weights of one adapter version; ``NotFound`` if absent."""
+
+    @abstractmethod
+    async def list_adapters(
+        self, tenant_id: str, *, limit: int = 100, after: str | None = None
+    ) -> Page:
+        """Newest version of each visible name, ordered by name, after cursor ``after``."""
+
+    @abstractmethod
+    async def list_versions(self, tenant_id: str, name: str) -> list[AdapterRecord]:
+        """All versions of the visible name, ascending; ``NotFound`` if none."""
+
+    @abstractmethod
+    async def delete_adapter(
+        self, tenant_id: str, name: str, version: int | None = None
+    ) -> list[AdapterRecord]:
+        """Delete owned versions (all, or one); return them; ``NotFound`` if none matched.
+
+        Only adapters owned by ``tenant_id`` are ever deleted, so a public
+        adapter cannot be removed by a tenant that merely sees it.
+        """
+
+    @abstractmethod
+    async def set_public(self, adapter_tenant_id: str, name: str, public: bool) -> None:
+        """Publish or unpublish every version of an owned name; ``NotFound`` if none."""
+
+    @abstractmethod
+    async def count_usage(self, tenant_id: str) -> tuple[int, int]:
+        """Return (owned adapter versions, total blob bytes) for quota checks."""

@@ -1,0 +1,53 @@
+"""Versioned schema migrations, independent of SQL dialect.
+
+Each backend keeps its own ordered tuple of ``Migration`` steps (the SQL is
+dialect specific) and records applied versions in a
+``schema_migrations(version INTEGER PRIMARY KEY, applied_at)`` table. Steps
+are append-only: a shipped step is never edited, a change is a new step, so
+API keys and quotas arrive later as migrations 2, 3, ... over existing data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .errors import StoreConfigError
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema step: a version number and the statements that reach it."""
+
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+def check_ordered(migrations: Sequence[Migration]) -> None:
+    """Fail fast if a backend's steps are not numbered 1, 2, 3, ... in order.
+
+    A gap or duplicate would make "which steps are missing" ambiguous.
+    """
+    expected = list(range(1, len(migrations) + 1))
+    actual = [m.version for m in migrations]
+    if actual != expected:
+        raise StoreConfigError(f"migrations must be numbered {expected}, got {actual}")
+
+
+def pending(migrations: Sequence[Migration], applied: Iterable[int]) -> list[Migration]:
+    """Return the steps not yet applied, in order.
+
+    A database already at a version this code does not know was migrated by a
+    newer release; running against it could corrupt data, so refuse.
+    """
+    check_ordered(migrations)
+    done = set(applied)
+    newest_known = len(migrations)
+    unknown = sorted(v for v in done if v > newest_known)
+    if unknown:
+        raise StoreConfigError(
+            f"database schema version {unknown[-1]} is newer than this code "
+            f"supports ({newest_known}); upgrade the server"
+        )
+    return [m for m in migrations if m.version not in done]

@@ -1,0 +1,69 @@
+"""Plain records exchanged with the store.
+
+They are frozen dataclasses so that a record handed to one request cannot be
+mutated under another, and they carry no backend types (no sqlite rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """A customer namespace; adapters belong to exactly one tenant."""
+
+    id: str
+    name: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """Metadata of one stored adapter version.
+
+    The blob is deliberately absent: listings must stay cheap, and the weights
+    are fetched separately with ``Store.get_blob`` only when a model is loaded.
+    """
+
+    id: str
+    tenant_id: str
+    name: str
+    version: int
+    tokens: int
+    params: int
+    bytes: int
+    sha256: str
+    base_model: str
+    public: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class NewAdapter:
+    """What the server hands in to create a version; the store assigns id and version."""
+
+    name: str
+    blob: bytes
+    tokens: int
+    params: int
+    sha256: str
+    base_model: str
+
+    @property
+    def bytes(self) -> int:
+        """Size of the blob, recorded for quotas."""
+        return len(self.blob)
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a cursor-paginated listing.
+
+    ``next_after`` is the value to pass as ``after`` for the next page, or
+    None when this page is the last one.
+    """
+
+    items: list[AdapterRecord]
+    next_after: str | None

@@ -1,0 +1,478 @@
+"""SQLite backend of the adapter store (standard library ``sqlite3`` only).
+
+Concurrency model: one connection, used only from one dedicated worker
+thread. Every public coroutine submits a single blocking function to that
+thread, so operations never interleave on the connection, and a cancelled
+caller cannot leave a half-run transaction racing with the next one (the job
+still runs to completion on the worker). Writes run inside ``BEGIN IMMEDIATE``
+so the write lock is taken up front: the "read max version, insert next"
+sequence cannot race with another process, and the adapter row and its blob
+commit together or not at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import sqlite3
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import TypeVar
+
+from .base import Store
+from .errors import Conflict, NotFound, StoreError, StoreUnavailable
+from .migrations import Migration, pending
+from .models import AdapterRecord, NewAdapter, Page, Tenant
+
+T = TypeVar("T")
+
+# Schema. Append new steps (API keys, quotas, ...) at the end; never edit one.
+# UNIQUE(tenant_id, name, version) is backed by an index whose (tenant_id, name)
+# prefix serves every per-tenant lookup by name, so no second index is needed
+# for it; the partial index serves resolving public names for other tenants.
+SQLITE_MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        version=1,
+        description="tenants, adapters and adapter blobs",
+        statements=(
+            """
+            CREATE TABLE tenants (
+                id          TEXT PRIMARY KEY,
+                name        TEXT NOT NULL UNIQUE,
+                created_at  TEXT NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE adapters (
+                id          TEXT PRIMARY KEY,
+                tenant_id   TEXT NOT NULL REFERENCES tenants(id),
+                name        TEXT NOT NULL,
+                version     INTEGER NOT NULL CHECK (version >= 1),
+                tokens      INTEGER NOT NULL,
+                params      INTEGER NOT NULL,
+                bytes       INTEGER NOT NULL,
+                sha256      TEXT NOT NULL,
+                base_model  TEXT NOT NULL,
+                public      INTEGER NOT NULL DEFAULT 0 CHECK (public IN (0, 1)),
+                created_at  TEXT NOT NULL,
+                UNIQUE (tenant_id, name, version)
+            )
+            """,
+            "CREATE INDEX adapters_public_by_name ON adapters (name) WHERE public = 1",
+            """
+            CREATE TABLE adapter_blobs (
+                adapter_id  TEXT PRIMARY KEY REFERENCES adapters(id) ON DELETE CASCADE,
+                blob        BLOB NOT NULL
+            )
+            """,
+        ),
+    ),
+)
+
+_ADAPTER_COLUMNS = (
+    "id, tenant_id, name, version, tokens, params, bytes, sha256, base_model, public, created_at"
+)
+
+# Visible adapters, ranked per name: rank 1 is the newest version of the owner
+# the name resolves to (the caller itself first, else the earliest publisher).
+# ``{name_filter}`` narrows the candidates before ranking.
+_RANKED_CTE = f"""
+WITH candidates AS (
+    SELECT {_ADAPTER_COLUMNS},
+           CASE WHEN tenant_id = :tenant THEN 0 ELSE 1 END AS foreign_owner,
+           MIN(created_at) OVER (PARTITION BY name, tenant_id) AS owner_since
+    FROM adapters
+    WHERE (tenant_id = :tenant OR public = 1) AND {{name_filter}}
+),
+ranked AS (
+    SELECT *,
+           ROW_NUMBER() OVER (
+               PARTITION BY name
+               ORDER BY foreign_owner, owner_since, tenant_id, version DESC
+           ) AS rank
+    FROM candidates
+)
+"""
+
+_RESOLVED_VERSIONS = (
+    _RANKED_CTE.format(name_filter="name = :name")
+    + f"""
+SELECT {_ADAPTER_COLUMNS} FROM ranked
+WHERE tenant_id = (SELECT tenant_id FROM ranked WHERE rank = 1)
+  AND (:version IS NULL OR version = :version)
+ORDER BY version
+"""
+)
+
+_LIST_NEWEST = (
+    _RANKED_CTE.format(name_filter="(:after IS NULL OR name > :after)")
+    + f"""
+SELECT {_ADAPTER_COLUMNS} FROM ranked
+WHERE rank = 1
+ORDER BY name
+LIMIT :limit
+"""
+)
+
+
+class SQLiteStore(Store):
+    """``Store`` over one SQLite file (or ``":memory:"``)."""
+
+    def __init__(self, path: str, *, busy_timeout_ms: int = 5000) -> None:
+        self._path = path
+        self._busy_timeout_ms = busy_timeout_ms
+        self._conn: sqlite3.Connection | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self._path!r})"
+
+    async def open(self) -> None:
+        if self._conn is not None:
+            return
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        loop = asyncio.get_running_loop()
+        connect = functools.partial(_connect, self._path, busy_timeout_ms=self._busy_timeout_ms)
+        try:
+            self._conn = await _mapped(loop.run_in_executor(executor, connect), self._path)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        self._executor = executor
+
+    async def close(self) -> None:
+        conn, executor = self._conn, self._executor
+        self._conn, self._executor = None, None
+        if conn is None or executor is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, conn.close)
+        finally:
+            executor.shutdown(wait=False)
+
+    async def _call(self, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn(conn, *args)`` on the worker thread, mapping sqlite errors."""
+        if self._conn is None or self._executor is None:
+            raise StoreUnavailable(f"{self!r} is not open; call open() first")
+        job = functools.partial(fn, self._conn, *args)
+        return await _mapped(
+            asyncio.get_running_loop().run_in_executor(self._executor, job), self._path
+        )
+
+    # Tenants
+
+    async def ensure_tenant(self, name: str) -> Tenant:
+        if not name:
+            raise ValueError("tenant name must not be empty")
+        return await self._call(_ensure_tenant, name)
+
+    async def get_tenant(self, tenant_id: str) -> Tenant:
+        return await self._call(_get_tenant, tenant_id)
+
+    async def list_tenants(self) -> list[Tenant]:
+        return await self._call(_list_tenants)
+
+    # Adapters
+
+    async def create_adapter(self, tenant_id: str, new: NewAdapter) -> AdapterRecord:
+        _validate_new_adapter(new)
+        return await self._call(_create_adapter, tenant_id, new)
+
+    async def get_adapter(
+        self, tenant_id: str, name: str, version: int | None = None
+    ) -> AdapterRecord:
+        rows = await self._call(_resolved_versions, tenant_id, name, version)
+        if not rows:
+            raise NotFound(_adapter_not_found(name, version))
+        return rows[-1]
+
+    async def get_blob(self, adapter_id: str) -> bytes:
+        return await self._call(_get_blob, adapter_id)
+
+    async def list_adapters(
+        self, tenant_id: str, *, limit: int = 100, after: str | None = None
+    ) -> Page:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        # One extra row tells whether another page exists without a COUNT.
+        rows = await self._call(_list_newest, tenant_id, after, limit + 1)
+        items = rows[:limit]
+        next_after = items[-1].name if len(rows) > limit else None
+        return Page(items=items, next_after=next_after)
+
+    async def list_versions(self, tenant_id: str, name: str) -> list[AdapterRecord]:
+        rows = await self._call(_resolved_versions, tenant_id, name, None)
+        if not rows:
+            raise NotFound(_adapter_not_found(name, None))
+        return rows
+
+    async def delete_adapter(
+        self, tenant_id: str, name: str, version: int | None = None
+    ) -> list[AdapterRecord]:
+        return await self._call(_delete_adapter, tenant_id, name, version)
+
+    async def set_public(self, adapter_tenant_id: str, name: str, public: bool) -> None:
+        await self._call(_set_public, adapter_tenant_id, name, public)
+
+    async def count_usage(self, tenant_id: str) -> tuple[int, int]:
+        return await self._call(_count_usage, tenant_id)
+
+
+async def _mapped(job: asyncio.Future[T], path: str) -> T:
+    """Await ``job``, turning sqlite failures into the store's own errors.
+
+    Programming errors (bad SQL bindings, closed cursor) are left alone: they
+    are bugs, and hiding them as "unavailable" would make them look transient.
+    """
+    try:
+        return await job
+    except StoreError:
+        raise
+    except sqlite3.IntegrityError as exc:
+        raise Conflict(f"conflicting write: {exc}") from exc
+    except (sqlite3.ProgrammingError, sqlite3.InterfaceError):
+        raise
+    except sqlite3.Error as exc:
+        raise StoreUnavailable(f"sqlite database {path!r} failed: {exc}") from exc
+
+
+# Helpers shared by the blocking operations below.
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _to_text(moment: datetime) -> str:
+    """Fixed-width UTC ISO text, so string order equals time order in SQL."""
+    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _from_text(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex}"
+
+
+def _adapter_not_found(name: str, version: int | None) -> str:
+    """The one message for absent and invisible adapters alike."""
+    if version is None:
+        return f"adapter {name!r} not found"
+    return f"adapter {name!r} version {version} not found"
+
+
+def _validate_new_adapter(new: NewAdapter) -> None:
+    """Reject malformed input before it reaches the database.
+
+    The digest is checked here because the store is what later serves the
+    blob: a record whose sha256 does not describe its bytes would defeat
+    every integrity check downstream.
+    """
+    if not new.name:
+        raise ValueError("adapter name must not be empty")
+    if new.tokens < 0 or new.params < 0:
+        raise ValueError("tokens and params must not be negative")
+    actual = hashlib.sha256(new.blob).hexdigest()
+    if new.sha256.lower() != actual:
+        raise ValueError(f"sha256 {new.sha256!r} does not match the blob ({actual})")
+
+
+def _tenant(row: sqlite3.Row) -> Tenant:
+    return Tenant(id=row["id"], name=row["name"], created_at=_from_text(row["created_at"]))
+
+
+def _adapter(row: sqlite3.Row) -> AdapterRecord:
+    return AdapterRecord(
+        id=row["id"],
+        tenant_id=row["tenant_id"],
+        name=row["name"],
+        version=row["version"],
+        tokens=row["tokens"],
+        params=row["params"],
+        bytes=row["bytes"],
+        sha256=row["sha256"],
+        base_model=row["base_model"],
+        public=bool(row["public"]),
+        created_at=_from_text(row["created_at"]),
+    )
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction that holds the write lock from its first statement."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+# Blocking operations: each runs whole on the store's worker thread.
+
+
+def _connect(path: str, *, busy_timeout_ms: int) -> sqlite3.Connection:
+    # isolation_level=None hands transaction control to explicit BEGIN/COMMIT.
+    conn = sqlite3.connect(
+        path,
+        isolation_level=None,
+        check_same_thread=False,
+        timeout=busy_timeout_ms / 1000,
+    )
+    try:
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        _migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Apply missing migrations in one transaction: all of them, or none."""
+    with _transaction(conn):
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        applied = [row[0] for row in conn.execute("SELECT version FROM schema_migrations")]
+        for step in pending(SQLITE_MIGRATIONS, applied):
+            for statement in step.statements:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                (step.version, _to_text(_now())),
+            )
+
+
+def _ensure_tenant(conn: sqlite3.Connection, name: str) -> Tenant:
+    with _transaction(conn):
+        conn.execute(
+            "INSERT INTO tenants (id, name, created_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (name) DO NOTHING",
+            (_new_id("ten_"), name, _to_text(_now())),
+        )
+        row = conn.execute("SELECT * FROM tenants WHERE name = ?", (name,)).fetchone()
+    return _tenant(row)
+
+
+def _get_tenant(conn: sqlite3.Connection, tenant_id: str) -> Tenant:
+    row = conn.execute("SELECT * FROM tenants WHERE id = ?", (tenant_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"tenant {tenant_id!r} not found")
+    return _tenant(row)
+
+
+def _list_tenants(conn: sqlite3.Connection) -> list[Tenant]:
+    return [_tenant(row) for row in conn.execute("SELECT * FROM tenants ORDER BY name")]
+
+
+def _create_adapter(conn: sqlite3.Connection, tenant_id: str, new: NewAdapter) -> AdapterRecord:
+    with _transaction(conn):
+        if conn.execute("SELECT 1 FROM tenants WHERE id = ?", (tenant_id,)).fetchone() is None:
+            raise NotFound(f"tenant {tenant_id!r} not found")
+        latest = conn.execute(
+            "SELECT MAX(version) AS version, MAX(public) AS public"
+            " FROM adapters WHERE tenant_id = ? AND name = ?",
+            (tenant_id, new.name),
+        ).fetchone()
+        record = AdapterRecord(
+            id=_new_id("ad_"),
+            tenant_id=tenant_id,
+            name=new.name,
+            version=(latest["version"] or 0) + 1,
+            tokens=new.tokens,
+            params=new.params,
+            bytes=len(new.blob),
+            sha256=new.sha256.lower(),
+            base_model=new.base_model,
+            public=bool(latest["public"]),
+            created_at=_now(),
+        )
+        conn.execute(
+            f"INSERT INTO adapters ({_ADAPTER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.id,
+                record.tenant_id,
+                record.name,
+                record.version,
+                record.tokens,
+                record.params,
+                record.bytes,
+                record.sha256,
+                record.base_model,
+                int(record.public),
+                _to_text(record.created_at),
+            ),
+        )
+        conn.execute(
+            "INSERT INTO adapter_blobs (adapter_id, blob) VALUES (?, ?)", (record.id, new.blob)
+        )
+    return record
+
+
+def _resolved_versions(
+    conn: sqlite3.Connection, tenant_id: str, name: str, version: int | None
+) -> list[AdapterRecord]:
+    params = {"tenant": tenant_id, "name": name, "version": version}
+    return [_adapter(row) for row in conn.execute(_RESOLVED_VERSIONS, params)]
+
+
+def _list_newest(
+    conn: sqlite3.Connection, tenant_id: str, after: str | None, limit: int
+) -> list[AdapterRecord]:
+    params = {"tenant": tenant_id, "after": after, "limit": limit}
+    return [_adapter(row) for row in conn.execute(_LIST_NEWEST, params)]
+
+
+def _get_blob(conn: sqlite3.Connection, adapter_id: str) -> bytes:
+    row = conn.execute(
+        "SELECT blob FROM adapter_blobs WHERE adapter_id = ?", (adapter_id,)
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"adapter blob {adapter_id!r} not found")
+    return bytes(row["blob"])
+
+
+def _delete_adapter(
+    conn: sqlite3.Connection, tenant_id: str, name: str, version: int | None
+) -> list[AdapterRecord]:
+    where = "tenant_id = :tenant AND name = :name AND (:version IS NULL OR version = :version)"
+    params = {"tenant": tenant_id, "name": name, "version": version}
+    with _transaction(conn):
+        rows = conn.execute(
+            f"SELECT {_ADAPTER_COLUMNS} FROM adapters WHERE {where} ORDER BY version", params
+        ).fetchall()
+        if not rows:
+            raise NotFound(_adapter_not_found(name, version))
+        # Blobs go with their rows through ON DELETE CASCADE.
+        conn.execute(f"DELETE FROM adapters WHERE {where}", params)
+    return [_adapter(row) for row in rows]
+
+
+def _set_public(conn: sqlite3.Connection, tenant_id: str, name: str, public: bool) -> None:
+    with _transaction(conn):
+        changed = conn.execute(
+            "UPDATE adapters SET public = ? WHERE tenant_id = ? AND name = ?",
+            (int(public), tenant_id, name),
+        ).rowcount
+        if changed == 0:
+            raise NotFound(_adapter_not_found(name, None))
+
+
+def _count_usage(conn: sqlite3.Connection, tenant_id: str) -> tuple[int, int]:
+    row = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM adapters WHERE tenant_id = ?",
+        (tenant_id,),
+    ).fetchone()
+    return int(row[0]), int(row[1])

@@ -1,0 +1,20 @@
+"""Engine-side Aligner settings, carried to every worker in vLLM's `additional_config["aligner"]`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class AlignerEngineConfig:
+    max_slots: int = 64  # adapters resident in the engine at once
+    max_tokens: int = 16  # largest N (prefix tokens) an adapter may have
+    path: str = "auto"  # "auto" (fast paths) or "gather" (the general path only, for comparison)
+
+    def to_additional_config(self) -> dict[str, Any]:
+        return {"aligner": asdict(self)}
+
+    @classmethod
+    def from_additional_config(cls, additional: dict[str, Any] | None) -> AlignerEngineConfig:
+        return cls(**((additional or {}).get("aligner") or {}))

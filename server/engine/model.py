@@ -1,0 +1,111 @@
+"""Aligner model classes: the stock vLLM model, with every attention layer adding the Aligner term.
+
+The class of each `Attention` instance is swapped to a subclass (same object, same registration name,
+same KV cache binding) while the model is built, so torch.compile traces the term from the start;
+patching after load would be silently ignored by a compiled graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_rank
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+from vllm.model_executor.models.utils import extract_layer_index
+
+import server.engine.op  # noqa: F401  registers torch.ops.aligner.apply_
+from server.engine.config import AlignerEngineConfig
+from server.engine.op import WorkerState, set_worker_state
+from server.engine.routing import Routing
+from server.engine.table import AdapterTable, LayerHandle, TableShape
+
+_attention_classes: dict[type, type] = {}
+
+
+def _aligner_attention(base: type) -> type:
+    """A subclass of `base` whose forward adds the Aligner term to the attention output."""
+    if base not in _attention_classes:
+
+        def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs):
+            out = base.forward(self, query, key, value, *args, **kwargs)  # [T, H*D]
+            torch.ops.aligner.apply_(out, query, self.aligner_layer)
+            return out
+
+        _attention_classes[base] = type(f"Aligner{base.__name__}", (base,), {"forward": forward})
+    return _attention_classes[base]
+
+
+def install(model: torch.nn.Module, vllm_config: VllmConfig) -> WorkerState:
+    """Swap the attention classes and build this worker's adapter table."""
+    cfg = AlignerEngineConfig.from_additional_config(vllm_config.additional_config)
+    handles: list[LayerHandle] = []
+    attn0: Attention | None = None
+    for module in model.modules():
+        attn = getattr(module, "attn", None)
+        if not isinstance(attn, Attention) or not hasattr(module, "qkv_proj"):
+            continue
+        index = extract_layer_index(attn.layer_name)
+        attn.__class__ = _aligner_attention(type(attn))
+        attn.aligner_layer = index
+        handles.append(
+            LayerHandle(
+                index=index,
+                qkv_proj=module.qkv_proj,
+                k_norm=getattr(module, "k_norm", None),
+                q_size=attn.num_heads * attn.head_size,
+                kv_size=attn.num_kv_heads * attn.head_size,
+            )
+        )
+        attn0 = attn0 or attn
+    if attn0 is None:
+        raise RuntimeError(f"{type(model).__name__} has no attention layer with qkv_proj; Aligner cannot attach")
+    param = next(model.parameters())
+    shape = TableShape(
+        num_layers=max(h.index for h in handles) + 1,
+        num_heads=attn0.num_heads,
+        num_kv_heads=attn0.num_kv_heads,
+        head_dim=attn0.head_size,
+        head_offset=get_tensor_model_parallel_rank() * attn0.num_heads,
+        max_slots=cfg.max_slots,
+        max_tokens=cfg.max_tokens,
+    )
+    table = AdapterTable(shape, handles, device=param.device, dtype=vllm_config.model_config.dtype)
+    routing = Routing(vllm_config.scheduler_config.max_num_seqs, table.ntok, param.device)
+    state = WorkerState(table=table, routing=routing, scale=1.0 / math.sqrt(attn0.head_size), path=cfg.path)
+    set_worker_state(state)
+    return state
+
+
+class AlignerMixin:
+    """Build the base model, then attach the Aligner term. V2 runners get our ModelState."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        install(self, vllm_config)
+
+    def get_model_state_cls(self) -> type:
+        from server.engine.routing_v2 import AlignerModelState
+
+        return AlignerModelState
+
+
+class AlignerLlamaForCausalLM(AlignerMixin, LlamaForCausalLM):
+    pass
+
+
+class AlignerMistralForCausalLM(AlignerMixin, MistralForCausalLM):
+    pass
+
+
+class AlignerQwen2ForCausalLM(AlignerMixin, Qwen2ForCausalLM):
+    pass
+
+
+class AlignerQwen3ForCausalLM(AlignerMixin, Qwen3ForCausalLM):
+    pass

@@ -1,0 +1,81 @@
+"""The `aligner::apply_` custom op: adds the Aligner term to an attention output, in place.
+
+It is opaque to torch.compile (a `torch.library.custom_op` with a fake impl), so per-step routing is read
+at run time and never baked into a graph. The worker's table and routing live in one per-process
+`WorkerState`, set when the model is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.aligner_math import delta_general, delta_grouped, delta_single_token
+from server.engine.routing import Routing, StepPlan
+from server.engine.table import AdapterTable
+
+PATHS = ("auto", "gather")  # auto: pick a fast path per step; gather: always the general path
+GROUPED_MIN_RUN = 64  # a run this long (a prefill chunk) is cheaper grouped than gathered
+
+
+@dataclass
+class WorkerState:
+    table: AdapterTable
+    routing: Routing
+    scale: float  # 1 / sqrt(D), the attention's own scale
+    path: str = "auto"
+
+
+_state: WorkerState | None = None
+
+
+def set_worker_state(state: WorkerState | None) -> None:
+    global _state
+    _state = state
+
+
+def worker_state() -> WorkerState | None:
+    return _state
+
+
+@torch.library.custom_op("aligner::apply_", mutates_args=("out",))
+def apply_(out: torch.Tensor, q: torch.Tensor, layer: int) -> None:
+    """out: [T, H*D] attention output before o_proj; q: [T, H*D] post-RoPE queries."""
+    st = _state
+    if st is None or layer not in st.table.adapted_layers:
+        return
+    plan = st.routing.plan(q.shape[0])
+    if plan is None:
+        return
+    out.add_(aligner_delta(st, plan, q, layer).to(out.dtype))
+
+
+@apply_.register_fake
+def _(out: torch.Tensor, q: torch.Tensor, layer: int) -> None:
+    return None
+
+
+def aligner_delta(st: WorkerState, plan: StepPlan, q: torch.Tensor, layer: int) -> torch.Tensor:
+    """The term for every token of the step: [T, H*D] float32. Tokens without an adapter get exact zeros."""
+    t = st.table
+    T = q.shape[0]
+    KVH, D = t.shape.num_kv_heads, t.shape.head_dim
+    n = plan.max_tokens
+    if st.path == "auto" and n == 1:
+        return delta_single_token(t.bias[layer][plan.tok_slot])
+    qg = q.view(T, KVH, -1, D).float()  # [T, KVH, G, D]
+    if st.path == "auto" and plan.longest_run >= GROUPED_MIN_RUN:
+        k, v = t.k[layer, :, :, :n], t.v[layer, :, :, :n]  # [S, KVH, n, D]
+        delta = delta_grouped(qg, plan.tok_slot, k, v, t.mask[:, :n], t.gate[layer], st.scale, plan.runs())
+        return delta.reshape(T, -1)
+    if st.path == "auto" and plan.adapted is not None:  # few adapted tokens: compute only those
+        idx = plan.adapted
+        slots = plan.tok_slot[idx]
+        part = delta_general(
+            qg[idx], t.k[layer, slots, :, :n], t.v[layer, slots, :, :n], t.mask[slots, :n], t.gate[layer, slots], st.scale
+        )
+        return torch.zeros(T, qg.shape[1] * qg.shape[2] * D, device=q.device).index_copy_(0, idx, part.reshape(len(idx), -1))
+    slots = plan.tok_slot
+    delta = delta_general(qg, t.k[layer, slots, :, :n], t.v[layer, slots, :, :n], t.mask[slots, :n], t.gate[layer, slots], st.scale)
+    return delta.reshape(T, -1)

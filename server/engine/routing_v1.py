@@ -1,0 +1,51 @@
+"""Per-request routing on vLLM's V1 model runner (CPU, and GPU without Triton).
+
+A logits processor that never changes logits, used as a row-state tracker: `update_state` sees every
+added, removed and moved batch row with its SamplingParams, after condense and reorder and before the
+forward. Each row's adapter key (SamplingParams.extra_args["aligner"]) becomes its table slot.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm import SamplingParams
+from vllm.config import VllmConfig
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from server.engine.op import worker_state
+
+EXTRA_ARGS_KEY = "aligner"
+
+
+def adapter_key(params: SamplingParams | None) -> str | None:
+    extra = getattr(params, "extra_args", None) or {}
+    key = extra.get(EXTRA_ARGS_KEY)
+    return key if isinstance(key, str) and key else None
+
+
+class AlignerRoutingLP(LogitsProcessor):
+    def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
+        self._state = worker_state()
+
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        st = self._state or worker_state()
+        if not batch_update or st is None:
+            return
+        self._state = st
+        routing = st.routing
+        for row, params, _, _ in batch_update.added:
+            key = adapter_key(params)
+            slot = st.table.lookup(key) if key else 0
+            if key and slot == 0:
+                routing.unknown_key_events += 1  # a logits processor cannot fail a request: run as base
+            routing.set_row(row, slot)
+        for row in batch_update.removed:
+            routing.set_row(row, 0)
+        for src, dst, direction in batch_update.moved:
+            routing.move(src, dst, swap=direction == MoveDirectionality.SWAP)
