@@ -16,6 +16,7 @@ import asyncio
 import functools
 import hashlib
 import sqlite3
+from pathlib import Path
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -319,6 +320,11 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 def _connect(path: str, *, busy_timeout_ms: int) -> sqlite3.Connection:
+    if path != ":memory:":  # a fresh deployment's data folder may not exist yet
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise sqlite3.OperationalError(f"cannot create the folder for {path}: {e}") from e
     # isolation_level=None hands transaction control to explicit BEGIN/COMMIT.
     conn = sqlite3.connect(
         path,

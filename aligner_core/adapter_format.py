@@ -7,8 +7,9 @@ Metadata (all strings): format, start_layer, gate_activation, hidden_size, num_l
 base_model.
 
 `decode` checks what a file says about itself (structure, dtypes, finite values); `check_fits` checks
-it against the served model. The content hash covers tensors and metadata, not the file's byte layout,
-so two encodings of the same adapter share one identity inside the engine.
+it against the served model. The server stores the canonical re-encoding (`encode`), so the content hash
+covers tensors and metadata, not an uploaded file's byte layout: two encodings of one adapter share one
+identity inside the engine.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from aligner_core.errors import AdapterFormatError, AdapterMismatch
 from aligner_core.model_spec import ModelSpec
@@ -72,14 +72,11 @@ class Adapter:
         }
 
     def sha256(self) -> str:
-        """Content hash of tensors + metadata: the adapter's immutable identity in the engine."""
-        h = hashlib.sha256(FORMAT.encode())
-        h.update(json.dumps(self.metadata(), sort_keys=True).encode())
-        for name, t in (("prefix", self.prefix), ("gate", self.gate)):
-            t = t.detach().contiguous().cpu()
-            h.update(f"|{name}|{t.dtype}|{list(t.shape)}|".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        """Content hash: sha256 of the canonical encoding (tensors + metadata, deterministic layout).
+
+        It is the adapter's immutable identity inside the engine, and `sha256sum` of the stored file.
+        """
+        return hashlib.sha256(encode(self)).hexdigest()
 
     def gate_values(self) -> torch.Tensor:
         """Gates after the activation, float32: [L - start_layer, H]."""
@@ -114,9 +111,27 @@ class Adapter:
 
 
 def encode(adapter: Adapter) -> bytes:
-    """Serialise to aligner/v1 safetensors bytes."""
-    tensors = {"prefix": adapter.prefix.detach().contiguous().cpu(), "gate": adapter.gate.detach().contiguous().cpu()}
-    return st_save(tensors, metadata=adapter.metadata())
+    """Serialise to aligner/v1 safetensors bytes, deterministically.
+
+    The safetensors library writes metadata in hash-map order, which differs between calls; the content
+    hash needs one canonical layout, so the (simple) container is written here: an 8-byte little-endian
+    header length, a JSON header with sorted keys padded to 8 bytes, then the raw tensors in name order.
+    """
+    codes = {v: k for k, v in DTYPES.items()}
+    header: dict = {"__metadata__": adapter.metadata()}
+    chunks: list[bytes] = []
+    offset = 0
+    for name, t in sorted({"gate": adapter.gate, "prefix": adapter.prefix}.items()):
+        t = t.detach().contiguous().cpu()
+        if t.dtype not in codes:
+            raise AdapterFormatError(f"tensor '{name}' has dtype {t.dtype}; allowed: float32, bfloat16, float16", param=name)
+        raw = t.view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
 
 
 def save(adapter: Adapter, path: str | Path) -> None:

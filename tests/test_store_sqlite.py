@@ -390,9 +390,20 @@ def test_open_store_memory_url_works() -> None:
     assert asyncio.run(main()).version == 1
 
 
+def test_missing_folder_is_created(tmp_path: Path) -> None:
+    async def main() -> int:
+        async with open_store(f"sqlite:///{tmp_path / 'new-dir' / 'x.db'}") as store:
+            return len(await store.list_tenants())
+
+    assert asyncio.run(main()) == 0
+    assert (tmp_path / "new-dir" / "x.db").is_file()
+
+
 def test_unopenable_file_raises_store_unavailable(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+
     async def main() -> None:
-        await open_store(f"sqlite:///{tmp_path / 'missing-dir' / 'x.db'}").open()
+        await open_store(f"sqlite:///{tmp_path / 'a-file' / 'x.db'}").open()
 
     with pytest.raises(StoreUnavailable) as caught:
         asyncio.run(main())

@@ -1,0 +1,217 @@
+"""The engine as the API sees it: start/stop, adapter residency, and vLLM's serving objects.
+
+The frontend owns adapter lifetimes, because the worker never sees request ids: a request `lease`s its
+adapter's key (pinning it and loading it if needed) before it is submitted and releases it when its last
+token has been streamed. Unpinned keys are evicted least-recently-used when the slot table is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.engine.config import AlignerEngineConfig
+from server.engine.plugin import aligner_architecture
+
+_SALT_UNSAFE = re.compile(r"[@/\\\x00]")
+
+
+class EngineError(Exception):
+    """Root of the facade's errors."""
+
+
+class EngineBusy(EngineError):
+    """Every adapter slot is pinned by running requests; retry shortly."""
+
+
+class EngineNotReady(EngineError):
+    """The engine has not started, has stopped, or died."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    model_path: str
+    served_name: str  # the base model's identity; requests must name it
+    architecture: str = "LlamaForCausalLM"  # the base architecture from config.json
+    dtype: str = "auto"
+    enforce_eager: bool = False
+    max_model_len: int = 2048
+    max_num_seqs: int = 256
+    kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE: whole GiB
+    seed: int = 0
+    aligner: AlignerEngineConfig = field(default_factory=AlignerEngineConfig)
+    routing: str = "auto"  # "v1" (logits-processor tracker), "v2" (ModelState), "auto" by platform
+    extra_args: tuple[str, ...] = ()  # any further `vllm serve` flags
+
+    def argv(self) -> list[str]:
+        from server.engine.vllm_glue import json_flag
+
+        argv = [
+            "--model", self.model_path,
+            "--served-model-name", self.served_name,
+            "--dtype", self.dtype,
+            "--max-model-len", str(self.max_model_len),
+            "--max-num-seqs", str(self.max_num_seqs),
+            "--seed", str(self.seed),
+            "--hf-overrides", json_flag({"architectures": [aligner_architecture(self.architecture)]}),
+            "--worker-extension-cls", "server.engine.worker_ext.AlignerWorkerExtension",
+            "--additional-config", json_flag(self.aligner.to_additional_config()),
+            "--disable-uvicorn-access-log",
+        ]  # fmt: skip
+        if self._routing() == "v1":
+            argv += ["--logits-processors", "server.engine.routing_v1:AlignerRoutingLP"]
+        if self.enforce_eager:
+            argv.append("--enforce-eager")
+        return argv + list(self.extra_args)
+
+    def _routing(self) -> str:
+        if self.routing != "auto":
+            return self.routing
+        from vllm.platforms import current_platform
+
+        return "v1" if current_platform.is_cpu() or os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "0" else "v2"
+
+
+def cache_salt(key: str, user_salt: str | None = None) -> str:
+    """Prefix-cache salt from the adapter's content hash, so KV blocks are never shared across adapters."""
+    salt = f"aligner-{key[:64]}" + (f"-{user_salt}" if user_salt else "")
+    return _SALT_UNSAFE.sub("_", salt)[:128]
+
+
+@dataclass
+class _Resident:
+    pins: int = 0
+    retired: bool = False  # unload as soon as the last pin goes
+
+
+class EngineHooks:
+    """What the engine reports; the server wires these to its metrics."""
+
+    def adapter_loaded(self, seconds: float) -> None: ...
+    def adapter_evicted(self) -> None: ...
+    def resident_changed(self, count: int) -> None: ...
+
+
+class AlignerEngine:
+    def __init__(self, options: EngineOptions, hooks: EngineHooks | None = None) -> None:
+        self.options = options
+        self.hooks = hooks or EngineHooks()
+        self.client: Any = None
+        self.serving: Any = None  # vLLM's State with openai_serving_chat / openai_serving_completion
+        self._stack: Any = None
+        self._resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU order: oldest first
+        self._lock = asyncio.Lock()
+
+    # ---- lifecycle ----
+    async def start(self) -> None:
+        from contextlib import AsyncExitStack
+
+        from server.engine import vllm_glue
+
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.options.kv_cache_gib))
+        args = vllm_glue.engine_args(self.options.argv())
+        self._stack = AsyncExitStack()
+        try:
+            self.client = await self._stack.enter_async_context(vllm_glue.open_engine(args))
+            self.serving = await vllm_glue.serving_state(self.client, args)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+
+    async def stop(self) -> None:
+        if self._stack is not None:
+            await self._stack.aclose()
+            self._stack, self.client, self.serving = None, None, None
+
+    async def check_health(self) -> None:
+        if self.client is None:
+            raise EngineNotReady("engine is not running")
+        if self.client.errored:
+            raise EngineNotReady(f"engine failed: {self.client.dead_error}")
+        await self.client.check_health()
+
+    # ---- adapters ----
+    async def lease(self, key: str, load: Callable[[], Awaitable[bytes]]) -> Lease:
+        """Pin `key` and make sure it is resident; the caller must `release()` the lease."""
+        async with self._lock:
+            entry = self._resident.get(key)
+            if entry is not None:
+                self._resident.move_to_end(key)
+                entry.pins += 1
+                entry.retired = False
+                return Lease(self, key)
+            data = await load()
+            await self._make_room()
+            started = time.perf_counter()
+            await self._rpc("aligner_load", key, data)
+            self.hooks.adapter_loaded(time.perf_counter() - started)
+            self._resident[key] = _Resident(pins=1)
+            self.hooks.resident_changed(len(self._resident))
+            return Lease(self, key)
+
+    async def retire(self, key: str) -> None:
+        """The adapter was deleted: unload it once no running request holds it."""
+        async with self._lock:
+            entry = self._resident.get(key)
+            if entry is None:
+                return
+            entry.retired = True
+            if entry.pins == 0:
+                await self._try_unload(key)
+
+    async def _release(self, key: str) -> None:
+        async with self._lock:
+            entry = self._resident.get(key)
+            if entry is None:
+                return
+            entry.pins -= 1
+            if entry.pins == 0 and entry.retired:
+                await self._try_unload(key)
+
+    async def _make_room(self) -> None:
+        if len(self._resident) < self.options.aligner.max_slots:
+            return
+        for key in [k for k, e in self._resident.items() if e.pins == 0]:  # least recently used first
+            if await self._try_unload(key):
+                return
+        raise EngineBusy(f"all {self.options.aligner.max_slots} adapter slots are held by running requests")
+
+    async def _try_unload(self, key: str) -> bool:
+        # The worker refuses while a batch row still uses the slot (a finished request's row is removed at
+        # the next step); the key then stays resident and is retried later.
+        if not all(await self._rpc("aligner_unload", key)):
+            return False
+        del self._resident[key]
+        self.hooks.adapter_evicted()
+        self.hooks.resident_changed(len(self._resident))
+        return True
+
+    async def stats(self) -> dict:
+        (first, *_) = await self._rpc("aligner_stats")
+        return first
+
+    async def _rpc(self, method: str, *args: Any) -> list[Any]:
+        if self.client is None:
+            raise EngineNotReady("engine is not running")
+        return await self.client.collective_rpc(method, args=args)
+
+    def resident_keys(self) -> list[str]:
+        return list(self._resident)
+
+
+class Lease:
+    """A pin on one resident adapter; release exactly once (idempotent)."""
+
+    def __init__(self, engine: AlignerEngine, key: str) -> None:
+        self.engine, self.key, self._released = engine, key, False
+
+    async def release(self) -> None:
+        if not self._released:
+            self._released = True
+            await self.engine._release(self.key)

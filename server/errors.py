@@ -1,0 +1,125 @@
+"""API errors, and the one place where every error becomes an OpenAI-shaped JSON response.
+
+    APIError                       {"error": {"message", "type", "param", "code"}}
+    ├── InvalidRequest      400    invalid_request_error
+    ├── AdapterNotFound     404    adapter_not_found (another tenant's adapter answers exactly the same)
+    ├── ModelNotFound       404    model_not_found
+    ├── PayloadTooLarge     413    file_too_large
+    ├── InvalidAdapter      422    invalid_adapter / base_model_mismatch
+    └── ServiceUnavailable  503    store_unavailable / engine_busy / engine_not_ready (with Retry-After)
+
+Errors of the other packages (`adapters_store`, `aligner_core`, the engine facade) are mapped here too,
+so routes raise or let propagate and never build error bodies themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapters_store import NotFound, StoreError, StoreUnavailable
+from aligner_core.errors import AdapterFormatError, AdapterMismatch
+
+log = logging.getLogger("aligner.server")
+
+
+class APIError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param, self.headers = message, param, headers
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(APIError):
+    status, type, code = 400, "invalid_request_error", None
+
+
+class AdapterNotFound(APIError):
+    status, type, code = 404, "invalid_request_error", "adapter_not_found"
+
+    @classmethod
+    def named(cls, name: str) -> AdapterNotFound:
+        return cls(f"The adapter '{name}' does not exist or you do not have access to it.", param="adapter")
+
+
+class ModelNotFound(APIError):
+    status, type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class PayloadTooLarge(APIError):
+    status, type, code = 413, "invalid_request_error", "file_too_large"
+
+
+class InvalidAdapter(APIError):
+    status, type, code = 422, "invalid_request_error", "invalid_adapter"
+
+
+class ServiceUnavailable(APIError):
+    status, type, code = 503, "server_error", "service_unavailable"
+
+    def __init__(self, message: str, *, code: str, retry_after: int = 1) -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after)})
+
+
+def error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def to_api_error(exc: Exception) -> APIError:
+    """Map any package's error to the API error the client sees."""
+    from server.engine.facade import EngineBusy, EngineNotReady
+
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, NotFound):
+        return AdapterNotFound(str(exc), param="adapter")
+    if isinstance(exc, StoreUnavailable):
+        return ServiceUnavailable("The adapter store is unavailable; retry shortly.", code="store_unavailable")
+    if isinstance(exc, AdapterMismatch):
+        return InvalidAdapter(exc.message, param=exc.param, code="base_model_mismatch")
+    if isinstance(exc, AdapterFormatError):
+        return InvalidAdapter(exc.message, param=exc.param)
+    if isinstance(exc, EngineBusy):
+        return ServiceUnavailable(str(exc), code="engine_busy")
+    if isinstance(exc, EngineNotReady):
+        return ServiceUnavailable(str(exc), code="engine_not_ready", retry_after=5)
+    if isinstance(exc, StoreError):
+        log.exception("store error")
+        return APIError("The adapter store failed.")
+    log.exception("unhandled error", exc_info=exc)
+    return APIError("The server had an error while processing your request.")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(Exception)
+    async def _any(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(to_api_error(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        msg = f"{'.'.join(loc) + ': ' if loc else ''}{first.get('msg', 'invalid request')}"
+        return error_response(InvalidRequest(msg, param=".".join(loc) or None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = APIError(str(exc.detail))
+        err.status, err.type, err.code = exc.status_code, "invalid_request_error", None
+        return error_response(err)
+
+    for cls in (APIError, StoreError, AdapterFormatError):
+        app.add_exception_handler(cls, _any)

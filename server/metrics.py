@@ -1,0 +1,42 @@
+"""Prometheus metrics, on a registry per app (so several apps in one process never collide).
+
+Labels stay bounded: `kind` is "adapter" or "base", never an adapter name.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from server.engine.facade import EngineHooks
+
+
+class Metrics(EngineHooks):
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("aligner_requests", "Generation requests", ["kind", "endpoint"], registry=r)
+        self.prompt_tokens = Counter("aligner_prompt_tokens", "Prompt tokens processed", ["kind"], registry=r)
+        self.completion_tokens = Counter("aligner_completion_tokens", "Tokens generated", ["kind"], registry=r)
+        self.adapter_loads = Counter("aligner_adapter_loads", "Adapters loaded into the engine", registry=r)
+        self.adapter_evictions = Counter("aligner_adapter_evictions", "Adapters evicted from the engine", registry=r)
+        self.load_seconds = Histogram(
+            "aligner_adapter_load_seconds", "Time to load one adapter into the engine",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0), registry=r,
+        )  # fmt: skip
+        self.resident = Gauge("aligner_adapters_resident", "Adapters resident in the engine", registry=r)
+        self.uploads = Counter("aligner_adapter_uploads", "Adapter uploads", ["outcome"], registry=r)
+
+    # EngineHooks
+    def adapter_loaded(self, seconds: float) -> None:
+        self.adapter_loads.inc()
+        self.load_seconds.observe(seconds)
+
+    def adapter_evicted(self) -> None:
+        self.adapter_evictions.inc()
+
+    def resident_changed(self, count: int) -> None:
+        self.resident.set(count)
+
+    def usage(self, kind: str, prompt: int, completion: int) -> None:
+        self.prompt_tokens.labels(kind).inc(prompt)
+        self.completion_tokens.labels(kind).inc(completion)

