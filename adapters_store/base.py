@@ -13,14 +13,22 @@ Visibility rules shared by every backend:
   published first (earliest created version, then owner id), so that the
   answer does not change when another tenant later publishes the same name.
 * Absent and invisible adapters raise the same ``NotFound`` message.
+
+Change feed: ``subscribe`` delivers a ``ChangeEvent`` for every committed
+adapter write (create, delete, publish/unpublish), after the commit, to keep
+caches of several replicas in step. Delivery is best effort and at most once
+per connection; a ``resync`` event says events may have been missed.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 
-from .models import AdapterRecord, NewAdapter, Page, Tenant
+from .models import AdapterRecord, ChangeEvent, NewAdapter, Page, Tenant
+
+ChangeCallback = Callable[[ChangeEvent], Awaitable[None] | None]
 
 
 class Store(ABC):
@@ -114,3 +122,22 @@ class Store(ABC):
     @abstractmethod
     async def count_usage(self, tenant_id: str) -> tuple[int, int]:
         """Return (owned adapter versions, total blob bytes) for quota checks."""
+
+    # Change feed (optional: a backend without one raises NotImplementedError)
+
+    async def subscribe(self, callback: ChangeCallback) -> None:
+        """Call ``callback(event)`` for each committed adapter change from now on.
+
+        The store must be open. Once this returns, every later commit is
+        delivered, from this store and (for a shared database such as
+        PostgreSQL) from every other store on the same database. Callbacks may
+        be plain functions or coroutine functions; they run one event at a
+        time, in commit order per source, on the event loop that subscribed,
+        and never inside the writer's call. Exceptions they raise are logged
+        and swallowed. ``close()`` unsubscribes everyone.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no change feed")
+
+    async def unsubscribe(self, callback: ChangeCallback) -> None:
+        """Stop calling ``callback``; a callback that was not subscribed is ignored."""
+        raise NotImplementedError(f"{type(self).__name__} has no change feed")

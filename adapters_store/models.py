@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -67,3 +68,30 @@ class Page:
 
     items: list[AdapterRecord]
     next_after: str | None
+
+
+ChangeKind = Literal["adapter_created", "adapter_deleted", "adapter_public", "resync"]
+CHANGE_KINDS: tuple[str, ...] = ("adapter_created", "adapter_deleted", "adapter_public", "resync")
+
+
+@dataclass(frozen=True)
+class ChangeEvent:
+    """A committed write, as seen by ``Store.subscribe`` callbacks (possibly on another replica).
+
+    * ``adapter_created``: ``version`` is the new version.
+    * ``adapter_deleted``: ``version`` is the deleted version, or None when
+      every version of the name was deleted at once.
+    * ``adapter_public``: the name was published or unpublished (re-read it);
+      ``version`` is None.
+    * ``resync``: the feed may have missed events (its connection dropped and
+      was re-established); ``tenant_id`` and ``name`` are empty and a
+      subscriber should drop or reload everything it cached. Subscribers
+      should ignore kinds they do not know.
+
+    Events carry no data beyond the key: a subscriber re-reads the store.
+    """
+
+    kind: ChangeKind
+    tenant_id: str
+    name: str
+    version: int | None = None

@@ -8,6 +8,12 @@ still runs to completion on the worker). Writes run inside ``BEGIN IMMEDIATE``
 so the write lock is taken up front: the "read max version, insert next"
 sequence cannot race with another process, and the adapter row and its blob
 commit together or not at all.
+
+Change feed: in-process only. A write job announces its ``ChangeEvent`` from
+the worker thread right after COMMIT (so a cancelled caller does not lose it),
+and subscribers of this store instance are called on the event loop. Other
+processes on the same file are not notified; PostgreSQL is the multi-replica
+backend.
 """
 
 from __future__ import annotations
@@ -24,10 +30,13 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import TypeVar
 
-from .base import Store
+from .base import ChangeCallback, Store
+from .changes import ChangeFeed, threadsafe_publisher
 from .errors import Conflict, NotFound, StoreError, StoreUnavailable
 from .migrations import Migration, pending
-from .models import AdapterRecord, NewAdapter, Page, Tenant
+from .models import AdapterRecord, ChangeEvent, NewAdapter, Page, Tenant
+
+Publish = Callable[[ChangeEvent], None]
 
 T = TypeVar("T")
 
@@ -128,6 +137,7 @@ class SQLiteStore(Store):
         self._busy_timeout_ms = busy_timeout_ms
         self._conn: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._feed = ChangeFeed()
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self._path!r})"
@@ -148,12 +158,16 @@ class SQLiteStore(Store):
     async def close(self) -> None:
         conn, executor = self._conn, self._executor
         self._conn, self._executor = None, None
+        await self._feed.close()
         if conn is None or executor is None:
             return
         try:
             await asyncio.get_running_loop().run_in_executor(executor, conn.close)
         finally:
             executor.shutdown(wait=False)
+
+    def _publisher(self) -> Publish:
+        return threadsafe_publisher(asyncio.get_running_loop(), self._feed)
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn(conn, *args)`` on the worker thread, mapping sqlite errors."""
@@ -181,7 +195,7 @@ class SQLiteStore(Store):
 
     async def create_adapter(self, tenant_id: str, new: NewAdapter) -> AdapterRecord:
         _validate_new_adapter(new)
-        return await self._call(_create_adapter, tenant_id, new)
+        return await self._call(_create_adapter, tenant_id, new, self._publisher())
 
     async def get_adapter(
         self, tenant_id: str, name: str, version: int | None = None
@@ -214,13 +228,23 @@ class SQLiteStore(Store):
     async def delete_adapter(
         self, tenant_id: str, name: str, version: int | None = None
     ) -> list[AdapterRecord]:
-        return await self._call(_delete_adapter, tenant_id, name, version)
+        return await self._call(_delete_adapter, tenant_id, name, version, self._publisher())
 
     async def set_public(self, adapter_tenant_id: str, name: str, public: bool) -> None:
-        await self._call(_set_public, adapter_tenant_id, name, public)
+        await self._call(_set_public, adapter_tenant_id, name, public, self._publisher())
 
     async def count_usage(self, tenant_id: str) -> tuple[int, int]:
         return await self._call(_count_usage, tenant_id)
+
+    # Change feed
+
+    async def subscribe(self, callback: ChangeCallback) -> None:
+        if self._conn is None:
+            raise StoreUnavailable(f"{self!r} is not open; call open() first")
+        self._feed.add(callback)
+
+    async def unsubscribe(self, callback: ChangeCallback) -> None:
+        self._feed.remove(callback)
 
 
 async def _mapped(job: asyncio.Future[T], path: str) -> T:
@@ -383,7 +407,9 @@ def _list_tenants(conn: sqlite3.Connection) -> list[Tenant]:
     return [_tenant(row) for row in conn.execute("SELECT * FROM tenants ORDER BY name")]
 
 
-def _create_adapter(conn: sqlite3.Connection, tenant_id: str, new: NewAdapter) -> AdapterRecord:
+def _create_adapter(
+    conn: sqlite3.Connection, tenant_id: str, new: NewAdapter, publish: Publish
+) -> AdapterRecord:
     with _transaction(conn):
         if conn.execute("SELECT 1 FROM tenants WHERE id = ?", (tenant_id,)).fetchone() is None:
             raise NotFound(f"tenant {tenant_id!r} not found")
@@ -424,6 +450,7 @@ def _create_adapter(conn: sqlite3.Connection, tenant_id: str, new: NewAdapter) -
         conn.execute(
             "INSERT INTO adapter_blobs (adapter_id, blob) VALUES (?, ?)", (record.id, new.blob)
         )
+    publish(ChangeEvent("adapter_created", tenant_id, record.name, record.version))
     return record
 
 
@@ -451,7 +478,7 @@ def _get_blob(conn: sqlite3.Connection, adapter_id: str) -> bytes:
 
 
 def _delete_adapter(
-    conn: sqlite3.Connection, tenant_id: str, name: str, version: int | None
+    conn: sqlite3.Connection, tenant_id: str, name: str, version: int | None, publish: Publish
 ) -> list[AdapterRecord]:
     where = "tenant_id = :tenant AND name = :name AND (:version IS NULL OR version = :version)"
     params = {"tenant": tenant_id, "name": name, "version": version}
@@ -463,10 +490,13 @@ def _delete_adapter(
             raise NotFound(_adapter_not_found(name, version))
         # Blobs go with their rows through ON DELETE CASCADE.
         conn.execute(f"DELETE FROM adapters WHERE {where}", params)
+    publish(ChangeEvent("adapter_deleted", tenant_id, name, version))
     return [_adapter(row) for row in rows]
 
 
-def _set_public(conn: sqlite3.Connection, tenant_id: str, name: str, public: bool) -> None:
+def _set_public(
+    conn: sqlite3.Connection, tenant_id: str, name: str, public: bool, publish: Publish
+) -> None:
     with _transaction(conn):
         changed = conn.execute(
             "UPDATE adapters SET public = ? WHERE tenant_id = ? AND name = ?",
@@ -474,6 +504,7 @@ def _set_public(conn: sqlite3.Connection, tenant_id: str, name: str, public: boo
         ).rowcount
         if changed == 0:
             raise NotFound(_adapter_not_found(name, None))
+    publish(ChangeEvent("adapter_public", tenant_id, name, None))
 
 
 def _count_usage(conn: sqlite3.Connection, tenant_id: str) -> tuple[int, int]:

@@ -48,6 +48,7 @@ class EngineOptions:
     aligner: AlignerEngineConfig = field(default_factory=AlignerEngineConfig)
     routing: str = "auto"  # "v1" (logits-processor tracker), "v2" (ModelState), "auto" by platform
     extra_args: tuple[str, ...] = ()  # any further `vllm serve` flags
+    aligner_enabled: bool = True  # False: the stock engine, for baselines and equivalence tests
 
     def argv(self) -> list[str]:
         from server.engine.vllm_glue import json_flag
@@ -59,12 +60,15 @@ class EngineOptions:
             "--max-model-len", str(self.max_model_len),
             "--max-num-seqs", str(self.max_num_seqs),
             "--seed", str(self.seed),
-            "--hf-overrides", json_flag({"architectures": [aligner_architecture(self.architecture)]}),
-            "--worker-extension-cls", "server.engine.worker_ext.AlignerWorkerExtension",
-            "--additional-config", json_flag(self.aligner.to_additional_config()),
             "--disable-uvicorn-access-log",
         ]  # fmt: skip
-        if self._routing() == "v1":
+        if self.aligner_enabled:
+            argv += [
+                "--hf-overrides", json_flag({"architectures": [aligner_architecture(self.architecture)]}),
+                "--worker-extension-cls", "server.engine.worker_ext.AlignerWorkerExtension",
+                "--additional-config", json_flag(self.aligner.to_additional_config()),
+            ]  # fmt: skip
+        if self.aligner_enabled and self._routing() == "v1":
             argv += ["--logits-processors", "server.engine.routing_v1:AlignerRoutingLP"]
         if self.enforce_eager:
             argv.append("--enforce-eager")

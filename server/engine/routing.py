@@ -78,7 +78,7 @@ class Routing:
         if ctx is not None and ctx is self._cache_ctx and num_tokens == self._cache_tokens:
             return self._cache
         tokens = self._v2_tokens if self._v2_tokens is not None else self._v1_tokens(ctx)
-        plan = self._build(tokens, num_tokens) if tokens is not None else None
+        plan = self.plan_tokens(tokens, num_tokens) if tokens is not None else None
         # Holding the context object keeps its id from being reused by a later forward.
         self._cache_ctx, self._cache_tokens, self._cache = ctx, num_tokens, plan
         return plan
@@ -103,7 +103,8 @@ class Routing:
             return None
         return np.repeat(slots, np.diff(qsl[: rows + 1]))
 
-    def _build(self, tokens: np.ndarray, num_tokens: int) -> StepPlan | None:
+    def plan_tokens(self, tokens: np.ndarray, num_tokens: int) -> StepPlan | None:
+        """The plan for a token -> slot layout (padded with slot 0 up to num_tokens)."""
         tokens = tokens[:num_tokens]
         if not tokens.any():
             return None

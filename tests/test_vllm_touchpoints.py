@@ -1,0 +1,93 @@
+"""vLLM touch points: fail loudly here when an upgrade moves something the engine relies on."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+from server.engine.config import AlignerEngineConfig
+from server.engine.facade import EngineOptions, cache_salt
+from server.engine.plugin import BASE_ARCHITECTURES, aligner_architecture, register
+
+
+def test_register_is_reentrant_and_registers_every_architecture() -> None:
+    from vllm import ModelRegistry
+
+    register()
+    register()
+    archs = ModelRegistry.get_supported_archs()
+    for base in BASE_ARCHITECTURES:
+        assert aligner_architecture(base) in archs
+
+
+def test_model_classes_resolve() -> None:
+    from server.engine import model
+
+    for base in BASE_ARCHITECTURES:
+        cls = getattr(model, aligner_architecture(base))
+        assert cls.__mro__[1] is model.AlignerMixin and cls.__mro__[2].__name__ == base
+
+
+def test_vllm_version_is_the_pinned_one() -> None:
+    import vllm
+
+    from server.engine.vllm_glue import VLLM_VERSION
+
+    assert vllm.__version__.startswith(VLLM_VERSION)
+
+
+def test_our_flags_parse_with_vllm_serve_parser() -> None:
+    from server.engine.vllm_glue import engine_args
+
+    opts = EngineOptions(model_path="/m", served_name="m:1", aligner=AlignerEngineConfig(max_slots=7, max_tokens=3),
+                         routing="v1", extra_args=("--max-num-batched-tokens", "64"))  # fmt: skip
+    args = engine_args(opts.argv())
+    assert args.hf_overrides == {"architectures": ["AlignerLlamaForCausalLM"]}
+    assert args.additional_config == {"aligner": {"max_slots": 7, "max_tokens": 3, "path": "auto"}}
+    assert args.worker_extension_cls == "server.engine.worker_ext.AlignerWorkerExtension"
+    assert args.logits_processors == ["server.engine.routing_v1:AlignerRoutingLP"]
+    assert args.max_num_batched_tokens == 64 and args.served_model_name == ["m:1"]
+    plain = engine_args(dataclasses.replace(opts, aligner_enabled=False).argv())
+    assert plain.hf_overrides in (None, {}) and not plain.logits_processors
+
+
+def test_serving_assembly_functions_exist() -> None:
+    from server.engine import vllm_glue
+
+    sig = inspect.signature(vllm_glue.init_app_state)
+    assert list(sig.parameters)[:4] == ["engine_client", "state", "args", "supported_tasks"]
+    assert "cache_salt" in vllm_glue.ChatCompletionRequest.model_fields
+    assert "vllm_xargs" in vllm_glue.CompletionRequest.model_fields
+
+
+def test_v1_routing_interfaces() -> None:
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+    from server.engine.routing_v1 import AlignerRoutingLP
+
+    assert {f.name for f in dataclasses.fields(BatchUpdate)} >= {"removed", "added", "moved", "batch_size"}
+    assert {m.name for m in MoveDirectionality} == {"UNIDIRECTIONAL", "SWAP"}
+    assert AlignerRoutingLP.is_argmax_invariant(None) is True
+
+
+def test_v2_model_state_hooks() -> None:
+    """The V2 path cannot run on CPU; at least its hooks must exist with the signatures it overrides."""
+    from vllm.v1.worker.gpu.input_batch import InputBatch
+    from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+
+    from server.engine.routing_v2 import AlignerModelState
+
+    assert issubclass(AlignerModelState, DefaultModelState)
+    assert list(inspect.signature(DefaultModelState.add_request).parameters) == ["self", "req_index", "new_req_data"]
+    assert list(inspect.signature(DefaultModelState.prepare_inputs).parameters) == ["self", "input_batch", "req_states"]
+    fields = {f.name for f in dataclasses.fields(InputBatch)}
+    assert {"idx_mapping_np", "query_start_loc_np", "num_reqs"} <= fields
+
+
+def test_cache_salt_is_valid_for_vllm() -> None:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    salt = cache_salt("a" * 64, "user/salt@x")
+    assert len(salt) <= 128 and not any(c in salt for c in "@/\\\x00")
+    ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], cache_salt=salt)  # vLLM accepts it
+    assert cache_salt("a" * 64) != cache_salt("b" * 64)
