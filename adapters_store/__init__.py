@@ -6,17 +6,25 @@ store is a deployment setting (``open_store(url)``), not a code change.
 
 from __future__ import annotations
 
-from .base import Store
+from typing import TYPE_CHECKING, Any
+
+from .base import ChangeCallback, Store
 from .errors import Conflict, NotFound, StoreConfigError, StoreError, StoreUnavailable
-from .models import AdapterRecord, NewAdapter, Page, Tenant
+from .models import AdapterRecord, ChangeEvent, NewAdapter, Page, Tenant
 from .sqlite import SQLiteStore
+
+if TYPE_CHECKING:
+    from .postgres import PostgresStore
 
 __all__ = [
     "AdapterRecord",
+    "ChangeCallback",
+    "ChangeEvent",
     "Conflict",
     "NewAdapter",
     "NotFound",
     "Page",
+    "PostgresStore",
     "SQLiteStore",
     "Store",
     "StoreConfigError",
@@ -27,7 +35,28 @@ __all__ = [
 ]
 
 _SQLITE_PREFIX = "sqlite:///"
-_SUPPORTED = "sqlite:///relative/path.db, sqlite:////absolute/path.db, sqlite:///:memory:"
+_POSTGRES_PREFIXES = ("postgresql://", "postgres://")
+_SUPPORTED = (
+    "sqlite:///relative/path.db, sqlite:////absolute/path.db, sqlite:///:memory:, "
+    "postgresql://user:password@host:port/database (or postgres://)"
+)
+
+
+def __getattr__(name: str) -> Any:
+    # PostgresStore imports asyncpg, which SQLite-only use does not need.
+    if name == "PostgresStore":
+        return _postgres_store_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _postgres_store_class() -> type[PostgresStore]:
+    try:
+        from .postgres import PostgresStore
+    except ImportError as exc:
+        raise StoreConfigError(
+            "the postgresql store needs the 'asyncpg' package; install it"
+        ) from exc
+    return PostgresStore
 
 
 def open_store(url: str) -> Store:
@@ -42,6 +71,8 @@ def open_store(url: str) -> Store:
                 f"sqlite store URL needs a plain path (no query string); supported: {_SUPPORTED}"
             )
         return SQLiteStore(path)
+    if url.startswith(_POSTGRES_PREFIXES):
+        return _postgres_store_class()(url)
     scheme = url.split("://", 1)[0] if "://" in url else "(none)"
     raise StoreConfigError(
         f"unsupported store URL scheme {scheme!r}; supported: {_SUPPORTED}"

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import sqlite3
 from pathlib import Path
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -32,6 +30,10 @@ from typing import TypeVar
 
 from .base import ChangeCallback, Store
 from .changes import ChangeFeed, threadsafe_publisher
+from .common import adapter_not_found as _adapter_not_found
+from .common import new_id as _new_id
+from .common import now as _now
+from .common import validate_new_adapter as _validate_new_adapter
 from .errors import Conflict, NotFound, StoreError, StoreUnavailable
 from .migrations import Migration, pending
 from .models import AdapterRecord, ChangeEvent, NewAdapter, Page, Tenant
@@ -268,8 +270,6 @@ async def _mapped(job: asyncio.Future[T], path: str) -> T:
 # Helpers shared by the blocking operations below.
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def _to_text(moment: datetime) -> str:
@@ -281,31 +281,10 @@ def _from_text(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
 
-def _new_id(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex}"
 
 
-def _adapter_not_found(name: str, version: int | None) -> str:
-    """The one message for absent and invisible adapters alike."""
-    if version is None:
-        return f"adapter {name!r} not found"
-    return f"adapter {name!r} version {version} not found"
 
 
-def _validate_new_adapter(new: NewAdapter) -> None:
-    """Reject malformed input before it reaches the database.
-
-    The digest is checked here because the store is what later serves the
-    blob: a record whose sha256 does not describe its bytes would defeat
-    every integrity check downstream.
-    """
-    if not new.name:
-        raise ValueError("adapter name must not be empty")
-    if new.tokens < 0 or new.params < 0:
-        raise ValueError("tokens and params must not be negative")
-    actual = hashlib.sha256(new.blob).hexdigest()
-    if new.sha256.lower() != actual:
-        raise ValueError(f"sha256 {new.sha256!r} does not match the blob ({actual})")
 
 
 def _tenant(row: sqlite3.Row) -> Tenant:

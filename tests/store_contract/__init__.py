@@ -1,0 +1,1 @@
+"""Store tests shared by every backend (contract) plus PostgreSQL-specific ones."""

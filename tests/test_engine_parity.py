@@ -1,0 +1,169 @@
+"""The real vLLM engine on real SmolLM2 against the HF reference, request by request.
+
+One eager engine (chunked prefill forced by a 64-token step budget, prefix caching on, 32-token blocks)
+serves a mixed batch; a stock engine proves that no-adapter requests are bitwise the base model; a
+compiled engine proves the term survives torch.compile. Tolerance: LOGPROB_TOLERANCE in support.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import pytest
+
+from aligner_core.adapter_format import encode
+from aligner_core.reference import load_hf_model
+from server.engine.config import AlignerEngineConfig
+from server.engine.facade import EngineOptions
+from support import LOGPROB_TOLERANCE, PROMPTS, EngineRunner, adapter_set, chat_ids, parity, real_model
+
+pytestmark = pytest.mark.engine
+
+RESULTS: dict[str, object] = {}  # parity figures, written to the test log at the end
+
+
+def options(**kw) -> EngineOptions:
+    pm = real_model()
+    base = dict(
+        model_path=str(pm.path), served_name=pm.spec.identity, dtype="float32", enforce_eager=True,
+        max_model_len=1024, max_num_seqs=16, kv_cache_gib=1,
+        aligner=AlignerEngineConfig(max_slots=8, max_tokens=16),
+        extra_args=("--max-num-batched-tokens", "64", "--block-size", "32", "--enable-prefix-caching"),
+    )  # fmt: skip
+    return EngineOptions(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return real_model()
+
+
+@pytest.fixture(scope="module")
+def adapters(model):
+    return adapter_set(model.spec)
+
+
+@pytest.fixture(scope="module")
+def hf(model):
+    return load_hf_model(str(model.path))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model.path)
+
+
+@pytest.fixture(scope="module")
+def eager(adapters):
+    runner = EngineRunner(options())
+    for key, a in adapters.items():
+        runner.run(runner.engine.lease(key, _loader(a)))  # pinned for the whole module
+    yield runner
+    runner.close()
+
+
+def _loader(adapter):
+    async def load() -> bytes:
+        return encode(adapter)
+
+    return load
+
+
+def long_prompt(tokenizer) -> list[int]:
+    text = " ".join(f"Fact {i}: the number {i} squared is {i * i}." for i in range(1, 25))
+    return chat_ids(tokenizer, text + " Summarise the pattern.")
+
+
+def mixed_requests(tokenizer) -> list[tuple[list[int], str | None, float]]:
+    """(prompt, adapter key, start delay): later ones join while earlier ones decode."""
+    keys = [None, "n1", "n4_tanh", "n4_s0", "n1_s0_tanh", "n16", "n1", None, "n4_s0", "n4_tanh"]
+    reqs = [(chat_ids(tokenizer, PROMPTS[i % len(PROMPTS)]), k, 0.0) for i, k in enumerate(keys)]
+    reqs[3] = (reqs[3][0], reqs[3][1], 0.4)
+    reqs[7] = (reqs[7][0], reqs[7][1], 0.8)
+    reqs.append((long_prompt(tokenizer), "n4_tanh", 0.6))  # > 64 tokens: chunked prefill mixed with decodes
+    reqs.append((long_prompt(tokenizer), None, 1.0))
+    return reqs
+
+
+def run_batch(runner: EngineRunner, reqs, *, max_tokens: int = 24):
+    async def all_():
+        return await asyncio.gather(*(runner.generate(p, k, delay=d, max_tokens=max_tokens) for p, k, d in reqs))
+
+    return runner.run(all_())
+
+
+def check(hf, adapters, reqs, gens, label: str) -> None:
+    rows = []
+    for (_, key, _), gen in zip(reqs, gens):
+        p = parity(hf, adapters.get(key) if key else None, gen)
+        rows.append({"adapter": key, "prompt_tokens": len(gen.prompt_ids), "matched": p.matched, "total": p.total,
+                     "max_logprob_diff": p.max_logprob_diff})  # fmt: skip
+    RESULTS[label] = rows
+    print(f"\n[parity:{label}] " + json.dumps(rows))
+    for row in rows:
+        assert row["matched"] == row["total"], f"{label}: greedy tokens diverge from the reference: {row}"
+        assert row["max_logprob_diff"] < LOGPROB_TOLERANCE, f"{label}: logprobs off: {row}"
+
+
+def test_mixed_batch_matches_reference_eager(eager, hf, adapters, tokenizer) -> None:
+    reqs = mixed_requests(tokenizer)
+    assert max(len(p) for p, _, _ in reqs) > 64  # chunked prefill really happens
+    gens = run_batch(eager, reqs)
+    check(hf, adapters, reqs, gens, "eager")
+    # adapters really change the output (else parity would prove nothing)
+    base = {tuple(g.prompt_ids): g.tokens for (_, k, _), g in zip(reqs, gens) if k is None}
+    changed = [g.tokens != base.get(tuple(g.prompt_ids), g.tokens) for (_, k, _), g in zip(reqs, gens) if k]
+    assert sum(changed) >= 3
+
+
+def test_prefix_cache_isolated_by_adapter(eager, hf, adapters, tokenizer) -> None:
+    prompt = long_prompt(tokenizer)
+    seq = ["n1", "n4_s0", "n1", None, "n4_s0"]
+    gens = [eager.run(eager.generate(prompt, key, max_tokens=16)) for key in seq]
+    check(hf, adapters, [(prompt, k, 0) for k in seq], gens, "prefix_cache")
+    cached = [g.cached_tokens for g in gens]
+    RESULTS["prefix_cache_cached_tokens"] = cached
+    assert cached[2] > 0 and cached[4] > 0, f"the same adapter should reuse its own blocks: {cached}"
+    assert gens[0].tokens != gens[1].tokens  # different adapters, different answers, no shared blocks
+
+
+def test_unsalted_prefix_cache_would_be_wrong(eager, hf, adapters, tokenizer) -> None:
+    """Why the salt exists: without it, adapter B reuses A's blocks and diverges from its reference."""
+    prompt = chat_ids(tokenizer, "Describe a lighthouse at night in detail. " * 6)
+    eager.run(eager.generate(prompt, "n4_s0", max_tokens=4, salt=False))
+    gen = eager.run(eager.generate(prompt, "n16", max_tokens=16, salt=False))
+    assert gen.cached_tokens > 0
+    p = parity(hf, adapters["n16"], gen)
+    assert p.matched < p.total or p.max_logprob_diff > LOGPROB_TOLERANCE
+
+
+def test_no_adapter_requests_are_bitwise_the_stock_engine(eager, tokenizer) -> None:
+    reqs = [(chat_ids(tokenizer, p), None, 0.0) for p in PROMPTS[:4]]
+    ours = run_batch(eager, reqs + [(chat_ids(tokenizer, PROMPTS[4]), "n4_tanh", 0.0)])[:4]
+    stock = EngineRunner(options(aligner_enabled=False))
+    try:
+        theirs = run_batch(stock, reqs)
+    finally:
+        stock.close()
+    diffs = [max(abs(a - b) for a, b in zip(x.logprobs, y.logprobs)) for x, y in zip(ours, theirs)]
+    RESULTS["base_vs_stock_max_diff"] = max(diffs)
+    print(f"\n[parity:base_vs_stock] max |dlogprob| = {max(diffs)}")
+    assert [g.tokens for g in ours] == [g.tokens for g in theirs]
+    assert max(diffs) == 0.0
+
+
+@pytest.mark.skipif(os.environ.get("ALIGNER_SKIP_COMPILE_TEST") == "1", reason="explicitly disabled")
+def test_mixed_batch_matches_reference_compiled(hf, adapters, tokenizer) -> None:
+    runner = EngineRunner(options(enforce_eager=False))
+    try:
+        for key, a in adapters.items():
+            runner.run(runner.engine.lease(key, _loader(a)))
+        reqs = mixed_requests(tokenizer)
+        gens = run_batch(runner, reqs, max_tokens=16)
+    finally:
+        runner.close()
+    check(hf, adapters, reqs, gens, "compiled")
