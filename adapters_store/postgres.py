@@ -227,6 +227,7 @@ class PostgresStore(Store):
         pool, self._pool = self._pool, None
         await self._stop_listener()
         await self._feed.close()
+        self._listen_lock = None  # bound to this event loop
         if pool is None:
             return
         try:
@@ -347,9 +348,6 @@ class PostgresStore(Store):
                 public=latest["public"],
                 created_at=now(),
             )
-            async with self._pool.acquire() as c2:
-                await _notify(c2, ChangeEvent("adapter_created", tenant_id, new.name, latest["version"] + 1))
-            await asyncio.sleep(0.05)
             await conn.execute(
                 f"INSERT INTO adapters ({_ADAPTER_COLUMNS})"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
@@ -498,7 +496,7 @@ class PostgresStore(Store):
                     try:
                         await conn.execute("SELECT 1", timeout=self._keepalive_s)
                         continue
-                    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                    except Exception as exc:  # any failure: replace the connection
                         log.warning("change feed connection to %s failed: %s", self._where, exc)
                 conn.terminate()
                 log.warning("change feed connection to %s lost; reconnecting", self._where)

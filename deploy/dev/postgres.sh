@@ -12,6 +12,7 @@ HOST=127.0.0.1
 PORT=5432
 
 log() { echo "postgres.sh: $*" >&2; }
+cd /  # the postgres user may not be able to read the caller's directory
 
 if [[ $(id -u) -ne 0 ]]; then
     log "must run as root"; exit 1

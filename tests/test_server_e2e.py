@@ -1,0 +1,229 @@
+"""End to end: `aligner serve` as a real process, adapters over HTTP, chat through the official openai client."""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from aligner_core.adapter_format import Adapter, encode
+from support import free_port, real_model
+
+pytestmark = pytest.mark.server
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+class Server:
+    def __init__(self, store_url: str, log: Path) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.store_url, self.log = store_url, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 300) -> None:
+        env = os.environ | {"ALIGNER_KV_CACHE_GIB": "1", "ALIGNER_MAX_MODEL_LEN": "1024", "ALIGNER_MAX_NUM_SEQS": "32"}
+        cmd = [sys.executable, "-m", "server", "serve", "--enforce-eager", "--port", str(self.port), "--store", self.store_url]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        pytest.fail("server did not become healthy in time:\n" + self.log.read_text()[-3000:])
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("server")
+    srv = Server(f"sqlite:///{tmp / 'store.db'}", tmp / "server.log")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return real_model().spec
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base + "/v1", api_key="open-mode-needs-no-key")
+
+
+def upload(server, name: str, data: bytes, filename: str = "adapter.safetensors") -> httpx.Response:
+    return httpx.post(server.base + "/v1/adapters", files={"file": (filename, data)}, data={"name": name}, timeout=30)
+
+
+def chat(client, adapter: str | None = None, **kw) -> str:
+    extra = kw.pop("extra_body", None) or {}
+    if adapter:
+        extra["adapter"] = adapter
+    out = client.chat.completions.create(model=kw.pop("model", None) or base_id(client), messages=QUESTION, max_tokens=24,
+                                         temperature=0, extra_body=extra or None, **kw)  # fmt: skip
+    return out.choices[0].message.content
+
+
+def base_id(client) -> str:
+    return client.models.list().data[0].id
+
+
+def test_models_lists_base_identity(client, spec) -> None:
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == spec.identity
+
+
+def test_upload_then_chat_with_the_openai_client(server, client, spec) -> None:
+    a = Adapter.random(spec, tokens=1, seed=3, gate_scale=0.08)
+    r = upload(server, "persona", encode(a))
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert {k: body[k] for k in ("name", "version", "tokens", "params", "sha256", "base_model")} == {
+        "name": "persona", "version": 1, "tokens": 1, "params": 828, "sha256": a.sha256(), "base_model": spec.identity}
+    assert body["bytes"] == len(encode(a)) and body["id"] == "persona@1" and body["created_at"]
+    base = chat(client)
+    assert "Paris" in base
+    with_adapter = chat(client, "persona")
+    assert with_adapter != base
+    stream = client.chat.completions.create(model=spec.identity, messages=QUESTION, max_tokens=24, temperature=0,
+                                            stream=True, extra_body={"adapter": "persona"})  # fmt: skip
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == with_adapter
+    assert all(c.usage is None for c in chunks)  # usage only when the client asks for it
+    # tools that can only set `model` may name the adapter there
+    assert chat(client, model="persona") == with_adapter
+    listed = client.models.list().data
+    card = next(m for m in listed if m.id == "persona")
+    assert card.parent == spec.identity
+
+
+def test_streaming_usage_when_asked(client, spec) -> None:
+    stream = client.chat.completions.create(model=spec.identity, messages=QUESTION, max_tokens=8, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"adapter": "persona"})  # fmt: skip
+    last = list(stream)[-1]
+    assert last.usage is not None and last.usage.completion_tokens == 8
+
+
+def test_completions_endpoint_with_adapter(client, spec) -> None:
+    kw = dict(model=spec.identity, prompt="The three primary colours are", max_tokens=12, temperature=0)
+    base = client.completions.create(**kw).choices[0].text
+    adapted = client.completions.create(**kw, extra_body={"adapter": "persona"}).choices[0].text
+    assert base and adapted and base != adapted
+
+
+def test_versions_and_pinning(server, client, spec) -> None:
+    v1 = chat(client, "persona@1")
+    r = upload(server, "persona", encode(Adapter.random(spec, tokens=4, seed=9, gate_scale=0.08)))
+    assert r.status_code == 201 and r.json()["version"] == 2
+    assert chat(client, "persona@1") == v1
+    newest = chat(client, "persona")
+    assert newest == chat(client, "persona@2") and newest != v1
+    versions = httpx.get(server.base + "/v1/adapters/persona/versions").json()["data"]
+    assert [v["version"] for v in versions] == [1, 2]
+
+
+def test_engine_routing_key_cannot_be_injected(server, client, spec) -> None:
+    """A client-sent vllm_xargs["aligner"] (an adapter's engine key) is ignored: the request runs as base."""
+    key = httpx.get(server.base + "/v1/adapters/persona").json()["sha256"]
+    assert chat(client, extra_body={"vllm_xargs": {"aligner": key}}) == chat(client)
+
+
+def test_unknown_adapter_and_model_are_404(client) -> None:
+    with pytest.raises(openai.NotFoundError) as e:
+        chat(client, "nobody")
+    assert e.value.body["code"] == "adapter_not_found" and e.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError) as e:
+        chat(client, model="no-such-model")
+    assert e.value.body["code"] == "model_not_found"
+
+
+def _bad_files(spec) -> dict[str, tuple[bytes, int, str]]:
+    good = Adapter.random(spec, tokens=1, seed=5)
+    meta = good.metadata()
+    nan = good.prefix.clone()
+    nan[0, 3] = math.nan
+    other = Adapter(good.prefix, good.gate, good.start_layer, good.gate_activation, good.num_layers, "Llama-2-7b-hf:0123")
+    data = encode(good)
+    return {
+        "wrong_shape": (st_save({"prefix": good.prefix, "gate": torch.zeros(27, 9)}, metadata=meta), 422, "invalid_adapter"),
+        "nan": (st_save({"prefix": nan, "gate": good.gate}, metadata=meta), 422, "invalid_adapter"),
+        "wrong_base": (encode(other), 422, "base_model_mismatch"),
+        "pickle": (pickle.dumps({"prefix": good.prefix.tolist()}), 422, "invalid_adapter"),
+        "truncated": (data[: len(data) // 2], 422, "invalid_adapter"),
+        "oversized": (data + b"\0" * (2 << 20), 413, "file_too_large"),
+        "too_many_tokens": (encode(Adapter.random(spec, tokens=17, seed=6)), 422, "invalid_adapter"),
+    }
+
+
+def test_bad_uploads_are_refused_and_change_nothing(server, spec) -> None:
+    before = httpx.get(server.base + "/v1/adapters").json()
+    for name, (data, status, code) in _bad_files(spec).items():
+        r = upload(server, "persona", data)
+        assert r.status_code == status, (name, r.text)
+        err = r.json()["error"]
+        assert err["code"] == code and err["message"] and set(err) == {"message", "type", "param", "code"}, name
+    r = upload(server, "../etc/passwd", encode(Adapter.random(spec, tokens=1)))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "name"
+    r = httpx.post(server.base + "/v1/adapters", data={"name": "x"})
+    assert r.status_code == 400 and "file" in r.json()["error"]["message"]
+    r = httpx.post(server.base + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.get(server.base + "/v1/adapters").json() == before
+    assert httpx.get(server.base + "/health").status_code == 200
+
+
+def test_delete_then_404(server, client) -> None:
+    r = httpx.delete(server.base + "/v1/adapters/persona")
+    assert r.status_code == 200 and r.json()["versions"] == [1, 2]
+    with pytest.raises(openai.NotFoundError):
+        chat(client, "persona")
+    r = httpx.get(server.base + "/v1/adapters/persona")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found"
+    assert httpx.delete(server.base + "/v1/adapters/persona").status_code == 404
+
+
+def test_metrics(server) -> None:
+    text = httpx.get(server.base + "/metrics").text
+    assert 'aligner_requests_total{endpoint="chat",kind="adapter"}' in text
+    assert 'aligner_completion_tokens_total{kind="base"}' in text
+    loads = next(float(l.split()[-1]) for l in text.splitlines() if l.startswith("aligner_adapter_loads_total"))
+    assert loads >= 2
+    assert "aligner_adapter_load_seconds_bucket" in text and "aligner_adapters_resident" in text
+
+
+def test_adapters_survive_a_restart(server, client, spec) -> None:
+    r = upload(server, "keeper", encode(Adapter.random(spec, tokens=2, seed=21, gate_scale=0.08)))
+    assert r.status_code == 201
+    before = chat(client, "keeper")
+    server.stop()
+    server.start()
+    after_client = openai.OpenAI(base_url=server.base + "/v1", api_key="x")
+    assert httpx.get(server.base + "/v1/adapters/keeper").json()["version"] == 1
+    assert chat(after_client, "keeper") == before
