@@ -27,6 +27,23 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _random_adapter(args: argparse.Namespace) -> int:
+    from aligner_core.adapter_format import Adapter, save
+    from aligner_core.model_prep import prepare
+
+    spec = prepare(args.model).spec
+    adapter = Adapter.random(spec, tokens=args.tokens, start_layer=args.start_layer, seed=args.seed, gate_scale=args.gate_scale)
+    save(adapter, args.output)
+    print(f"wrote {args.output}: tokens={adapter.tokens} params={adapter.params} base_model={spec.identity}")
+    return 0
+
+
+def _convert(rest: list[str]) -> int:
+    from aligner_core.convert import main as convert_main
+
+    return convert_main(rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aligner", description="Serve Aligner adapters on vLLM.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +54,18 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int)
     serve.add_argument("--enforce-eager", action="store_true", default=None, help="skip torch.compile (faster start)")
     serve.set_defaults(func=_serve)
+    rnd = sub.add_parser("random-adapter", help="write a random aligner/v1 adapter for the served model (a demo)")
+    rnd.add_argument("-o", "--output", required=True)
+    rnd.add_argument("--model", default="smollm2-135m-instruct")
+    rnd.add_argument("--tokens", type=int, default=1)
+    rnd.add_argument("--start-layer", type=int, default=2)
+    rnd.add_argument("--gate-scale", type=float, default=0.08)
+    rnd.add_argument("--seed", type=int, default=0)
+    rnd.set_defaults(func=_random_adapter)
+    sub.add_parser("convert", help="import a released Lit-LLaMA Aligner checkpoint as aligner/v1")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["convert"]:  # the subcommand owns its flags
+        return _convert(argv[1:])
     args = parser.parse_args(argv)
     func = args.func
     del args.func, args.command
