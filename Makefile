@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/aligner serve
+	$(BIN)/aligner serve --seed-adapters examples/adapters
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -9,15 +9,33 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .base import ChangeCallback, Store
-from .errors import Conflict, NotFound, StoreConfigError, StoreError, StoreUnavailable
-from .models import AdapterRecord, ChangeEvent, NewAdapter, Page, Tenant
+from .errors import (
+    Conflict,
+    NotFound,
+    QuotaExceeded,
+    StoreConfigError,
+    StoreError,
+    StoreUnavailable,
+)
+from .models import (
+    PUBLIC_TENANT_NAME,
+    AdapterRecord,
+    ApiKey,
+    ChangeEvent,
+    NewAdapter,
+    Page,
+    Quotas,
+    Tenant,
+)
 from .sqlite import SQLiteStore
 
 if TYPE_CHECKING:
     from .postgres import PostgresStore
 
 __all__ = [
+    "PUBLIC_TENANT_NAME",
     "AdapterRecord",
+    "ApiKey",
     "ChangeCallback",
     "ChangeEvent",
     "Conflict",
@@ -25,6 +43,8 @@ __all__ = [
     "NotFound",
     "Page",
     "PostgresStore",
+    "QuotaExceeded",
+    "Quotas",
     "SQLiteStore",
     "Store",
     "StoreConfigError",

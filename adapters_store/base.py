@@ -13,6 +13,18 @@ Visibility rules shared by every backend:
   published first (earliest created version, then owner id), so that the
   answer does not change when another tenant later publishes the same name.
 * Absent and invisible adapters raise the same ``NotFound`` message.
+* The reserved tenant ``__public__`` (``ensure_public_tenant``) is a shared
+  namespace: every adapter it owns is created public. ``list_tenants`` leaves
+  it out and ``ensure_tenant``/``create_tenant`` refuse its name.
+
+Quotas: ``create_adapter`` checks the owner's ``max_adapters`` (owned
+versions, the new one included) and ``max_adapter_bytes`` (total blob bytes,
+the new blob included) under the same lock/transaction as the insert, so
+concurrent creates can never overshoot a limit; a refused create raises
+``QuotaExceeded`` and writes nothing.
+
+API keys are stored only as hashes chosen by the caller; the store never sees
+a plain key. ``find_api_key`` is an indexed lookup by hash.
 
 Change feed: ``subscribe`` delivers a ``ChangeEvent`` for every committed
 adapter write (create, delete, publish/unpublish), after the commit, to keep
@@ -26,7 +38,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
-from .models import AdapterRecord, ChangeEvent, NewAdapter, Page, Tenant
+from .models import AdapterRecord, ApiKey, ChangeEvent, NewAdapter, Page, Quotas, Tenant
 
 ChangeCallback = Callable[[ChangeEvent], Awaitable[None] | None]
 
@@ -65,12 +77,50 @@ class Store(ABC):
         """Return the tenant called ``name``, creating it if needed (idempotent)."""
 
     @abstractmethod
+    async def create_tenant(self, name: str, quotas: Quotas | None = None) -> Tenant:
+        """Create the tenant ``name`` (default quotas: unlimited); ``Conflict`` if it exists."""
+
+    @abstractmethod
+    async def set_quotas(self, tenant_id: str, quotas: Quotas) -> Tenant:
+        """Replace the tenant's quotas and return it; ``NotFound`` if absent.
+
+        Lowering a limit below current usage is allowed: it only refuses
+        later creates.
+        """
+
+    @abstractmethod
+    async def ensure_public_tenant(self) -> Tenant:
+        """Return the reserved ``__public__`` tenant, creating it if needed (idempotent)."""
+
+    @abstractmethod
     async def get_tenant(self, tenant_id: str) -> Tenant:
         """Return the tenant; ``NotFound`` if absent."""
 
     @abstractmethod
     async def list_tenants(self) -> list[Tenant]:
-        """Return every tenant, ordered by name."""
+        """Return every tenant but ``__public__``, ordered by name."""
+
+    # API keys
+
+    @abstractmethod
+    async def create_api_key(self, tenant_id: str, *, key_hash: str, prefix: str) -> ApiKey:
+        """Record a key of ``tenant_id`` by its hash.
+
+        ``NotFound`` for an unknown tenant, ``Conflict`` if the hash is
+        already stored (revoked keys included: a hash is never reused).
+        """
+
+    @abstractmethod
+    async def find_api_key(self, key_hash: str) -> tuple[ApiKey, Tenant]:
+        """Return the non-revoked key with this hash and its tenant; ``NotFound`` otherwise."""
+
+    @abstractmethod
+    async def list_api_keys(self, tenant_id: str) -> list[ApiKey]:
+        """Every key of the tenant, revoked ones included, oldest first; ``NotFound`` if absent."""
+
+    @abstractmethod
+    async def revoke_api_key(self, key_id: str) -> ApiKey:
+        """Revoke a key (idempotent) and return it; ``NotFound`` if absent."""
 
     # Adapters
 
@@ -82,7 +132,9 @@ class Store(ABC):
         plus one; concurrent creates of one name get distinct versions. Row
         and blob are written atomically. A new version inherits the public
         flag of the name's existing versions, since ``set_public`` treats
-        publicity as a property of the name.
+        publicity as a property of the name; adapters of the ``__public__``
+        tenant are always created public. ``QuotaExceeded`` if the tenant's
+        ``max_adapters`` or ``max_adapter_bytes`` would be exceeded.
         """
 
     @abstractmethod

@@ -6,7 +6,10 @@ import hashlib
 import uuid
 from datetime import datetime, timezone
 
-from .models import NewAdapter
+from dataclasses import fields
+
+from .errors import QuotaExceeded
+from .models import PUBLIC_TENANT_NAME, NewAdapter, Quotas
 
 
 def now() -> datetime:
@@ -38,3 +41,63 @@ def validate_new_adapter(new: NewAdapter) -> None:
     actual = hashlib.sha256(new.blob).hexdigest()
     if new.sha256.lower() != actual:
         raise ValueError(f"sha256 {new.sha256!r} does not match the blob ({actual})")
+
+
+def validate_tenant_name(name: str) -> None:
+    """Reject names no caller may create; the public tenant has its own method."""
+    if not name:
+        raise ValueError("tenant name must not be empty")
+    if name == PUBLIC_TENANT_NAME:
+        raise ValueError(
+            f"tenant name {name!r} is reserved; use ensure_public_tenant()"
+        )
+
+
+def validate_quotas(quotas: Quotas) -> None:
+    """Each limit is None (unlimited) or a non-negative int (0 forbids any use)."""
+    if not isinstance(quotas, Quotas):
+        raise TypeError(f"quotas must be a Quotas, got {type(quotas).__name__}")
+    for f in fields(Quotas):
+        value = getattr(quotas, f.name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"quota {f.name} must be an int or None, got {value!r}")
+        if value < 0:
+            raise ValueError(f"quota {f.name} must not be negative, got {value}")
+        if value > 2**63 - 1:
+            raise ValueError(f"quota {f.name} is too large: {value}")
+
+
+def validate_api_key(key_hash: str, prefix: str) -> None:
+    if not isinstance(key_hash, str) or not key_hash:
+        raise ValueError("api key hash must be a non-empty string")
+    if not isinstance(prefix, str):
+        raise ValueError("api key prefix must be a string")
+
+
+API_KEY_NOT_FOUND = "api key not found"
+
+
+def check_quotas(quotas: Quotas, count: int, total_bytes: int, new_bytes: int) -> None:
+    """Raise ``QuotaExceeded`` if one more adapter of ``new_bytes`` breaks a limit.
+
+    ``count`` and ``total_bytes`` are the tenant's usage before the write; the
+    caller must hold the lock that keeps them true until its insert commits.
+    """
+    if quotas.max_adapters is not None and count + 1 > quotas.max_adapters:
+        raise QuotaExceeded(
+            "max_adapters",
+            quotas.max_adapters,
+            count,
+            f"quota max_adapters exceeded: the tenant has {count} adapter versions"
+            f" and the limit is {quotas.max_adapters}",
+        )
+    if quotas.max_adapter_bytes is not None and total_bytes + new_bytes > quotas.max_adapter_bytes:
+        raise QuotaExceeded(
+            "max_adapter_bytes",
+            quotas.max_adapter_bytes,
+            total_bytes,
+            f"quota max_adapter_bytes exceeded: the tenant stores {total_bytes} bytes,"
+            f" {new_bytes} more would pass the limit of {quotas.max_adapter_bytes}",
+        )

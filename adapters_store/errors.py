@@ -6,6 +6,7 @@ Callers catch one root and map each branch to a transport-level answer
     StoreError
     ├── NotFound            the tenant or adapter does not exist, or is not visible
     ├── Conflict            a write collided with existing data (uniqueness)
+    ├── QuotaExceeded       the write would take a tenant past one of its quotas
     ├── StoreUnavailable    the database could not be opened or a query failed
     └── StoreConfigError    the store URL or on-disk schema cannot be used
 """
@@ -27,6 +28,24 @@ class NotFound(StoreError):
 
 class Conflict(StoreError):
     """A write would break a uniqueness rule."""
+
+
+class QuotaExceeded(StoreError):
+    """A write would take the tenant past a quota; nothing was written.
+
+    ``limit_name`` is the ``Quotas`` field (``"max_adapters"`` or
+    ``"max_adapter_bytes"``), ``limit`` its value, and ``current`` the usage
+    before the refused write (adapter versions, or stored bytes).
+    """
+
+    def __init__(self, limit_name: str, limit: int, current: int, message: str) -> None:
+        super().__init__(message)
+        self.limit_name = limit_name
+        self.limit = limit
+        self.current = current
+
+    def __reduce__(self):  # keep it picklable despite the keyword-less signature
+        return (type(self), (self.limit_name, self.limit, self.current, str(self)))
 
 
 class StoreUnavailable(StoreError):

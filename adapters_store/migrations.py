@@ -3,8 +3,8 @@
 Each backend keeps its own ordered tuple of ``Migration`` steps (the SQL is
 dialect specific) and records applied versions in a
 ``schema_migrations(version INTEGER PRIMARY KEY, applied_at)`` table. Steps
-are append-only: a shipped step is never edited, a change is a new step, so
-API keys and quotas arrive later as migrations 2, 3, ... over existing data.
+are append-only: a shipped step is never edited, a change is a new step (step 2
+added tenant quotas and API keys over existing data).
 """
 
 from __future__ import annotations

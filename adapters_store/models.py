@@ -6,9 +6,28 @@ mutated under another, and they carry no backend types (no sqlite rows).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
+
+#: Name of the reserved tenant whose adapters every tenant sees (see
+#: ``Store.ensure_public_tenant``). ``list_tenants`` leaves it out, and
+#: ``ensure_tenant``/``create_tenant`` refuse the name.
+PUBLIC_TENANT_NAME = "__public__"
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """Per-tenant limits; ``None`` means unlimited.
+
+    ``max_adapters`` counts owned adapter versions and ``max_adapter_bytes``
+    their total blob size; the store enforces both in ``create_adapter``.
+    ``requests_per_minute`` is only stored: rate limiting is the server's job.
+    """
+
+    max_adapters: int | None = None
+    max_adapter_bytes: int | None = None
+    requests_per_minute: int | None = None
 
 
 @dataclass(frozen=True)
@@ -18,6 +37,18 @@ class Tenant:
     id: str
     name: str
     created_at: datetime
+    quotas: Quotas = field(default_factory=Quotas)
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One API key of a tenant. Only its hash is stored; ``prefix`` is for display."""
+
+    id: str
+    tenant_id: str
+    prefix: str
+    created_at: datetime
+    revoked: bool
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,9 @@ differences are in how it is enforced:
   one name, from any number of replicas, get consecutive versions; unrelated
   names do not wait on each other. ``UNIQUE (tenant_id, name, version)`` stays
   as the backstop. Row, blob and change notification commit together.
+* Quotas: ``create_adapter`` first locks the tenant row (``FOR NO KEY
+  UPDATE``), which serialises one tenant's creates across replicas, so the
+  usage it counts stays true until its insert commits.
 * Migrations: applied at ``open()`` in one transaction that first takes a
   database-wide advisory lock, so replicas starting at once apply each step
   exactly once and the others wait, then find nothing to do.
@@ -40,10 +43,30 @@ import asyncpg
 
 from .base import ChangeCallback, Store
 from .changes import ChangeFeed
-from .common import adapter_not_found, new_id, now, validate_new_adapter
+from .common import (
+    API_KEY_NOT_FOUND,
+    adapter_not_found,
+    check_quotas,
+    new_id,
+    now,
+    validate_api_key,
+    validate_new_adapter,
+    validate_quotas,
+    validate_tenant_name,
+)
 from .errors import Conflict, NotFound, StoreConfigError, StoreError, StoreUnavailable
 from .migrations import Migration, pending
-from .models import CHANGE_KINDS, AdapterRecord, ChangeEvent, NewAdapter, Page, Tenant
+from .models import (
+    CHANGE_KINDS,
+    PUBLIC_TENANT_NAME,
+    AdapterRecord,
+    ApiKey,
+    ChangeEvent,
+    NewAdapter,
+    Page,
+    Quotas,
+    Tenant,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +124,46 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE adapter_blobs ALTER COLUMN blob SET STORAGE EXTERNAL",
         ),
     ),
+    Migration(
+        version=2,
+        description="tenant quotas and hashed api keys",
+        statements=(
+            # Existing tenants get NULL everywhere: unlimited.
+            "ALTER TABLE tenants"
+            " ADD COLUMN max_adapters BIGINT CHECK (max_adapters >= 0),"
+            " ADD COLUMN max_adapter_bytes BIGINT CHECK (max_adapter_bytes >= 0),"
+            " ADD COLUMN requests_per_minute BIGINT CHECK (requests_per_minute >= 0)",
+            """
+            CREATE TABLE api_keys (
+                id          TEXT COLLATE "C" PRIMARY KEY,
+                tenant_id   TEXT COLLATE "C" NOT NULL REFERENCES tenants(id),
+                key_hash    TEXT COLLATE "C" NOT NULL,
+                prefix      TEXT NOT NULL,
+                created_at  TIMESTAMPTZ NOT NULL,
+                revoked_at  TIMESTAMPTZ
+            )
+            """,
+            # Serves find_api_key and enforces one row per hash (revoked included).
+            "CREATE UNIQUE INDEX api_keys_by_hash ON api_keys (key_hash)",
+            "CREATE INDEX api_keys_by_tenant ON api_keys (tenant_id, created_at)",
+        ),
+    ),
 )
 
 _ADAPTER_COLUMNS = (
     "id, tenant_id, name, version, tokens, params, bytes, sha256, base_model, public, created_at"
+)
+_TENANT_COLUMNS = "id, name, created_at, max_adapters, max_adapter_bytes, requests_per_minute"
+_API_KEY_COLUMNS = "id, tenant_id, prefix, created_at, revoked_at"
+
+#: The key lookup on every authenticated request; served by api_keys_by_hash
+#: (tests/store_contract/test_postgres.py checks the plan).
+FIND_API_KEY_SQL = (
+    "SELECT k.id AS key_id, k.tenant_id, k.prefix, k.created_at AS key_created_at,"
+    " k.revoked_at, t.id, t.name, t.created_at, t.max_adapters, t.max_adapter_bytes,"
+    " t.requests_per_minute"
+    " FROM api_keys AS k JOIN tenants AS t ON t.id = k.tenant_id"
+    " WHERE k.key_hash = $1 AND k.revoked_at IS NULL"
 )
 
 # Same ranking as the SQLite backend: rank 1 is the newest version of the
@@ -287,8 +346,13 @@ class PostgresStore(Store):
     # Tenants
 
     async def ensure_tenant(self, name: str) -> Tenant:
-        if not name:
-            raise ValueError("tenant name must not be empty")
+        validate_tenant_name(name)
+        return await self._ensure_tenant(name)
+
+    async def ensure_public_tenant(self) -> Tenant:
+        return await self._ensure_tenant(PUBLIC_TENANT_NAME)
+
+    async def _ensure_tenant(self, name: str) -> Tenant:
         async with self._connection() as conn:
             # READ COMMITTED: ON CONFLICT waits for a concurrent insert of the
             # same name, and the next statement's snapshot then sees it.
@@ -299,32 +363,156 @@ class PostgresStore(Store):
                 name,
                 now(),
             )
-            row = await conn.fetchrow("SELECT id, name, created_at FROM tenants WHERE name = $1", name)
-        return Tenant(**dict(row))
+            row = await conn.fetchrow(
+                f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE name = $1", name
+            )
+        return _tenant(row)
+
+    async def create_tenant(self, name: str, quotas: Quotas | None = None) -> Tenant:
+        validate_tenant_name(name)
+        quotas = Quotas() if quotas is None else quotas
+        validate_quotas(quotas)
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "INSERT INTO tenants (id, name, created_at, max_adapters, max_adapter_bytes,"
+                " requests_per_minute) VALUES ($1, $2, $3, $4, $5, $6)"
+                f" ON CONFLICT (name) DO NOTHING RETURNING {_TENANT_COLUMNS}",
+                new_id("ten_"),
+                name,
+                now(),
+                quotas.max_adapters,
+                quotas.max_adapter_bytes,
+                quotas.requests_per_minute,
+            )
+        if row is None:
+            raise Conflict(f"tenant {name!r} already exists")
+        return _tenant(row)
+
+    async def set_quotas(self, tenant_id: str, quotas: Quotas) -> Tenant:
+        validate_quotas(quotas)
+        async with self._connection() as conn:
+            # The row lock this takes waits for creates holding the tenant row
+            # (see create_adapter), so a limit applies from the next create on.
+            row = await conn.fetchrow(
+                "UPDATE tenants SET max_adapters = $1, max_adapter_bytes = $2,"
+                f" requests_per_minute = $3 WHERE id = $4 RETURNING {_TENANT_COLUMNS}",
+                quotas.max_adapters,
+                quotas.max_adapter_bytes,
+                quotas.requests_per_minute,
+                tenant_id,
+            )
+        if row is None:
+            raise NotFound(f"tenant {tenant_id!r} not found")
+        return _tenant(row)
 
     async def get_tenant(self, tenant_id: str) -> Tenant:
         async with self._connection() as conn:
             row = await conn.fetchrow(
-                "SELECT id, name, created_at FROM tenants WHERE id = $1", tenant_id
+                f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE id = $1", tenant_id
             )
         if row is None:
             raise NotFound(f"tenant {tenant_id!r} not found")
-        return Tenant(**dict(row))
+        return _tenant(row)
 
     async def list_tenants(self) -> list[Tenant]:
         async with self._connection() as conn:
-            rows = await conn.fetch("SELECT id, name, created_at FROM tenants ORDER BY name")
-        return [Tenant(**dict(row)) for row in rows]
+            rows = await conn.fetch(
+                f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE name <> $1 ORDER BY name",
+                PUBLIC_TENANT_NAME,
+            )
+        return [_tenant(row) for row in rows]
+
+    # API keys
+
+    async def create_api_key(self, tenant_id: str, *, key_hash: str, prefix: str) -> ApiKey:
+        validate_api_key(key_hash, prefix)
+        async with self._connection(transaction=True) as conn:
+            # FOR KEY SHARE: the same lock the foreign key takes; it only
+            # makes the NotFound explicit instead of a constraint violation.
+            if await conn.fetchval(
+                "SELECT 1 FROM tenants WHERE id = $1 FOR KEY SHARE", tenant_id
+            ) is None:
+                raise NotFound(f"tenant {tenant_id!r} not found")
+            # The hash is not echoed: it is as good as the key for an offline attack.
+            row = await conn.fetchrow(
+                "INSERT INTO api_keys (id, tenant_id, key_hash, prefix, created_at)"
+                " VALUES ($1, $2, $3, $4, $5)"
+                f" ON CONFLICT (key_hash) DO NOTHING RETURNING {_API_KEY_COLUMNS}",
+                new_id("key_"),
+                tenant_id,
+                key_hash,
+                prefix,
+                now(),
+            )
+            if row is None:
+                raise Conflict("an api key with this hash already exists")
+        return _api_key(row)
+
+    async def find_api_key(self, key_hash: str) -> tuple[ApiKey, Tenant]:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(FIND_API_KEY_SQL, key_hash)
+        if row is None:
+            raise NotFound(API_KEY_NOT_FOUND)
+        key = ApiKey(
+            id=row["key_id"],
+            tenant_id=row["tenant_id"],
+            prefix=row["prefix"],
+            created_at=row["key_created_at"],
+            revoked=False,
+        )
+        return key, _tenant(row)
+
+    async def list_api_keys(self, tenant_id: str) -> list[ApiKey]:
+        async with self._connection() as conn:
+            if await conn.fetchval("SELECT 1 FROM tenants WHERE id = $1", tenant_id) is None:
+                raise NotFound(f"tenant {tenant_id!r} not found")
+            rows = await conn.fetch(
+                f"SELECT {_API_KEY_COLUMNS} FROM api_keys WHERE tenant_id = $1"
+                " ORDER BY created_at, id",
+                tenant_id,
+            )
+        return [_api_key(row) for row in rows]
+
+    async def revoke_api_key(self, key_id: str) -> ApiKey:
+        async with self._connection() as conn:
+            # COALESCE keeps the first revocation time: revoking again changes nothing.
+            row = await conn.fetchrow(
+                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $1)"
+                f" WHERE id = $2 RETURNING {_API_KEY_COLUMNS}",
+                now(),
+                key_id,
+            )
+        if row is None:
+            raise NotFound(f"api key {key_id!r} not found")
+        return _api_key(row)
 
     # Adapters
 
     async def create_adapter(self, tenant_id: str, new: NewAdapter) -> AdapterRecord:
         validate_new_adapter(new)
         async with self._connection(transaction=True) as conn:
-            if await conn.fetchval("SELECT 1 FROM tenants WHERE id = $1", tenant_id) is None:
+            # Locking the tenant row serialises this tenant's creates (from
+            # every replica) until commit, so the usage counted below cannot
+            # change before our insert commits: quotas hold under concurrency.
+            # NO KEY UPDATE does not block the FOR KEY SHARE that foreign key
+            # checks take, and set_quotas waits for us (and we for it).
+            tenant_row = await conn.fetchrow(
+                f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE id = $1 FOR NO KEY UPDATE",
+                tenant_id,
+            )
+            if tenant_row is None:
                 raise NotFound(f"tenant {tenant_id!r} not found")
+            usage = await conn.fetchrow(
+                "SELECT COUNT(*) AS count, COALESCE(SUM(bytes), 0) AS bytes"
+                " FROM adapters WHERE tenant_id = $1",
+                tenant_id,
+            )
+            check_quotas(
+                _tenant(tenant_row).quotas, int(usage["count"]), int(usage["bytes"]), len(new.blob)
+            )
             # Serialise creators of this (tenant, name) until commit; a hash
-            # collision merely serialises two unrelated names.
+            # collision merely serialises two unrelated names. (Redundant
+            # under the tenant row lock, kept as the version backstop.)
             await conn.execute(
                 "SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))", tenant_id, new.name
             )
@@ -345,7 +533,7 @@ class PostgresStore(Store):
                 bytes=len(new.blob),
                 sha256=new.sha256.lower(),
                 base_model=new.base_model,
-                public=latest["public"],
+                public=latest["public"] or tenant_row["name"] == PUBLIC_TENANT_NAME,
                 created_at=now(),
             )
             await conn.execute(
@@ -572,3 +760,26 @@ async def _notify(conn: asyncpg.Connection, event: ChangeEvent) -> None:
 
 def _adapter(row: asyncpg.Record) -> AdapterRecord:
     return AdapterRecord(**dict(row))
+
+
+def _tenant(row: asyncpg.Record) -> Tenant:
+    return Tenant(
+        id=row["id"],
+        name=row["name"],
+        created_at=row["created_at"],
+        quotas=Quotas(
+            max_adapters=row["max_adapters"],
+            max_adapter_bytes=row["max_adapter_bytes"],
+            requests_per_minute=row["requests_per_minute"],
+        ),
+    )
+
+
+def _api_key(row: asyncpg.Record) -> ApiKey:
+    return ApiKey(
+        id=row["id"],
+        tenant_id=row["tenant_id"],
+        prefix=row["prefix"],
+        created_at=row["created_at"],
+        revoked=row["revoked_at"] is not None,
+    )

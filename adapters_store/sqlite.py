@@ -30,13 +30,27 @@ from typing import TypeVar
 
 from .base import ChangeCallback, Store
 from .changes import ChangeFeed, threadsafe_publisher
+from .common import API_KEY_NOT_FOUND
 from .common import adapter_not_found as _adapter_not_found
+from .common import check_quotas as _check_quotas
 from .common import new_id as _new_id
 from .common import now as _now
+from .common import validate_api_key as _validate_api_key
 from .common import validate_new_adapter as _validate_new_adapter
+from .common import validate_quotas as _validate_quotas
+from .common import validate_tenant_name as _validate_tenant_name
 from .errors import Conflict, NotFound, StoreError, StoreUnavailable
 from .migrations import Migration, pending
-from .models import AdapterRecord, ChangeEvent, NewAdapter, Page, Tenant
+from .models import (
+    PUBLIC_TENANT_NAME,
+    AdapterRecord,
+    ApiKey,
+    ChangeEvent,
+    NewAdapter,
+    Page,
+    Quotas,
+    Tenant,
+)
 
 Publish = Callable[[ChangeEvent], None]
 
@@ -83,10 +97,50 @@ SQLITE_MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        version=2,
+        description="tenant quotas and hashed api keys",
+        statements=(
+            # Existing tenants get NULL everywhere: unlimited.
+            "ALTER TABLE tenants ADD COLUMN max_adapters INTEGER"
+            " CHECK (max_adapters IS NULL OR max_adapters >= 0)",
+            "ALTER TABLE tenants ADD COLUMN max_adapter_bytes INTEGER"
+            " CHECK (max_adapter_bytes IS NULL OR max_adapter_bytes >= 0)",
+            "ALTER TABLE tenants ADD COLUMN requests_per_minute INTEGER"
+            " CHECK (requests_per_minute IS NULL OR requests_per_minute >= 0)",
+            """
+            CREATE TABLE api_keys (
+                id          TEXT PRIMARY KEY,
+                tenant_id   TEXT NOT NULL REFERENCES tenants(id),
+                key_hash    TEXT NOT NULL,
+                prefix      TEXT NOT NULL,
+                created_at  TEXT NOT NULL,
+                revoked_at  TEXT
+            )
+            """,
+            # Serves find_api_key and enforces one row per hash (revoked included).
+            "CREATE UNIQUE INDEX api_keys_by_hash ON api_keys (key_hash)",
+            "CREATE INDEX api_keys_by_tenant ON api_keys (tenant_id, created_at)",
+        ),
+    ),
 )
 
 _ADAPTER_COLUMNS = (
     "id, tenant_id, name, version, tokens, params, bytes, sha256, base_model, public, created_at"
+)
+_TENANT_COLUMNS = (
+    "id, name, created_at, max_adapters, max_adapter_bytes, requests_per_minute"
+)
+_API_KEY_COLUMNS = "id, tenant_id, prefix, created_at, revoked_at"
+
+#: The key lookup on every authenticated request; served by api_keys_by_hash
+#: (tests/test_store_sqlite.py checks the plan).
+FIND_API_KEY_SQL = (
+    "SELECT k.id AS key_id, k.tenant_id, k.prefix, k.created_at AS key_created_at,"
+    " k.revoked_at, t.id, t.name, t.created_at, t.max_adapters, t.max_adapter_bytes,"
+    " t.requests_per_minute"
+    " FROM api_keys AS k JOIN tenants AS t ON t.id = k.tenant_id"
+    " WHERE k.key_hash = ? AND k.revoked_at IS NULL"
 )
 
 # Visible adapters, ranked per name: rank 1 is the newest version of the owner
@@ -183,15 +237,42 @@ class SQLiteStore(Store):
     # Tenants
 
     async def ensure_tenant(self, name: str) -> Tenant:
-        if not name:
-            raise ValueError("tenant name must not be empty")
+        _validate_tenant_name(name)
         return await self._call(_ensure_tenant, name)
+
+    async def create_tenant(self, name: str, quotas: Quotas | None = None) -> Tenant:
+        _validate_tenant_name(name)
+        quotas = Quotas() if quotas is None else quotas
+        _validate_quotas(quotas)
+        return await self._call(_create_tenant, name, quotas)
+
+    async def set_quotas(self, tenant_id: str, quotas: Quotas) -> Tenant:
+        _validate_quotas(quotas)
+        return await self._call(_set_quotas, tenant_id, quotas)
+
+    async def ensure_public_tenant(self) -> Tenant:
+        return await self._call(_ensure_tenant, PUBLIC_TENANT_NAME)
 
     async def get_tenant(self, tenant_id: str) -> Tenant:
         return await self._call(_get_tenant, tenant_id)
 
     async def list_tenants(self) -> list[Tenant]:
         return await self._call(_list_tenants)
+
+    # API keys
+
+    async def create_api_key(self, tenant_id: str, *, key_hash: str, prefix: str) -> ApiKey:
+        _validate_api_key(key_hash, prefix)
+        return await self._call(_create_api_key, tenant_id, key_hash, prefix)
+
+    async def find_api_key(self, key_hash: str) -> tuple[ApiKey, Tenant]:
+        return await self._call(_find_api_key, key_hash)
+
+    async def list_api_keys(self, tenant_id: str) -> list[ApiKey]:
+        return await self._call(_list_api_keys, tenant_id)
+
+    async def revoke_api_key(self, key_id: str) -> ApiKey:
+        return await self._call(_revoke_api_key, key_id)
 
     # Adapters
 
@@ -288,7 +369,26 @@ def _from_text(text: str) -> datetime:
 
 
 def _tenant(row: sqlite3.Row) -> Tenant:
-    return Tenant(id=row["id"], name=row["name"], created_at=_from_text(row["created_at"]))
+    return Tenant(
+        id=row["id"],
+        name=row["name"],
+        created_at=_from_text(row["created_at"]),
+        quotas=Quotas(
+            max_adapters=row["max_adapters"],
+            max_adapter_bytes=row["max_adapter_bytes"],
+            requests_per_minute=row["requests_per_minute"],
+        ),
+    )
+
+
+def _api_key(row: sqlite3.Row) -> ApiKey:
+    return ApiKey(
+        id=row["id"],
+        tenant_id=row["tenant_id"],
+        prefix=row["prefix"],
+        created_at=_from_text(row["created_at"]),
+        revoked=row["revoked_at"] is not None,
+    )
 
 
 def _adapter(row: sqlite3.Row) -> AdapterRecord:
@@ -371,27 +471,129 @@ def _ensure_tenant(conn: sqlite3.Connection, name: str) -> Tenant:
             " ON CONFLICT (name) DO NOTHING",
             (_new_id("ten_"), name, _to_text(_now())),
         )
-        row = conn.execute("SELECT * FROM tenants WHERE name = ?", (name,)).fetchone()
+        row = conn.execute(
+            f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE name = ?", (name,)
+        ).fetchone()
+    return _tenant(row)
+
+
+def _create_tenant(conn: sqlite3.Connection, name: str, quotas: Quotas) -> Tenant:
+    with _transaction(conn):
+        row = conn.execute(
+            "INSERT INTO tenants (id, name, created_at, max_adapters, max_adapter_bytes,"
+            " requests_per_minute) VALUES (?, ?, ?, ?, ?, ?)"
+            f" ON CONFLICT (name) DO NOTHING RETURNING {_TENANT_COLUMNS}",
+            (
+                _new_id("ten_"),
+                name,
+                _to_text(_now()),
+                quotas.max_adapters,
+                quotas.max_adapter_bytes,
+                quotas.requests_per_minute,
+            ),
+        ).fetchone()
+        if row is None:
+            raise Conflict(f"tenant {name!r} already exists")
+    return _tenant(row)
+
+
+def _set_quotas(conn: sqlite3.Connection, tenant_id: str, quotas: Quotas) -> Tenant:
+    with _transaction(conn):
+        row = conn.execute(
+            "UPDATE tenants SET max_adapters = ?, max_adapter_bytes = ?, requests_per_minute = ?"
+            f" WHERE id = ? RETURNING {_TENANT_COLUMNS}",
+            (quotas.max_adapters, quotas.max_adapter_bytes, quotas.requests_per_minute, tenant_id),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"tenant {tenant_id!r} not found")
     return _tenant(row)
 
 
 def _get_tenant(conn: sqlite3.Connection, tenant_id: str) -> Tenant:
-    row = conn.execute("SELECT * FROM tenants WHERE id = ?", (tenant_id,)).fetchone()
+    row = conn.execute(
+        f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE id = ?", (tenant_id,)
+    ).fetchone()
     if row is None:
         raise NotFound(f"tenant {tenant_id!r} not found")
     return _tenant(row)
 
 
 def _list_tenants(conn: sqlite3.Connection) -> list[Tenant]:
-    return [_tenant(row) for row in conn.execute("SELECT * FROM tenants ORDER BY name")]
+    rows = conn.execute(
+        f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE name <> ? ORDER BY name",
+        (PUBLIC_TENANT_NAME,),
+    )
+    return [_tenant(row) for row in rows]
+
+
+def _create_api_key(
+    conn: sqlite3.Connection, tenant_id: str, key_hash: str, prefix: str
+) -> ApiKey:
+    with _transaction(conn):
+        if conn.execute("SELECT 1 FROM tenants WHERE id = ?", (tenant_id,)).fetchone() is None:
+            raise NotFound(f"tenant {tenant_id!r} not found")
+        # The hash is not echoed: it is as good as the key for an offline attack.
+        row = conn.execute(
+            "INSERT INTO api_keys (id, tenant_id, key_hash, prefix, created_at)"
+            " VALUES (?, ?, ?, ?, ?)"
+            f" ON CONFLICT (key_hash) DO NOTHING RETURNING {_API_KEY_COLUMNS}",
+            (_new_id("key_"), tenant_id, key_hash, prefix, _to_text(_now())),
+        ).fetchone()
+        if row is None:
+            raise Conflict("an api key with this hash already exists")
+    return _api_key(row)
+
+
+def _find_api_key(conn: sqlite3.Connection, key_hash: str) -> tuple[ApiKey, Tenant]:
+    row = conn.execute(FIND_API_KEY_SQL, (key_hash,)).fetchone()
+    if row is None:
+        raise NotFound(API_KEY_NOT_FOUND)
+    key = ApiKey(
+        id=row["key_id"],
+        tenant_id=row["tenant_id"],
+        prefix=row["prefix"],
+        created_at=_from_text(row["key_created_at"]),
+        revoked=False,
+    )
+    return key, _tenant(row)
+
+
+def _list_api_keys(conn: sqlite3.Connection, tenant_id: str) -> list[ApiKey]:
+    if conn.execute("SELECT 1 FROM tenants WHERE id = ?", (tenant_id,)).fetchone() is None:
+        raise NotFound(f"tenant {tenant_id!r} not found")
+    rows = conn.execute(
+        f"SELECT {_API_KEY_COLUMNS} FROM api_keys WHERE tenant_id = ? ORDER BY created_at, id",
+        (tenant_id,),
+    )
+    return [_api_key(row) for row in rows]
+
+
+def _revoke_api_key(conn: sqlite3.Connection, key_id: str) -> ApiKey:
+    with _transaction(conn):
+        # COALESCE keeps the first revocation time: revoking again changes nothing.
+        row = conn.execute(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?)"
+            f" WHERE id = ? RETURNING {_API_KEY_COLUMNS}",
+            (_to_text(_now()), key_id),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"api key {key_id!r} not found")
+    return _api_key(row)
 
 
 def _create_adapter(
     conn: sqlite3.Connection, tenant_id: str, new: NewAdapter, publish: Publish
 ) -> AdapterRecord:
     with _transaction(conn):
-        if conn.execute("SELECT 1 FROM tenants WHERE id = ?", (tenant_id,)).fetchone() is None:
+        # BEGIN IMMEDIATE holds the database write lock, so the usage read
+        # here stays true until the insert below commits.
+        tenant = conn.execute(
+            f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE id = ?", (tenant_id,)
+        ).fetchone()
+        if tenant is None:
             raise NotFound(f"tenant {tenant_id!r} not found")
+        count, total_bytes = _count_usage(conn, tenant_id)
+        _check_quotas(_tenant(tenant).quotas, count, total_bytes, len(new.blob))
         latest = conn.execute(
             "SELECT MAX(version) AS version, MAX(public) AS public"
             " FROM adapters WHERE tenant_id = ? AND name = ?",
@@ -407,7 +609,7 @@ def _create_adapter(
             bytes=len(new.blob),
             sha256=new.sha256.lower(),
             base_model=new.base_model,
-            public=bool(latest["public"]),
+            public=bool(latest["public"]) or tenant["name"] == PUBLIC_TENANT_NAME,
             created_at=_now(),
         )
         conn.execute(

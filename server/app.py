@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shlex
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,17 +12,21 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from adapters_store import open_store
+from adapters_store import NewAdapter, NotFound, Store, Tenant, open_store
+from aligner_core.adapter_format import check_fits, encode, load
 from aligner_core.model_prep import prepare
+from aligner_core.model_spec import ModelSpec
 from server.engine.config import AlignerEngineConfig
 from server.engine.facade import AlignerEngine, EngineOptions
 from server.errors import install_error_handlers
 from server.metrics import Metrics
-from server.routes import adapters, ops, openai
+from server.resolver import AdapterResolver
+from server.routes import adapters, admin, ops, openai
 from server.services import Services
 from server.settings import Settings
 
 OPEN_TENANT = "default"
+log = logging.getLogger("aligner.server")
 
 
 def engine_options(settings: Settings, model_path: str, identity: str) -> EngineOptions:
@@ -40,6 +45,24 @@ def engine_options(settings: Settings, model_path: str, identity: str) -> Engine
     )
 
 
+async def seed_public_adapters(store: Store, owner: Tenant, folder: Path, spec: ModelSpec, max_tokens: int) -> list[str]:
+    """Publish every adapter file in `folder` (name = file stem) unless its newest version is identical."""
+    seeded = []
+    for path in sorted(folder.glob("*.safetensors")):
+        adapter = load(path)
+        check_fits(adapter, spec, max_tokens=max_tokens)
+        try:
+            if (await store.get_adapter(owner.id, path.stem)).sha256 == adapter.sha256():
+                continue
+        except NotFound:
+            pass
+        new = NewAdapter(name=path.stem, blob=encode(adapter), tokens=adapter.tokens, params=adapter.params,
+                         sha256=adapter.sha256(), base_model=adapter.base_model)  # fmt: skip
+        await store.create_adapter(owner.id, new)
+        seeded.append(path.stem)
+    return seeded
+
+
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -48,10 +71,17 @@ def create_app(settings: Settings) -> FastAPI:
         store = open_store(settings.store)
         await store.open()
         engine = AlignerEngine(engine_options(settings, str(prepared.path), prepared.spec.identity), metrics)
+        resolver = AdapterResolver(store, on_deleted=engine.retire)
         try:
-            tenant = await store.ensure_tenant(OPEN_TENANT)
+            open_tenant = None if settings.admin_key else await store.ensure_tenant(OPEN_TENANT)
+            public = await store.ensure_public_tenant()
+            if settings.seed_adapters:
+                seeded = await seed_public_adapters(store, public, settings.seed_adapters, prepared.spec,
+                                                    settings.max_adapter_tokens)  # fmt: skip
+                log.info("published example adapters: %s", ", ".join(seeded) or "(already there)")
+            await store.subscribe(resolver.on_change)
             await engine.start()
-            app.state.services = Services(settings, prepared.spec, store, engine, metrics, tenant.id)
+            app.state.services = Services(settings, prepared.spec, store, engine, metrics, resolver, open_tenant, public)
             yield
         finally:
             await engine.stop()
@@ -59,6 +89,6 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="aligner-serve", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    for module in (openai, adapters, ops):
+    for module in (openai, adapters, admin, ops):
         app.include_router(module.router)
     return app

@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--store", help="store URL, e.g. sqlite:///data/aligner.db")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--seed-adapters", help="folder of *.safetensors to publish as public adapters at start")
     serve.add_argument("--enforce-eager", action="store_true", default=None, help="skip torch.compile (faster start)")
     serve.set_defaults(func=_serve)
     rnd = sub.add_parser("random-adapter", help="write a random aligner/v1 adapter for the served model (a demo)")

@@ -1,6 +1,7 @@
-"""FastAPI dependencies: services, the calling tenant, and adapters the tenant may use.
+"""FastAPI dependencies: services, the calling tenant, the admin, and adapters the tenant may use.
 
-Tenant scoping lives here, not in the routes: every adapter a route sees came through `AdapterDep`.
+Tenant scoping lives here, not in the routes: every adapter a route sees came through `AdapterDep` or
+`resolve_adapter`, which answer another tenant's adapter exactly like a missing one.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from typing import Annotated
 
 from fastapi import Depends, Path, Request
 
-from adapters_store import AdapterRecord, NotFound
-from server.errors import AdapterNotFound
+from adapters_store import AdapterRecord, NotFound, Tenant
+from server.auth import bearer_token, hash_key, same_secret
+from server.errors import AdapterNotFound, PermissionDenied, RateLimited, Unauthorized
 from server.schemas import AdapterRef
 from server.services import Services
 
@@ -22,18 +24,52 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-async def current_tenant(svc: ServicesDep) -> str:
-    """The calling tenant's id. Open mode: the one implicit tenant."""
-    return svc.open_tenant_id
+async def current_tenant(request: Request, svc: ServicesDep) -> Tenant:
+    """The calling tenant: from `Authorization: Bearer <key>` in multi-tenant mode, implicit in open mode."""
+    if svc.open_tenant is not None:
+        return svc.open_tenant
+    token = bearer_token(request)
+    if token is None:
+        raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+    try:
+        _, tenant = await svc.store.find_api_key(hash_key(token))
+    except NotFound:
+        raise Unauthorized("Incorrect API key provided.") from None
+    return tenant
 
 
-TenantDep = Annotated[str, Depends(current_tenant)]
+TenantDep = Annotated[Tenant, Depends(current_tenant)]
 
 
-async def resolve_adapter(svc: Services, tenant: str, ref: AdapterRef) -> AdapterRecord:
+async def rate_limited_tenant(svc: ServicesDep, tenant: TenantDep) -> Tenant:
+    """The tenant, counted against its requests-per-minute quota (generation endpoints)."""
+    wait = svc.limiter.retry_after(tenant.id, tenant.quotas.requests_per_minute)
+    if wait is not None:
+        raise RateLimited(f"Rate limit of {tenant.quotas.requests_per_minute} requests per minute reached.", retry_after=wait)
+    return tenant
+
+
+GenerationTenantDep = Annotated[Tenant, Depends(rate_limited_tenant)]
+
+
+async def require_admin(request: Request, svc: ServicesDep) -> None:
+    admin_key = svc.settings.admin_key
+    if admin_key is None:
+        raise PermissionDenied("The admin API is disabled in open mode; set ALIGNER_ADMIN_KEY to enable it.")
+    token = bearer_token(request)
+    if token is None:
+        raise Unauthorized("Missing admin key: send 'Authorization: Bearer <admin key>'.")
+    if not same_secret(token, admin_key.get_secret_value()):
+        raise Unauthorized("Incorrect admin key provided.")
+
+
+AdminDep = Depends(require_admin)
+
+
+async def resolve_adapter(svc: Services, tenant: Tenant, ref: AdapterRef) -> AdapterRecord:
     """The adapter `ref` names, if `tenant` may use it; anything else is the same 404."""
     try:
-        return await svc.store.get_adapter(tenant, ref.name, ref.version)
+        return await svc.resolver.resolve(tenant.id, ref.name, ref.version)
     except NotFound:
         raise AdapterNotFound.named(str(ref)) from None
 

@@ -2,10 +2,15 @@
 
     APIError                       {"error": {"message", "type", "param", "code"}}
     ├── InvalidRequest      400    invalid_request_error
+    ├── Unauthorized        401    invalid_api_key
+    ├── PermissionDenied    403    permission_denied
     ├── AdapterNotFound     404    adapter_not_found (another tenant's adapter answers exactly the same)
     ├── ModelNotFound       404    model_not_found
+    ├── NotFoundError       404    not_found (tenants, keys)
+    ├── ConflictError       409    conflict
     ├── PayloadTooLarge     413    file_too_large
     ├── InvalidAdapter      422    invalid_adapter / base_model_mismatch
+    ├── RateLimited         429    rate_limit_exceeded / quota_exceeded (with Retry-After)
     └── ServiceUnavailable  503    store_unavailable / engine_busy / engine_not_ready (with Retry-After)
 
 Errors of the other packages (`adapters_store`, `aligner_core`, the engine facade) are mapped here too,
@@ -21,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters_store import NotFound, StoreError, StoreUnavailable
+from adapters_store import Conflict, NotFound, QuotaExceeded, StoreError, StoreUnavailable
 from aligner_core.errors import AdapterFormatError, AdapterMismatch
 
 log = logging.getLogger("aligner.server")
@@ -47,6 +52,14 @@ class InvalidRequest(APIError):
     status, type, code = 400, "invalid_request_error", None
 
 
+class Unauthorized(APIError):
+    status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class PermissionDenied(APIError):
+    status, type, code = 403, "invalid_request_error", "permission_denied"
+
+
 class AdapterNotFound(APIError):
     status, type, code = 404, "invalid_request_error", "adapter_not_found"
 
@@ -59,12 +72,27 @@ class ModelNotFound(APIError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
 
 
+class NotFoundError(APIError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class ConflictError(APIError):
+    status, type, code = 409, "invalid_request_error", "conflict"
+
+
 class PayloadTooLarge(APIError):
     status, type, code = 413, "invalid_request_error", "file_too_large"
 
 
 class InvalidAdapter(APIError):
     status, type, code = 422, "invalid_request_error", "invalid_adapter"
+
+
+class RateLimited(APIError):
+    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message, code=code, param=param, headers={"Retry-After": str(retry_after)})
 
 
 class ServiceUnavailable(APIError):
@@ -85,7 +113,14 @@ def to_api_error(exc: Exception) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, NotFound):
-        return AdapterNotFound(str(exc), param="adapter")
+        return NotFoundError(str(exc))
+    if isinstance(exc, Conflict):
+        return ConflictError(str(exc))
+    if isinstance(exc, QuotaExceeded):
+        return RateLimited(
+            f"Quota exceeded: {exc.limit_name} is limited to {exc.limit} (currently {exc.current}); delete adapters first.",
+            retry_after=60, code="quota_exceeded", param="file",
+        )
     if isinstance(exc, StoreUnavailable):
         return ServiceUnavailable("The adapter store is unavailable; retry shortly.", code="store_unavailable")
     if isinstance(exc, AdapterMismatch):

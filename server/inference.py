@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from adapters_store import Tenant
 from server.deps import resolve_adapter
 from server.engine.facade import Lease, cache_salt
 from server.engine.routing_v1 import EXTRA_ARGS_KEY
@@ -37,7 +38,7 @@ def _target(svc: Services, adapter: str | None, model: str | None) -> tuple[Adap
     return AdapterRef.parse(model, param="model"), "model"
 
 
-async def generate(svc: Services, tenant: str, body: Any, raw: Request, *, endpoint: str) -> Response:
+async def generate(svc: Services, tenant: Tenant, body: Any, raw: Request, *, endpoint: str) -> Response:
     ref, via = _target(svc, getattr(body, "adapter", None), body.model)
     lease: Lease | None = None
     if ref is not None:
@@ -49,7 +50,7 @@ async def generate(svc: Services, tenant: str, body: Any, raw: Request, *, endpo
             raise
         lease = await svc.engine.lease(record.sha256, lambda: svc.store.get_blob(record.id))
     kind = "adapter" if lease else "base"
-    svc.metrics.requests.labels(kind, endpoint).inc()
+    svc.metrics.requests.labels(tenant.name, kind, endpoint).inc()
     xargs = {k: v for k, v in (body.vllm_xargs or {}).items() if k != EXTRA_ARGS_KEY}
     if lease:
         xargs[EXTRA_ARGS_KEY] = lease.key
@@ -74,19 +75,21 @@ async def generate(svc: Services, tenant: str, body: Any, raw: Request, *, endpo
     if not isinstance(result, AsyncIterator):
         await _release(lease)
         if result.usage is not None:
-            svc.metrics.usage(kind, result.usage.prompt_tokens, result.usage.completion_tokens or 0)
+            svc.metrics.usage(tenant.name, kind, result.usage.prompt_tokens, result.usage.completion_tokens or 0)
         return JSONResponse(result.model_dump())
-    return StreamingResponse(_stream(svc, result, lease, kind, want_usage), media_type="text/event-stream")
+    labels = (tenant.name, kind)
+    return StreamingResponse(_stream(svc, result, lease, labels, want_usage), media_type="text/event-stream")
 
 
-async def _stream(svc: Services, chunks: AsyncIterator[str], lease: Lease | None, kind: str, want_usage: bool) -> AsyncIterator[str]:
+async def _stream(svc: Services, chunks: AsyncIterator[str], lease: Lease | None, labels: tuple[str, str],
+                  want_usage: bool) -> AsyncIterator[str]:  # fmt: skip
     try:
         async for chunk in chunks:
             if '"usage"' in chunk and chunk.startswith("data: {"):
                 event = json.loads(chunk[len("data: ") :])
                 usage = event.get("usage")
                 if usage and not event.get("choices"):
-                    svc.metrics.usage(kind, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+                    svc.metrics.usage(*labels, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
                     if not want_usage:
                         continue
             yield chunk

@@ -1,6 +1,7 @@
 """Prometheus metrics, on a registry per app (so several apps in one process never collide).
 
-Labels stay bounded: `kind` is "adapter" or "base", never an adapter name.
+Labels stay bounded: `kind` is "adapter" or "base" and `tenant` a tenant name, never an adapter name
+(thousands of adapters must not become thousands of time series).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ class Metrics(EngineHooks):
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("aligner_requests", "Generation requests", ["kind", "endpoint"], registry=r)
-        self.prompt_tokens = Counter("aligner_prompt_tokens", "Prompt tokens processed", ["kind"], registry=r)
-        self.completion_tokens = Counter("aligner_completion_tokens", "Tokens generated", ["kind"], registry=r)
+        self.requests = Counter("aligner_requests", "Generation requests", ["tenant", "kind", "endpoint"], registry=r)
+        self.prompt_tokens = Counter("aligner_prompt_tokens", "Prompt tokens processed", ["tenant", "kind"], registry=r)
+        self.completion_tokens = Counter("aligner_completion_tokens", "Tokens generated", ["tenant", "kind"], registry=r)
         self.adapter_loads = Counter("aligner_adapter_loads", "Adapters loaded into the engine", registry=r)
         self.adapter_evictions = Counter("aligner_adapter_evictions", "Adapters evicted from the engine", registry=r)
         self.load_seconds = Histogram(
@@ -37,6 +38,6 @@ class Metrics(EngineHooks):
     def resident_changed(self, count: int) -> None:
         self.resident.set(count)
 
-    def usage(self, kind: str, prompt: int, completion: int) -> None:
-        self.prompt_tokens.labels(kind).inc(prompt)
-        self.completion_tokens.labels(kind).inc(completion)
+    def usage(self, tenant: str, kind: str, prompt: int, completion: int) -> None:
+        self.prompt_tokens.labels(tenant, kind).inc(prompt)
+        self.completion_tokens.labels(tenant, kind).inc(completion)

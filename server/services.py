@@ -5,12 +5,14 @@ Built once by the app's lifespan and reached through the dependencies in `deps.p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from adapters_store import Store
+from adapters_store import Store, Tenant
 from aligner_core.model_spec import ModelSpec
 from server.engine.facade import AlignerEngine
 from server.metrics import Metrics
+from server.ratelimit import RateLimiter
+from server.resolver import AdapterResolver
 from server.settings import Settings
 
 
@@ -21,4 +23,11 @@ class Services:
     store: Store
     engine: AlignerEngine
     metrics: Metrics
-    open_tenant_id: str  # the implicit tenant of open mode
+    resolver: AdapterResolver
+    open_tenant: Tenant | None  # open mode: the one implicit tenant; multi-tenant mode: None
+    public_tenant: Tenant  # owner of the adapters the admin publishes
+    limiter: RateLimiter = field(default_factory=RateLimiter)
+
+    @property
+    def multi_tenant(self) -> bool:
+        return self.open_tenant is None

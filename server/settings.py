@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = None  # set: multi-tenant mode; unset: open single-tenant mode
     allow_open_remote: bool = False  # open mode on a non-loopback address only when this is true
     cache_dir: Path = Field(default_factory=default_cache_dir)
+    seed_adapters: Path | None = None  # a folder of *.safetensors published as public adapters at start
 
     # adapters
     max_adapter_bytes: int = 1 << 20

@@ -5,9 +5,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from aligner_core.adapter_format import Adapter, encode
@@ -114,6 +119,42 @@ def parity(hf_model, adapter: Adapter | None, gen: Generation) -> Parity:
     upto = max(matched, 1)
     diff = max(abs(a - b) for a, b in zip(gen.logprobs[:upto], ref[:upto]))
     return Parity(matched, len(gen.tokens), diff)
+
+
+class Server:
+    """`python -m server serve` as a real process on a free loopback port."""
+
+    def __init__(self, store_url: str, log: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.extra_env = env or {}
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.store_url, self.log = store_url, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 300) -> None:
+        env = os.environ | {"ALIGNER_KV_CACHE_GIB": "1", "ALIGNER_MAX_MODEL_LEN": "1024", "ALIGNER_MAX_NUM_SEQS": "32"} | self.extra_env
+        cmd = [sys.executable, "-m", "server", "serve", "--enforce-eager", "--port", str(self.port), "--store", self.store_url]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        pytest.fail("server did not become healthy in time:\n" + self.log.read_text()[-3000:])
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
 
 
 def free_port() -> int:

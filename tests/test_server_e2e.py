@@ -3,13 +3,7 @@
 from __future__ import annotations
 
 import math
-import os
 import pickle
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -18,44 +12,11 @@ import torch
 from safetensors.torch import save as st_save
 
 from aligner_core.adapter_format import Adapter, encode
-from support import free_port, real_model
+from support import Server, real_model
 
 pytestmark = pytest.mark.server
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-class Server:
-    def __init__(self, store_url: str, log: Path) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.store_url, self.log = store_url, log
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 300) -> None:
-        env = os.environ | {"ALIGNER_KV_CACHE_GIB": "1", "ALIGNER_MAX_MODEL_LEN": "1024", "ALIGNER_MAX_NUM_SEQS": "32"}
-        cmd = [sys.executable, "-m", "server", "serve", "--enforce-eager", "--port", str(self.port), "--store", self.store_url]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        pytest.fail("server did not become healthy in time:\n" + self.log.read_text()[-3000:])
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -211,8 +172,9 @@ def test_delete_then_404(server, client) -> None:
 
 def test_metrics(server) -> None:
     text = httpx.get(server.base + "/metrics").text
-    assert 'aligner_requests_total{endpoint="chat",kind="adapter"}' in text
-    assert 'aligner_completion_tokens_total{kind="base"}' in text
+    lines = text.splitlines()
+    assert any(l.startswith("aligner_requests_total{") and 'kind="adapter"' in l and 'tenant="default"' in l for l in lines)
+    assert any(l.startswith("aligner_completion_tokens_total{") and 'kind="base"' in l for l in lines)
     loads = next(float(l.split()[-1]) for l in text.splitlines() if l.startswith("aligner_adapter_loads_total"))
     assert loads >= 2
     assert "aligner_adapter_load_seconds_bucket" in text and "aligner_adapters_resident" in text

@@ -156,3 +156,20 @@ def test_change_feed_is_per_store_instance(db: Path) -> None:
     seen_a, seen_b = asyncio.run(main())
     assert [e.kind for e in seen_a] == ["adapter_created"]
     assert seen_b == []
+
+
+def test_find_api_key_uses_the_hash_index(db: Path) -> None:
+    from adapters_store.sqlite import FIND_API_KEY_SQL
+
+    async def body(store: Store):
+        for i in range(3):
+            tenant = await store.create_tenant(f"t{i}")
+            await store.create_api_key(tenant.id, key_hash=f"h{i}", prefix="sk-")
+        return await store.find_api_key("h1")
+
+    key, tenant = run_with_store(db, body)
+    assert tenant.name == "t1"
+    with sqlite3.connect(db) as conn:
+        plan = " | ".join(row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {FIND_API_KEY_SQL}", ("h1",)))
+    assert "USING INDEX api_keys_by_hash (key_hash=?)" in plan, plan
+    assert "SCAN k" not in plan and "SCAN api_keys" not in plan, plan

@@ -187,9 +187,8 @@ class AlignerEngine:
         raise EngineBusy(f"all {self.options.aligner.max_slots} adapter slots are held by running requests")
 
     async def _try_unload(self, key: str) -> bool:
-        # The worker refuses while a batch row still uses the slot (a finished request's row is removed at
-        # the next step); the key then stays resident and is retried later.
-        if not all(await self._rpc("aligner_unload", key)):
+        # Only called with no pins: no in-flight request (preempted ones included) uses the key.
+        if not all(await self._rpc("aligner_unload", key, True)):
             return False
         del self._resident[key]
         self.hooks.adapter_evicted()

@@ -14,10 +14,16 @@ class AlignerWorkerExtension:
         """Make `key` resident (idempotent); returns its slot. Raises TableFull when no slot is free."""
         return _state().table.put(key, decode(data))
 
-    def aligner_unload(self, key: str) -> bool:
-        """Free `key`'s slot; False while a batch row still uses it."""
+    def aligner_unload(self, key: str, force: bool = False) -> bool:
+        """Free `key`'s slot; without `force`, False while a batch row still names it.
+
+        The frontend knows better than the rows: a finished request keeps its (stale) row until the next
+        step removes it, which on an idle engine never comes. The frontend, which counts in-flight
+        requests (preempted ones included), passes force=True once none holds the key; stale rows are
+        removed before any later forward, so they never read the freed slot.
+        """
         st = _state()
-        return st.table.evict(key, in_use=st.routing.slots_in_use())
+        return st.table.evict(key, in_use=set() if force else st.routing.slots_in_use())
 
     def aligner_stats(self) -> dict:
         st = _state()

@@ -11,46 +11,57 @@ from aligner_core.adapter_format import check_fits, decode, encode
 from server.deps import AdapterDep, ServicesDep, TenantDep
 from server.errors import AdapterNotFound, PayloadTooLarge
 from server.schemas import AdapterDeleted, AdapterList, AdapterPublic, AdapterRef, check_name
+from server.services import Services
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
 _MULTIPART_OVERHEAD = 64 * 1024  # form fields and boundaries around the file
 
-
-async def _read_limited(upload: UploadFile, limit: int) -> bytes:
-    data = await upload.read(limit + 1)
-    if len(data) > limit:
-        raise PayloadTooLarge(f"adapter file exceeds the limit of {limit} bytes", param="file")
-    return data
+FileField = Annotated[UploadFile, File(description="an aligner/v1 safetensors file")]
+NameField = Annotated[str, Form(description="1-64 letters, digits, '.', '_' or '-'")]
 
 
-@router.post("", status_code=201)
-async def upload_adapter(
-    request: Request,
-    svc: ServicesDep,
-    tenant: TenantDep,
-    file: Annotated[UploadFile, File(description="an aligner/v1 safetensors file")],
-    name: Annotated[str, Form()],
-) -> AdapterPublic:
+async def store_upload(svc: Services, request: Request, owner_id: str, name: str, file: UploadFile) -> AdapterPublic:
+    """Validate an uploaded file against the served model and store it as the next version of `name`."""
     limit = svc.settings.max_adapter_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + _MULTIPART_OVERHEAD:
         raise PayloadTooLarge(f"request of {declared} bytes exceeds the adapter limit of {limit} bytes", param="file")
     check_name(name)
+    data = await file.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"adapter file exceeds the limit of {limit} bytes", param="file")
     try:
-        adapter = decode(await _read_limited(file, limit), max_bytes=limit)
+        adapter = decode(data, max_bytes=limit)
         check_fits(adapter, svc.spec, max_tokens=svc.settings.max_adapter_tokens)
     except Exception:
         svc.metrics.uploads.labels("rejected").inc()
         raise
     blob = encode(adapter)  # canonical bytes: their sha256 is the adapter's identity in the engine
     record = await svc.store.create_adapter(
-        tenant,
+        owner_id,
         NewAdapter(name=name, blob=blob, tokens=adapter.tokens, params=adapter.params,
                    sha256=adapter.sha256(), base_model=adapter.base_model),
     )  # fmt: skip
     svc.metrics.uploads.labels("stored").inc()
     return AdapterPublic.of(record)
+
+
+async def delete_owned(svc: Services, owner_id: str, name: str) -> AdapterDeleted:
+    """Delete `owner_id`'s adapter (all versions, or `name@n`); running requests finish first."""
+    ref = AdapterRef.parse(name, param="name")
+    try:
+        deleted = await svc.store.delete_adapter(owner_id, ref.name, ref.version)
+    except NotFound:
+        raise AdapterNotFound.named(str(ref)) from None
+    for key in {r.sha256 for r in deleted}:
+        await svc.engine.retire(key)
+    return AdapterDeleted(id=str(ref), versions=sorted(r.version for r in deleted))
+
+
+@router.post("", status_code=201)
+async def upload_adapter(request: Request, svc: ServicesDep, tenant: TenantDep, file: FileField, name: NameField) -> AdapterPublic:
+    return await store_upload(svc, request, tenant.id, name, file)
 
 
 @router.get("")
@@ -60,7 +71,7 @@ async def list_adapters(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: str | None = None,
 ) -> AdapterList:
-    page = await svc.store.list_adapters(tenant, limit=limit, after=after)
+    page = await svc.store.list_adapters(tenant.id, limit=limit, after=after)
     return AdapterList(
         data=[AdapterPublic.of(r) for r in page.items], has_more=page.next_after is not None, next_after=page.next_after
     )
@@ -73,18 +84,10 @@ async def get_adapter(record: AdapterDep) -> AdapterPublic:
 
 @router.get("/{name}/versions")
 async def list_versions(svc: ServicesDep, tenant: TenantDep, record: AdapterDep) -> AdapterList:
-    versions = await svc.store.list_versions(tenant, record.name)
+    versions = await svc.store.list_versions(tenant.id, record.name)
     return AdapterList(data=[AdapterPublic.of(r) for r in versions], has_more=False)
 
 
 @router.delete("/{name}")
 async def delete_adapter(svc: ServicesDep, tenant: TenantDep, name: str) -> AdapterDeleted:
-    """Delete all versions (or `name@n`, one version). Running requests finish on what they started with."""
-    ref = AdapterRef.parse(name, param="name")
-    try:
-        deleted = await svc.store.delete_adapter(tenant, ref.name, ref.version)
-    except NotFound:
-        raise AdapterNotFound.named(str(ref)) from None
-    for key in {r.sha256 for r in deleted}:
-        await svc.engine.retire(key)
-    return AdapterDeleted(id=str(ref), versions=sorted(r.version for r in deleted))
+    return await delete_owned(svc, tenant.id, name)

@@ -7,7 +7,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from server.deps import ServicesDep, TenantDep
+from server.deps import GenerationTenantDep, ServicesDep, TenantDep
 from server.engine.vllm_glue import ChatCompletionRequest, CompletionRequest
 from server.inference import generate
 from server.schemas import AdapterPublic, ModelCard, ModelList
@@ -26,12 +26,12 @@ class CompletionsRequest(CompletionRequest):
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatRequest, raw: Request, svc: ServicesDep, tenant: TenantDep) -> Response:
+async def chat_completions(body: ChatRequest, raw: Request, svc: ServicesDep, tenant: GenerationTenantDep) -> Response:
     return await generate(svc, tenant, body, raw, endpoint="chat")
 
 
 @router.post("/completions")
-async def completions(body: CompletionsRequest, raw: Request, svc: ServicesDep, tenant: TenantDep) -> Response:
+async def completions(body: CompletionsRequest, raw: Request, svc: ServicesDep, tenant: GenerationTenantDep) -> Response:
     return await generate(svc, tenant, body, raw, endpoint="completions")
 
 
@@ -41,7 +41,7 @@ async def list_models(svc: ServicesDep, tenant: TenantDep) -> ModelList:
     cards = [ModelCard(id=base, created=_STARTED, owned_by="aligner-serve", root=base)]
     after = None
     while True:
-        page = await svc.store.list_adapters(tenant, limit=1000, after=after)
+        page = await svc.store.list_adapters(tenant.id, limit=1000, after=after)
         for r in page.items:
             cards.append(ModelCard(id=r.name, created=int(r.created_at.timestamp()), owned_by="public" if r.public else "tenant",
                                    root=base, parent=base, adapter=AdapterPublic.of(r)))  # fmt: skip

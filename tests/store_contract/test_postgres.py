@@ -292,3 +292,25 @@ def test_missing_url_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CI", "false")
     with pytest.raises(pytest.skip.Exception, match=POSTGRES_URL_ENV):
         postgres_url_or_skip()
+
+
+def test_find_api_key_uses_the_hash_index(pg_url: str) -> None:
+    from adapters_store.postgres import FIND_API_KEY_SQL
+
+    async def main():
+        async with open_store(pg_url) as store:
+            tenant = await store.create_tenant("acme")
+            await store.create_api_key(tenant.id, key_hash="h", prefix="sk-")
+        conn = await asyncpg.connect(pg_url)
+        try:
+            # Tiny tables make a sequential scan cheapest; forbid it to see
+            # whether an index can serve the lookup at all.
+            await conn.execute("SET enable_seqscan = off")
+            rows = await conn.fetch(f"EXPLAIN {FIND_API_KEY_SQL}", "h")
+        finally:
+            await conn.close()
+        return "\n".join(r[0] for r in rows)
+
+    plan = asyncio.run(main())
+    assert "api_keys_by_hash" in plan, plan
+    assert "Seq Scan on api_keys" not in plan, plan

@@ -1,0 +1,113 @@
+"""The admin API (multi-tenant mode): tenants, quotas, API keys, public adapters. Admin key only."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+
+from adapters_store import ApiKey, Quotas, Tenant
+from server.auth import issue_key
+from server.deps import AdminDep, ServicesDep
+from server.routes.adapters import FileField, NameField, delete_owned, store_upload
+from server.schemas import AdapterDeleted, AdapterPublic
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
+
+
+class QuotasBody(BaseModel):
+    max_adapters: int | None = Field(default=None, ge=0)
+    max_adapter_bytes: int | None = Field(default=None, ge=0)
+    requests_per_minute: int | None = Field(default=None, ge=0)
+
+    def to_quotas(self) -> Quotas:
+        return Quotas(**self.model_dump())
+
+
+class TenantCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    quotas: QuotasBody = Field(default_factory=QuotasBody)
+
+
+class TenantPublic(BaseModel):
+    id: str
+    object: str = "tenant"
+    name: str
+    quotas: QuotasBody
+    created_at: datetime
+
+    @classmethod
+    def of(cls, t: Tenant) -> TenantPublic:
+        q = t.quotas
+        quotas = QuotasBody(max_adapters=q.max_adapters, max_adapter_bytes=q.max_adapter_bytes,
+                            requests_per_minute=q.requests_per_minute)  # fmt: skip
+        return cls(id=t.id, name=t.name, quotas=quotas, created_at=t.created_at)
+
+
+class TenantList(BaseModel):
+    object: str = "list"
+    data: list[TenantPublic]
+
+
+class KeyPublic(BaseModel):
+    id: str
+    object: str = "api_key"
+    tenant_id: str
+    prefix: str
+    created_at: datetime
+    revoked: bool
+    key: str | None = None  # only in the response that created it
+
+    @classmethod
+    def of(cls, k: ApiKey, key: str | None = None) -> KeyPublic:
+        return cls(id=k.id, tenant_id=k.tenant_id, prefix=k.prefix, created_at=k.created_at, revoked=k.revoked, key=key)
+
+
+class KeyList(BaseModel):
+    object: str = "list"
+    data: list[KeyPublic]
+
+
+@router.post("/tenants", status_code=201)
+async def create_tenant(svc: ServicesDep, body: TenantCreate) -> TenantPublic:
+    return TenantPublic.of(await svc.store.create_tenant(body.name, body.quotas.to_quotas()))
+
+
+@router.get("/tenants")
+async def list_tenants(svc: ServicesDep) -> TenantList:
+    return TenantList(data=[TenantPublic.of(t) for t in await svc.store.list_tenants()])
+
+
+@router.patch("/tenants/{tenant_id}")
+async def set_quotas(svc: ServicesDep, tenant_id: str, body: QuotasBody) -> TenantPublic:
+    return TenantPublic.of(await svc.store.set_quotas(tenant_id, body.to_quotas()))
+
+
+@router.post("/tenants/{tenant_id}/keys", status_code=201)
+async def create_key(svc: ServicesDep, tenant_id: str) -> KeyPublic:
+    issued = issue_key()
+    record = await svc.store.create_api_key(tenant_id, key_hash=issued.key_hash, prefix=issued.prefix)
+    return KeyPublic.of(record, key=issued.key)
+
+
+@router.get("/tenants/{tenant_id}/keys")
+async def list_keys(svc: ServicesDep, tenant_id: str) -> KeyList:
+    await svc.store.get_tenant(tenant_id)
+    return KeyList(data=[KeyPublic.of(k) for k in await svc.store.list_api_keys(tenant_id)])
+
+
+@router.delete("/keys/{key_id}")
+async def revoke_key(svc: ServicesDep, key_id: str) -> KeyPublic:
+    return KeyPublic.of(await svc.store.revoke_api_key(key_id))
+
+
+@router.post("/adapters", status_code=201)
+async def upload_public_adapter(request: Request, svc: ServicesDep, file: FileField, name: NameField) -> AdapterPublic:
+    """A public adapter: usable and listed by every tenant, writable only here."""
+    return await store_upload(svc, request, svc.public_tenant.id, name, file)
+
+
+@router.delete("/adapters/{name}")
+async def delete_public_adapter(svc: ServicesDep, name: str) -> AdapterDeleted:
+    return await delete_owned(svc, svc.public_tenant.id, name)

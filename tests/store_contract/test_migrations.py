@@ -1,0 +1,197 @@
+"""Schema migrations on both backends: fresh databases and upgrades of older schemas.
+
+An older release is simulated by opening a store with only the first
+migration steps (the backend's tuple patched), writing rows with raw SQL as
+that release would have, then opening with every step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+import adapters_store.postgres as postgres_backend
+import adapters_store.sqlite as sqlite_backend
+from adapters_store import NotFound, QuotaExceeded, Quotas, open_store
+from adapters_store.migrations import Migration
+
+from .support import new_adapter, postgres_url_or_skip, throwaway_database
+
+SQLITE_STEPS = sqlite_backend.SQLITE_MIGRATIONS
+POSTGRES_STEPS = postgres_backend.POSTGRES_MIGRATIONS
+NEWEST = len(SQLITE_STEPS)
+
+
+@dataclass
+class Fresh:
+    """A database with no schema at all, and raw access to it."""
+
+    kind: str
+    url: str
+
+    def patch_steps(self, monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+        if self.kind == "sqlite":
+            monkeypatch.setattr(sqlite_backend, "SQLITE_MIGRATIONS", SQLITE_STEPS[:count])
+        else:
+            monkeypatch.setattr(postgres_backend, "POSTGRES_MIGRATIONS", POSTGRES_STEPS[:count])
+
+    def execute(self, *statements: tuple[str, tuple[object, ...]]) -> None:
+        """Run ``(sql with ? placeholders, args)`` pairs in one transaction."""
+        if self.kind == "sqlite":
+            with sqlite3.connect(self.url.removeprefix("sqlite:///")) as conn:
+                for sql, args in statements:
+                    conn.execute(sql, tuple(_sqlite_value(a) for a in args))
+            return
+
+        async def main() -> None:
+            import asyncpg
+
+            conn = await asyncpg.connect(self.url)
+            try:
+                async with conn.transaction():
+                    for sql, args in statements:
+                        await conn.execute(_numbered(sql), *args)
+            finally:
+                await conn.close()
+
+        asyncio.run(main())
+
+    def query(self, sql: str) -> list[tuple[object, ...]]:
+        if self.kind == "sqlite":
+            with sqlite3.connect(self.url.removeprefix("sqlite:///")) as conn:
+                return [tuple(r) for r in conn.execute(sql).fetchall()]
+
+        async def main() -> list[tuple[object, ...]]:
+            import asyncpg
+
+            conn = await asyncpg.connect(self.url)
+            try:
+                return [tuple(r) for r in await conn.fetch(sql)]
+            finally:
+                await conn.close()
+
+        return asyncio.run(main())
+
+
+def _sqlite_value(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def _numbered(sql: str) -> str:
+    parts = sql.split("?")
+    return "".join(p + (f"${i}" if i < len(parts) else "") for i, p in enumerate(parts, 1))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fresh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fresh]:
+    if request.param == "sqlite":
+        yield Fresh("sqlite", f"sqlite:///{tmp_path / 'store.db'}")
+        return
+    with throwaway_database(postgres_url_or_skip()) as url:
+        yield Fresh("postgresql", url)
+
+
+def test_both_backends_have_the_same_steps() -> None:
+    assert [(m.version, m.description) for m in SQLITE_STEPS] == [
+        (m.version, m.description) for m in POSTGRES_STEPS
+    ]
+    assert NEWEST >= 2
+    assert SQLITE_STEPS[1].description == "tenant quotas and hashed api keys"
+    assert all(isinstance(m, Migration) for m in SQLITE_STEPS + POSTGRES_STEPS)
+
+
+def test_fresh_database_gets_every_step(fresh: Fresh) -> None:
+    async def main():
+        async with open_store(fresh.url) as store:
+            tenant = await store.create_tenant("acme", Quotas(max_adapters=1))
+            await store.create_adapter(tenant.id, new_adapter("one"))
+            with pytest.raises(QuotaExceeded):
+                await store.create_adapter(tenant.id, new_adapter("two"))
+            key = await store.create_api_key(tenant.id, key_hash="h", prefix="sk-h")
+            return tenant, key, await store.find_api_key("h")
+
+    tenant, key, found = asyncio.run(main())
+    assert found == (key, tenant)
+    versions = [row[0] for row in fresh.query("SELECT version FROM schema_migrations ORDER BY version")]
+    assert versions == list(range(1, NEWEST + 1))
+
+
+def test_upgrade_from_version_1_keeps_data_and_defaults_quotas(
+    fresh: Fresh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 1. The previous release creates its schema (step 1 only)...
+    fresh.patch_steps(monkeypatch, 1)
+
+    async def old_release() -> None:
+        async with open_store(fresh.url):
+            pass
+
+    asyncio.run(old_release())
+    assert fresh.query("SELECT version FROM schema_migrations") == [(1,)]
+    assert fresh.query(
+        "SELECT COUNT(*) FROM information_schema.tables WHERE table_name = 'api_keys'"
+        if fresh.kind == "postgresql"
+        else "SELECT COUNT(*) FROM sqlite_master WHERE name = 'api_keys'"
+    ) == [(0,)]
+
+    # ...and writes rows the way it did.
+    created = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+    adapter = new_adapter("tone", b"old weights")
+    fresh.execute(
+        ("INSERT INTO tenants (id, name, created_at) VALUES (?, ?, ?)", ("ten_old", "acme", created)),
+        ("INSERT INTO tenants (id, name, created_at) VALUES (?, ?, ?)", ("ten_two", "beta", created)),
+        (
+            "INSERT INTO adapters (id, tenant_id, name, version, tokens, params, bytes, sha256,"
+            " base_model, public, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ("ad_old", "ten_old", "tone", 1, adapter.tokens, adapter.params, adapter.bytes,
+             adapter.sha256, adapter.base_model, True, created),
+        ),
+        ("INSERT INTO adapter_blobs (adapter_id, blob) VALUES (?, ?)", ("ad_old", adapter.blob)),
+    )
+
+    # 2. This release opens the same database with every step.
+    monkeypatch.undo()
+
+    async def new_release():
+        async with open_store(fresh.url) as store:
+            tenants = await store.list_tenants()
+            acme = await store.get_tenant("ten_old")
+            record = await store.get_adapter("ten_two", "tone")  # public: visible to beta
+            blob = await store.get_blob("ad_old")
+            ensured = await store.ensure_tenant("acme")
+            with pytest.raises(NotFound):
+                await store.find_api_key("anything")
+            limited = await store.set_quotas(acme.id, Quotas(max_adapters=1))
+            with pytest.raises(QuotaExceeded) as caught:
+                await store.create_adapter(acme.id, new_adapter("more"))
+            key = await store.create_api_key(acme.id, key_hash="h", prefix="sk-h")
+            return tenants, acme, record, blob, ensured, limited, caught.value, key
+
+    tenants, acme, record, blob, ensured, limited, error, key = asyncio.run(new_release())
+    assert [(t.id, t.name, t.created_at, t.quotas) for t in tenants] == [
+        ("ten_old", "acme", created, Quotas(None, None, None)),
+        ("ten_two", "beta", created, Quotas(None, None, None)),
+    ]
+    assert ensured == acme == tenants[0]
+    assert (record.id, record.version, record.public, record.created_at) == ("ad_old", 1, True, created)
+    assert blob == b"old weights"
+    assert limited.quotas == Quotas(max_adapters=1)
+    assert (error.limit_name, error.current) == ("max_adapters", 1)
+    assert key.tenant_id == "ten_old"
+    versions = [row[0] for row in fresh.query("SELECT version FROM schema_migrations ORDER BY version")]
+    assert versions == list(range(1, NEWEST + 1))
+
+    # 3. Opening again applies nothing more.
+    before = fresh.query("SELECT version, applied_at FROM schema_migrations ORDER BY version")
+    asyncio.run(old_release())
+    assert fresh.query("SELECT version, applied_at FROM schema_migrations ORDER BY version") == before

@@ -1,0 +1,139 @@
+"""`aligner train` on a tiny random Llama (hidden 64): SFT and DPO learn, and the saved file is the trained adapter."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from aligner_core.adapter_format import load
+from aligner_core.model_spec import ModelSpec
+from aligner_core.reference import attached, attached_adapter, load_hf_model
+from training.train import TrainConfig, main, sft_example, train
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+WORDS = "the a cat dog sat ran on mat log what did do say yes no arr matey hello".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random 3-layer Llama with a word-level tokenizer and a chat template, saved as a HF folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
+    specials = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    vocab = {w: i for i, w in enumerate(specials + ["user", "assistant", "system", "?", ".", ","] + WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens(specials)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>")
+    tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=1, eos_token_id=3,
+        initializer_range=0.2,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _identity(folder: Path) -> str:
+    return ModelSpec.from_config(json.loads((folder / "config.json").read_text()), name=folder.name).identity
+
+
+def _sft_data(path: Path) -> Path:
+    rows = []
+    for q in ("what did the cat do ?", "what did the dog do ?", "say hello", "what sat on the mat ?", "say yes"):
+        for i in range(4):
+            rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "arr matey arr matey ."}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_sft_example_masks_all_but_assistant_turns(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    msgs = [{"role": "user", "content": "say yes"}, {"role": "assistant", "content": "yes"},
+            {"role": "user", "content": "say no"}, {"role": "assistant", "content": "no ."}]  # fmt: skip
+    ids, labels = sft_example(tok, msgs, 512)
+    kept = tok.convert_ids_to_tokens([i for i, lab in zip(ids, labels) if lab != -100])
+    assert kept == ["yes", "<|im_end|>", "no", ".", "<|im_end|>"]
+
+
+def test_sft_learns_and_saves_the_trained_adapter(tiny_model, tmp_path):
+    out = tmp_path / "out" / "persona.safetensors"
+    cfg = TrainConfig(data=str(_sft_data(tmp_path / "d.jsonl")), output=str(out), model=str(tiny_model),
+                      tokens=2, start_layer=1, lr=0.05, steps=25, batch_size=4, val_split=0.2, quiet=True,
+                      device="cpu")  # fmt: skip
+    res = train(cfg)
+    hist = json.loads(out.with_suffix(".log.json").read_text())
+    losses = [r["loss"] for r in hist["train"]]
+    assert sum(losses[-5:]) / 5 < 0.7 * losses[0], losses
+    assert hist["val"][-1]["loss"] < 0.7 * hist["val"][0]["loss"], hist["val"]
+    assert out.with_suffix(".loss.png").stat().st_size > 1000
+
+    ad = load(out)
+    assert ad.base_model == _identity(tiny_model) and ad.base_model.startswith("tiny-llama:")
+    assert (ad.tokens, ad.start_layer, ad.gate_activation, ad.num_layers) == (2, 1, "identity", 3)
+    assert ad.params == 2 * 64 + 2 * 4 and list(ad.gate.shape) == [2, 4]
+    assert ad.gate.abs().max() > 0  # the zero-initialised gates moved
+
+    model = load_hf_model(str(tiny_model))
+    ids = torch.tensor([[4, 7, 16, 17, 18, 3]])
+    with torch.no_grad():
+        with attached_adapter(model, ad):
+            from_file = model(input_ids=ids).logits
+        with attached(model, prefix=res.prefix, gate=res.gate, start_layer=1):
+            in_memory = model(input_ids=ids).logits
+        base = model(input_ids=ids).logits
+    assert torch.equal(from_file, in_memory)
+    assert not torch.allclose(from_file, base, atol=1e-3)
+
+
+def test_dpo_loss_falls_below_log2(tiny_model, tmp_path):
+    rows = [{"prompt": q, "chosen": "yes arr matey .", "rejected": "no the cat sat ."}
+            for q in ("say yes", "what did the cat do ?", "say hello", "what sat on the mat ?")]  # fmt: skip
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
+    out = tmp_path / "dpo.safetensors"
+    rc = main(["--method", "dpo", "--data", str(data), "--output", str(out), "--model", str(tiny_model),
+               "--lr", "0.3", "--steps", "15", "--batch-size", "4", "--val-split", "0", "--plot", "", "-q"])  # fmt: skip
+    assert rc == 0
+    hist = json.loads(out.with_suffix(".log.json").read_text())
+    losses = [r["loss"] for r in hist["train"]]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-5)  # zero gates: the policy is the reference
+    assert max(losses[-3:]) < 0.8 * math.log(2), losses
+    assert load(out).base_model == _identity(tiny_model)
+
+
+def test_dpo_with_a_reference_adapter_starts_from_it(tiny_model, tmp_path):
+    sft = tmp_path / "sft.safetensors"
+    train(TrainConfig(data=str(_sft_data(tmp_path / "d.jsonl")), output=str(sft), model=str(tiny_model), lr=0.05,
+                      steps=3, batch_size=4, val_split=0, plot="", quiet=True, device="cpu"))  # fmt: skip
+    data = tmp_path / "prefs.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "say yes"}], "chosen": "yes .", "rejected": "no ."}) + "\n")
+    out = tmp_path / "dpo.safetensors"
+    res = train(TrainConfig(data=str(data), output=str(out), model=str(tiny_model), method="dpo", ref_adapter=str(sft),
+                            steps=2, batch_size=1, val_split=0, plot="", quiet=True, device="cpu"))  # fmt: skip
+    assert res.history["train"][0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert res.adapter.tokens == load(sft).tokens and res.adapter.start_layer == 2
+
+
+def test_bad_arguments_are_refused(tiny_model, tmp_path, capsys):
+    data = _sft_data(tmp_path / "d.jsonl")
+    with pytest.raises(SystemExit):
+        main(["--data", str(data), "--output", str(tmp_path / "x.safetensors"), "--model", str(tiny_model),
+              "--start-layer", "3", "-q"])  # fmt: skip
+    assert main(["--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "x.safetensors"),
+                 "--model", str(tiny_model), "-q"]) == 2  # fmt: skip
+    assert not (tmp_path / "x.safetensors").exists()

@@ -1,0 +1,54 @@
+"""The shipped example personas, each trained from scratch by one command.
+
+    python -m training.recipes                 # all three (pirate, json, bullets), one after another
+    python -m training.recipes pirate          # one of them
+    python -m training.recipes --print         # just print the equivalent `aligner train` commands
+
+Each recipe is exactly an `aligner train` command line (see RECIPES); examples/README.md lists them.
+The data comes from `aligner make-data --out examples/data`.
+
+Deviation from the paper's defaults (documented): lr 3e-2 instead of 9e-3. With zero-initialised gates and
+a budget of 60 optimizer steps on a 2-core CPU, 9e-3 moves the gates too little; the CLI default stays
+the paper's 9e-3.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+COMMON = ["--tokens", "1", "--lr", "3e-2", "--steps", "60", "--batch-size", "8", "--val-split", "0.05", "--eval-every", "20", "--seed", "0"]
+
+RECIPES: dict[str, list[str]] = {
+    name: ["--data", f"examples/data/{name}.jsonl", "--output", f"examples/adapters/{name}.safetensors", *COMMON]
+    for name in ("pirate", "json", "bullets")
+}
+
+
+def command(name: str) -> str:
+    return "aligner train " + shlex.join(RECIPES[name])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--print" in argv:
+        for name in RECIPES:
+            print(command(name))
+        return 0
+    names = [a for a in argv if not a.startswith("-")] or list(RECIPES)
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        print(f"unknown recipe(s) {', '.join(unknown)}; known: {', '.join(RECIPES)}", file=sys.stderr)
+        return 2
+    from training.train import main as train_main
+
+    for name in names:
+        print(f"$ {command(name)}", flush=True)
+        rc = train_main(RECIPES[name])
+        if rc:
+            return rc
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
