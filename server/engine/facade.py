@@ -100,6 +100,7 @@ class EngineHooks:
     def adapter_loaded(self, seconds: float) -> None: ...
     def adapter_evicted(self) -> None: ...
     def resident_changed(self, count: int) -> None: ...
+    def leases_changed(self, count: int) -> None: ...
 
 
 class AlignerEngine:
@@ -111,6 +112,7 @@ class AlignerEngine:
         self._stack: Any = None
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU order: oldest first
         self._lock = asyncio.Lock()
+        self.leases = 0  # requests currently holding an adapter (in flight, preempted ones included)
 
     # ---- lifecycle ----
     async def start(self) -> None:
@@ -149,7 +151,7 @@ class AlignerEngine:
                 self._resident.move_to_end(key)
                 entry.pins += 1
                 entry.retired = False
-                return Lease(self, key)
+                return self._new_lease(key)
             data = await load()
             await self._make_room()
             started = time.perf_counter()
@@ -157,7 +159,12 @@ class AlignerEngine:
             self.hooks.adapter_loaded(time.perf_counter() - started)
             self._resident[key] = _Resident(pins=1)
             self.hooks.resident_changed(len(self._resident))
-            return Lease(self, key)
+            return self._new_lease(key)
+
+    def _new_lease(self, key: str) -> Lease:
+        self.leases += 1
+        self.hooks.leases_changed(self.leases)
+        return Lease(self, key)
 
     async def retire(self, key: str) -> None:
         """The adapter was deleted: unload it once no running request holds it."""
@@ -170,6 +177,8 @@ class AlignerEngine:
                 await self._try_unload(key)
 
     async def _release(self, key: str) -> None:
+        self.leases -= 1
+        self.hooks.leases_changed(self.leases)
         async with self._lock:
             entry = self._resident.get(key)
             if entry is None:

@@ -1,0 +1,62 @@
+"""Python SDK for aligner-serve: adapters, chat and completions with `adapter=`, and the admin API.
+
+    from aligner_client import Client, AdapterNotFoundError
+
+    client = Client("http://127.0.0.1:8000", api_key="ak-…")       # or ALIGNER_BASE_URL / ALIGNER_API_KEY
+    client.adapters.upload("tone", "tone.safetensors")             # path, bytes or file object
+    reply = client.chat.create("Hello!", adapter="tone", max_tokens=30)
+    print(reply.text)
+    for chunk in client.chat.create("Hello!", adapter="tone@1", stream=True):
+        print(chunk.text, end="")
+    for a in client.adapters.list_all():
+        print(a.id, a.bytes)
+
+`AsyncClient` has the same namespaces, awaited (`async for` over streams and `list_all()`). Both share
+one I/O-free core (`aligner_client._core`): request building, error mapping, retries, SSE, pagination.
+
+Exceptions mirror the server's error codes (`{"error": {"message", "type", "param", "code"}}`):
+
+    AlignerError
+    ├── APIError                     .status .code .type .param .message .retry_after .body
+    │   ├── BadRequestError          400  invalid_request_error
+    │   ├── AuthenticationError      401  invalid_api_key
+    │   ├── PermissionDeniedError    403  permission_denied
+    │   ├── NotFoundError            404  model_not_found, not_found (tenants, keys)
+    │   │   └── AdapterNotFoundError 404  adapter_not_found
+    │   ├── ConflictError            409  conflict
+    │   ├── PayloadTooLargeError     413  file_too_large
+    │   ├── InvalidAdapterError      422  invalid_adapter, base_model_mismatch
+    │   ├── RateLimitError           429  rate_limit_exceeded, quota_exceeded (Retry-After)
+    │   └── InternalServerError      5xx  internal_error
+    │       └── ServiceUnavailableError 503  store_unavailable, engine_busy, engine_not_ready
+    └── APIConnectionError                no answer (refused, reset)
+        └── APITimeoutError               no answer in time
+
+Retries: 429 (but not quota_exceeded), 408, 5xx and connection errors, `max_retries` times (default 2)
+with exponential backoff; a Retry-After header sets the wait.
+"""
+
+from __future__ import annotations
+
+from aligner_client._client import AsyncClient, AsyncStream, Client, Stream
+from aligner_client._core import DEFAULT_BASE_URL, RetryPolicy
+from aligner_client.errors import (
+    AdapterNotFoundError, AlignerError, APIConnectionError, APIError, APITimeoutError, AuthenticationError,
+    BadRequestError, ConflictError, InternalServerError, InvalidAdapterError, NotFoundError, PayloadTooLargeError,
+    PermissionDeniedError, RateLimitError, ServiceUnavailableError,
+)  # fmt: skip
+from aligner_client.models import (
+    Adapter, AdapterDeleted, AdapterList, ApiKey, ApiKeyList, ChatCompletion, ChatCompletionChunk, Completion,
+    CompletionChunk, ModelCard, ModelList, Quotas, Tenant, TenantList,
+)  # fmt: skip
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client", "AsyncClient", "Stream", "AsyncStream", "RetryPolicy", "DEFAULT_BASE_URL",
+    "AlignerError", "APIError", "BadRequestError", "AuthenticationError", "PermissionDeniedError", "NotFoundError",
+    "AdapterNotFoundError", "ConflictError", "PayloadTooLargeError", "InvalidAdapterError", "RateLimitError",
+    "InternalServerError", "ServiceUnavailableError", "APIConnectionError", "APITimeoutError",
+    "Adapter", "AdapterList", "AdapterDeleted", "ModelCard", "ModelList", "Quotas", "Tenant", "TenantList",
+    "ApiKey", "ApiKeyList", "ChatCompletion", "ChatCompletionChunk", "Completion", "CompletionChunk",
+]  # fmt: skip

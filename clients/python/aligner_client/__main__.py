@@ -1,0 +1,3 @@
+from aligner_client.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,254 @@
+"""`Client` and `AsyncClient`: thin shells that move the core's `Call`s over httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from types import GeneratorType
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+
+from aligner_client import _core as core
+from aligner_client import models as m
+from aligner_client._resources import Namespaces
+from aligner_client.errors import APIError
+
+
+def _policy(max_retries: int, retry_policy: core.RetryPolicy | None) -> core.RetryPolicy:
+    return retry_policy if retry_policy is not None else core.RetryPolicy(max_retries=max_retries)
+
+
+def _parse(call: core.Call, resp: httpx.Response) -> Any:
+    try:
+        body = resp.json() if resp.content else None
+    except ValueError as e:
+        raise APIError(f"the server answered {resp.status_code} with a body that is not JSON", status=resp.status_code,
+                       body=resp.text[:500]) from e  # fmt: skip
+    try:
+        return call.parse(body)
+    except ValidationError as e:
+        raise APIError(f"unexpected answer from {resp.request.method} {resp.request.url.path}: {e}",
+                       status=resp.status_code, body=body) from e  # fmt: skip
+
+
+class Stream:
+    """Chunks of a streamed completion; iterate it (once). Closes its connection at the end, on `close()`,
+    or when used as a context manager."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+
+    def __iter__(self) -> Iterator[m.ChatCompletionChunk]:
+        decoder = core.SSEDecoder()
+        try:
+            for line in self.response.iter_lines():
+                data = decoder.feed(line)
+                if data is None:
+                    continue
+                event = core.decode_event(data)
+                if event is core.DONE:
+                    return
+                yield event
+            data = decoder.flush()
+            if data is not None and (event := core.decode_event(data)) is not core.DONE:
+                yield event
+        except httpx.TransportError as e:
+            raise core.transport_error(e) from e
+        finally:
+            self.response.close()
+
+    def close(self) -> None:
+        self.response.close()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncStream:
+    """The async twin of `Stream`: `async for chunk in stream`."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+
+    async def __aiter__(self) -> AsyncIterator[m.ChatCompletionChunk]:
+        decoder = core.SSEDecoder()
+        try:
+            async for line in self.response.aiter_lines():
+                data = decoder.feed(line)
+                if data is None:
+                    continue
+                event = core.decode_event(data)
+                if event is core.DONE:
+                    return
+                yield event
+            data = decoder.flush()
+            if data is not None and (event := core.decode_event(data)) is not core.DONE:
+                yield event
+        except httpx.TransportError as e:
+            raise core.transport_error(e) from e
+        finally:
+            await self.response.aclose()
+
+    async def close(self) -> None:
+        await self.response.aclose()
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class Client(Namespaces):
+    """Synchronous client.
+
+    `base_url` (server root; default `ALIGNER_BASE_URL`, then http://127.0.0.1:8000), `api_key` (default
+    `ALIGNER_API_KEY`), `admin_key` for `/admin` (default `ALIGNER_ADMIN_KEY`, then `api_key`).
+    Retries 429 / 5xx / connection errors `max_retries` times with exponential backoff, honouring
+    Retry-After. `transport`, `http_client` and `sleep` are for tests and custom networking.
+    """
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, *, admin_key: str | None = None,
+                 timeout: float | httpx.Timeout | None = core.DEFAULT_TIMEOUT, max_retries: int = 2,
+                 retry_policy: core.RetryPolicy | None = None, headers: Mapping[str, str] | None = None,
+                 transport: httpx.BaseTransport | None = None, http_client: httpx.Client | None = None,
+                 sleep: Callable[[float], Any] = time.sleep) -> None:  # fmt: skip
+        self.config = core.resolve_config(base_url, api_key, admin_key, headers)
+        self.retry_policy = _policy(max_retries, retry_policy)
+        self._own_http = http_client is None
+        self._http = http_client or httpx.Client(timeout=timeout, transport=transport)
+        self._sleep = sleep
+        self._init_namespaces()
+
+    @property
+    def base_url(self) -> str:
+        return self.config.base_url
+
+    def _send(self, call: core.Call) -> httpx.Response:
+        attempt = 0
+        while True:
+            request = self._http.build_request(**call.request_args(self.config))
+            try:
+                resp = self._http.send(request, stream=call.stream)
+            except httpx.TransportError as e:
+                err: Exception = core.transport_error(e)
+                cause: Exception | None = e
+            else:
+                if resp.status_code < 400:
+                    return resp
+                content = resp.read()
+                resp.close()
+                err, cause = core.error_from_response(resp.status_code, resp.headers, content), None
+            delay = self.retry_policy.delay_after_error(attempt, err)
+            if delay is None:
+                raise err from cause
+            self._sleep(delay)
+            attempt += 1
+
+    def _drive(self, op: core.Op) -> Any:
+        if isinstance(op, core.Call):
+            return _parse(op, self._send(op))
+        assert isinstance(op, GeneratorType)
+        try:
+            call = next(op)
+            while True:
+                call = op.send(_parse(call, self._send(call)))
+        except StopIteration as done:
+            return done.value
+
+    def _stream(self, call: core.Call) -> Stream:
+        return Stream(self._send(call))
+
+    def _paginate(self, pager: core.Paginator) -> Iterator[m.Adapter]:
+        while (call := pager.next_call()) is not None:
+            yield from pager.feed(self._drive(call))
+
+    def close(self) -> None:
+        if self._own_http:
+            self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient(Namespaces):
+    """Asynchronous client: the same namespaces and arguments as `Client`; every call is awaited
+    (`async for` over `adapters.list_all()` and over the `AsyncStream` that `stream=True` gives)."""
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, *, admin_key: str | None = None,
+                 timeout: float | httpx.Timeout | None = core.DEFAULT_TIMEOUT, max_retries: int = 2,
+                 retry_policy: core.RetryPolicy | None = None, headers: Mapping[str, str] | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None, http_client: httpx.AsyncClient | None = None,
+                 sleep: Callable[[float], Any] = asyncio.sleep) -> None:  # fmt: skip
+        self.config = core.resolve_config(base_url, api_key, admin_key, headers)
+        self.retry_policy = _policy(max_retries, retry_policy)
+        self._own_http = http_client is None
+        self._http = http_client or httpx.AsyncClient(timeout=timeout, transport=transport)
+        self._sleep = sleep
+        self._init_namespaces()
+
+    @property
+    def base_url(self) -> str:
+        return self.config.base_url
+
+    async def _send(self, call: core.Call) -> httpx.Response:
+        attempt = 0
+        while True:
+            request = self._http.build_request(**call.request_args(self.config))
+            try:
+                resp = await self._http.send(request, stream=call.stream)
+            except httpx.TransportError as e:
+                err: Exception = core.transport_error(e)
+                cause: Exception | None = e
+            else:
+                if resp.status_code < 400:
+                    return resp
+                content = await resp.aread()
+                await resp.aclose()
+                err, cause = core.error_from_response(resp.status_code, resp.headers, content), None
+            delay = self.retry_policy.delay_after_error(attempt, err)
+            if delay is None:
+                raise err from cause
+            slept = self._sleep(delay)
+            if inspect.isawaitable(slept):
+                await slept
+            attempt += 1
+
+    async def _drive(self, op: core.Op) -> Any:
+        if isinstance(op, core.Call):
+            return _parse(op, await self._send(op))
+        assert isinstance(op, GeneratorType)
+        try:
+            call = next(op)
+            while True:
+                call = op.send(_parse(call, await self._send(call)))
+        except StopIteration as done:
+            return done.value
+
+    async def _stream(self, call: core.Call) -> AsyncStream:
+        return AsyncStream(await self._send(call))
+
+    async def _paginate(self, pager: core.Paginator) -> AsyncIterator[m.Adapter]:
+        while (call := pager.next_call()) is not None:
+            for item in pager.feed(await self._drive(call)):
+                yield item
+
+    async def aclose(self) -> None:
+        if self._own_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

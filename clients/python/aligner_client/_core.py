@@ -1,0 +1,408 @@
+"""The I/O-free core shared by `Client` and `AsyncClient`.
+
+Everything here is pure: configuration, the description of each API call (`Call`), the status/code ->
+exception map, the retry policy, SSE decoding and pagination. The two clients only move bytes: they turn
+a `Call` into an httpx request, and feed answers back. Multi-step operations are generators that yield
+`Call`s and receive their parsed results (`drive` in each client runs them), so they too are written once.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Union
+from urllib.parse import quote
+
+from aligner_client import models as m
+from aligner_client.errors import (
+    CODE_ERRORS, STATUS_ERRORS, APIConnectionError, APIError, APITimeoutError, InternalServerError,
+)  # fmt: skip
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+DEFAULT_TIMEOUT = 300.0  # generation on a CPU server can take a while
+USER_AGENT = "aligner-client/0.1.0"
+
+FileInput = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes]]
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class Config:
+    base_url: str
+    api_key: str | None
+    admin_key: str | None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+def resolve_config(base_url: str | None = None, api_key: str | None = None, admin_key: str | None = None,
+                   headers: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None) -> Config:  # fmt: skip
+    """Arguments first, then ALIGNER_BASE_URL / ALIGNER_API_KEY / ALIGNER_ADMIN_KEY.
+
+    `base_url` is the server root; a trailing `/v1` (an OpenAI-style URL) is accepted and dropped.
+    Admin routes use `admin_key`, falling back to `api_key`.
+    """
+    env = os.environ if env is None else env
+    url = (base_url or env.get("ALIGNER_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+    if url.endswith("/v1"):
+        url = url[: -len("/v1")]
+    key = api_key or env.get("ALIGNER_API_KEY") or None
+    admin = admin_key or env.get("ALIGNER_ADMIN_KEY") or key
+    return Config(url, key, admin, dict(headers or {}))
+
+
+# ------------------------------------------------------------------------------------------------ calls
+
+
+@dataclass
+class Call:
+    """One HTTP request to make and how to read its answer."""
+
+    method: str
+    path: str
+    params: dict[str, Any] | None = None
+    json: Any = None
+    form: dict[str, str] | None = None
+    files: dict[str, tuple[str, bytes, str]] | None = None
+    parse: Callable[[Any], Any] = lambda body: body
+    admin: bool = False  # authenticate with the admin key
+    stream: bool = False
+
+    def request_args(self, config: Config) -> dict[str, Any]:
+        """Keyword arguments for `httpx.Client.build_request` (same for the async client)."""
+        headers = {"user-agent": USER_AGENT, "accept": "text/event-stream" if self.stream else "application/json"}
+        headers.update(config.headers)
+        key = config.admin_key if self.admin else config.api_key
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        args: dict[str, Any] = {"method": self.method, "url": config.base_url + self.path, "headers": headers}
+        if self.params:
+            args["params"] = {k: v for k, v in self.params.items() if v is not None}
+        if self.json is not None:
+            args["json"] = self.json
+        if self.files is not None:
+            args["files"] = self.files
+            args["data"] = self.form or {}
+        return args
+
+
+Op = Union[Call, Generator[Call, Any, Any]]
+
+
+def _seg(name: str) -> str:
+    return quote(name, safe="@")
+
+
+def read_file_input(file: FileInput) -> tuple[str, bytes]:
+    """(filename, bytes) from a path, bytes or a binary file object. Adapter files are small (≤ 1 MiB)."""
+    if isinstance(file, (bytes, bytearray, memoryview)):
+        return "adapter.safetensors", bytes(file)
+    if isinstance(file, (str, os.PathLike)):
+        p = Path(file)
+        return p.name, p.read_bytes()
+    data = file.read()
+    return Path(getattr(file, "name", "adapter.safetensors") or "adapter.safetensors").name, data
+
+
+def _upload_call(path: str, name: str, file: FileInput, *, admin: bool = False) -> Call:
+    filename, data = read_file_input(file)
+    return Call("POST", path, form={"name": name}, files={"file": (filename, data, "application/octet-stream")},
+                parse=m.Adapter.model_validate, admin=admin)  # fmt: skip
+
+
+# adapters
+
+
+def upload_adapter(name: str, file: FileInput) -> Call:
+    return _upload_call("/v1/adapters", name, file)
+
+
+def upload_tensors(name: str, prefix: Any, gate: Any, *, start_layer: int = 2, gate_activation: str = "identity",
+                   base_model: str | None = None, public: bool = False) -> Generator[Call, Any, m.Adapter]:  # fmt: skip
+    """Encode aligner/v1 from tensors; without `base_model`, ask the server for its base model id first."""
+    from aligner_client.tensors import encode_adapter
+
+    if base_model is None:
+        models: m.ModelList = yield list_models()
+        base_model = models.base.id
+    data = encode_adapter(prefix, gate, start_layer=start_layer, gate_activation=gate_activation, base_model=base_model)
+    path = "/admin/adapters" if public else "/v1/adapters"
+    return (yield _upload_call(path, name, data, admin=public))
+
+
+def ref(name: str, version: int | None = None) -> str:
+    return name if version is None else f"{name}@{version}"
+
+
+def list_adapters(limit: int | None = None, after: str | None = None) -> Call:
+    return Call("GET", "/v1/adapters", params={"limit": limit, "after": after}, parse=m.AdapterList.model_validate)
+
+
+def get_adapter(name: str, version: int | None = None) -> Call:
+    return Call("GET", f"/v1/adapters/{_seg(ref(name, version))}", parse=m.Adapter.model_validate)
+
+
+def adapter_versions(name: str) -> Call:
+    return Call("GET", f"/v1/adapters/{_seg(name)}/versions", parse=m.AdapterList.model_validate)
+
+
+def delete_adapter(name: str, version: int | None = None) -> Call:
+    return Call("DELETE", f"/v1/adapters/{_seg(ref(name, version))}", parse=m.AdapterDeleted.model_validate)
+
+
+@dataclass
+class Paginator:
+    """Cursor state for `GET /v1/adapters`: `next_call()` until it returns None, `feed()` each page."""
+
+    page_size: int | None = 100
+    after: str | None = None
+    done: bool = False
+
+    def next_call(self) -> Call | None:
+        return None if self.done else list_adapters(self.page_size, self.after)
+
+    def feed(self, page: m.AdapterList) -> list[m.Adapter]:
+        if not page.has_more or not page.next_after or not page.data:
+            self.done = True
+        self.after = page.next_after
+        return page.data
+
+
+# models and generation
+
+
+def list_models() -> Call:
+    return Call("GET", "/v1/models", parse=m.ModelList.model_validate)
+
+
+def _generation_body(fixed: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    body = {k: v for k, v in fixed.items() if v is not None}
+    body.update(extra)
+    return body
+
+
+def chat(messages: list[dict[str, Any]] | str, *, adapter: str | None = None, model: str | None = None,
+         stream: bool = False, max_tokens: int | None = None, temperature: float | None = None,
+         extra: dict[str, Any] | None = None) -> Call:  # fmt: skip
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    body = _generation_body({"messages": messages, "adapter": adapter, "model": model, "max_tokens": max_tokens,
+                             "temperature": temperature, "stream": stream or None}, extra or {})  # fmt: skip
+    return Call("POST", "/v1/chat/completions", json=body, stream=stream, parse=m.ChatCompletion.model_validate)
+
+
+def completion(prompt: str | list[Any], *, adapter: str | None = None, model: str | None = None, stream: bool = False,
+               max_tokens: int | None = None, temperature: float | None = None,
+               extra: dict[str, Any] | None = None) -> Call:  # fmt: skip
+    body = _generation_body({"prompt": prompt, "adapter": adapter, "model": model, "max_tokens": max_tokens,
+                             "temperature": temperature, "stream": stream or None}, extra or {})  # fmt: skip
+    return Call("POST", "/v1/completions", json=body, stream=stream, parse=m.Completion.model_validate)
+
+
+# admin
+
+
+def _quotas(max_adapters: int | None, max_adapter_bytes: int | None, requests_per_minute: int | None) -> dict[str, int]:
+    q = {"max_adapters": max_adapters, "max_adapter_bytes": max_adapter_bytes, "requests_per_minute": requests_per_minute}
+    return {k: v for k, v in q.items() if v is not None}
+
+
+def create_tenant(name: str, *, max_adapters: int | None = None, max_adapter_bytes: int | None = None,
+                  requests_per_minute: int | None = None) -> Call:  # fmt: skip
+    body = {"name": name, "quotas": _quotas(max_adapters, max_adapter_bytes, requests_per_minute)}
+    return Call("POST", "/admin/tenants", json=body, admin=True, parse=m.Tenant.model_validate)
+
+
+def list_tenants() -> Call:
+    return Call("GET", "/admin/tenants", admin=True, parse=m.TenantList.model_validate)
+
+
+def set_quotas(tenant_id: str, *, max_adapters: int | None = None, max_adapter_bytes: int | None = None,
+               requests_per_minute: int | None = None) -> Call:  # fmt: skip
+    """Replaces all three quotas: one left out (None) becomes unlimited."""
+    body = _quotas(max_adapters, max_adapter_bytes, requests_per_minute)
+    return Call("PATCH", f"/admin/tenants/{_seg(tenant_id)}", json=body, admin=True, parse=m.Tenant.model_validate)
+
+
+def create_key(tenant_id: str) -> Call:
+    return Call("POST", f"/admin/tenants/{_seg(tenant_id)}/keys", admin=True, parse=m.ApiKey.model_validate)
+
+
+def list_keys(tenant_id: str) -> Call:
+    return Call("GET", f"/admin/tenants/{_seg(tenant_id)}/keys", admin=True, parse=m.ApiKeyList.model_validate)
+
+
+def revoke_key(key_id: str) -> Call:
+    return Call("DELETE", f"/admin/keys/{_seg(key_id)}", admin=True, parse=m.ApiKey.model_validate)
+
+
+def publish_adapter(name: str, file: FileInput) -> Call:
+    return _upload_call("/admin/adapters", name, file, admin=True)
+
+
+def unpublish_adapter(name: str, version: int | None = None) -> Call:
+    return Call("DELETE", f"/admin/adapters/{_seg(ref(name, version))}", admin=True, parse=m.AdapterDeleted.model_validate)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if absent or unreadable."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def error_from_response(status: int, headers: Mapping[str, str], content: bytes) -> APIError:
+    """The exception for an error answer, from its status and the body's `error.code`."""
+    body: Any = None
+    try:
+        body = json.loads(content) if content else None
+    except ValueError:
+        pass
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        message = str(err.get("message") or f"HTTP {status}")
+        code, etype, param = err.get("code"), err.get("type"), err.get("param")
+    else:
+        text = content.decode("utf-8", "replace").strip()[:500] if content else ""
+        message = text or f"HTTP {status}"
+        code = etype = param = None
+    code = code if isinstance(code, str) else (None if code is None else str(code))
+    cls = CODE_ERRORS.get(code or "") or STATUS_ERRORS.get(status) or (InternalServerError if status >= 500 else APIError)
+    retry_after = parse_retry_after(_header(headers, "retry-after"))
+    return cls(message, status=status, code=code, type=etype, param=param, retry_after=retry_after, body=body,
+               headers=headers)  # fmt: skip
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    getter = getattr(headers, "get", None)
+    value = getter(name) if getter else None
+    if value is None:
+        value = next((v for k, v in headers.items() if k.lower() == name), None)
+    return value
+
+
+def transport_error(exc: BaseException) -> APIConnectionError:
+    """Map an httpx transport exception (by class name: the core imports no I/O library)."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    if "TimeoutException" in names:
+        return APITimeoutError(f"Request timed out: {exc}" if str(exc) else "Request timed out.")
+    return APIConnectionError(f"Connection error: {exc}" if str(exc) else "Connection error.")
+
+
+# ------------------------------------------------------------------------------------------------ retries
+
+
+RETRY_STATUSES = frozenset({408, 429})  # and every 5xx
+NO_RETRY_CODES = frozenset({"quota_exceeded"})  # waiting does not help: the caller must delete adapters
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff on 429 / 5xx / connection errors; the server's Retry-After wins when present.
+
+    Attempt n (0-based) waits `initial_delay * 2**n` capped at `max_delay`, minus up to `jitter` of it.
+    A Retry-After longer than `max_retry_after` is not waited for: the error is raised at once.
+    """
+
+    max_retries: int = 2
+    initial_delay: float = 0.5
+    max_delay: float = 8.0
+    max_retry_after: float = 60.0
+    jitter: float = 0.25
+    rand: Callable[[], float] = random.random
+
+    def backoff(self, attempt: int) -> float:
+        delay = min(self.max_delay, self.initial_delay * (2**attempt))
+        return delay * (1 - self.jitter * self.rand())
+
+    def delay_after_error(self, attempt: int, error: AlignerErrorLike) -> float | None:
+        """Seconds to wait before retrying after `error` on `attempt` (0-based), or None to raise it."""
+        if attempt >= self.max_retries:
+            return None
+        if isinstance(error, APIConnectionError):
+            return self.backoff(attempt)
+        if not isinstance(error, APIError) or error.status is None:
+            return None
+        if error.code in NO_RETRY_CODES:
+            return None
+        if error.status not in RETRY_STATUSES and error.status < 500:
+            return None
+        if error.retry_after is not None:
+            return None if error.retry_after > self.max_retry_after else error.retry_after
+        return self.backoff(attempt)
+
+
+AlignerErrorLike = Union[APIError, APIConnectionError, BaseException]
+
+
+# ------------------------------------------------------------------------------------------------ SSE
+
+
+DONE = object()  # the `[DONE]` sentinel
+
+
+class SSEDecoder:
+    """Server-sent events, line by line (lines without their newline). `feed` returns a completed event's
+    data (str) when a blank line ends one, else None; comments, `event:`, `id:` and `retry:` are skipped."""
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> str | None:
+        line = line.rstrip("\r\n")
+        if not line:
+            if not self._data:
+                return None
+            data, self._data = "\n".join(self._data), []
+            return data
+        if line.startswith(":"):
+            return None
+        fname, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if fname == "data":
+            self._data.append(value)
+        return None
+
+    def flush(self) -> str | None:
+        """The last event when the stream ends without a trailing blank line."""
+        return self.feed("")
+
+
+def decode_event(data: str) -> Any:
+    """One event's data: a chunk model, or DONE; an `{"error": ...}` event raises its APIError."""
+    if data.strip() == "[DONE]":
+        return DONE
+    try:
+        obj = json.loads(data)
+    except ValueError as e:
+        raise APIError(f"malformed stream event: {data[:200]!r}", body=data) from e
+    if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
+        err = obj["error"]
+        status = err.get("code") if isinstance(err.get("code"), int) else None
+        cls = STATUS_ERRORS.get(status or 0, APIError)
+        code = err.get("code") if isinstance(err.get("code"), str) else None
+        raise cls(str(err.get("message") or "stream error"), status=status, code=code, type=err.get("type"),
+                  param=err.get("param"), body=obj)  # fmt: skip
+    return m.ChatCompletionChunk.model_validate(obj)

@@ -1,0 +1,297 @@
+"""`aligner-client`: adapters, chat and the admin API from the shell.
+
+    aligner-client adapters upload NAME FILE | list | show NAME[@N] | versions NAME | delete NAME[@N]
+    aligner-client models
+    aligner-client chat [--adapter X] [--stream] [--max-tokens N] "prompt"
+    aligner-client admin tenants create NAME [--max-adapters N] [--max-adapter-bytes N] [--requests-per-minute N]
+    aligner-client admin tenants list | tenants set-quotas TENANT_ID [...]
+    aligner-client admin keys create TENANT_ID | keys list TENANT_ID | keys revoke KEY_ID
+    aligner-client admin publish NAME FILE | unpublish NAME[@N]
+
+`--base-url` / `--api-key` (anywhere on the line) or ALIGNER_BASE_URL / ALIGNER_API_KEY; admin commands use
+`--api-key`, else ALIGNER_ADMIN_KEY, else ALIGNER_API_KEY. Tables by default, `--json` for scripts.
+Exit status: 0 ok, 1 the server refused (its message on stderr) or could not be reached, 2 bad usage.
+`main(argv)` is also what the server's `aligner adapters|chat|admin|models ...` dispatches to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from aligner_client import models as m
+from aligner_client._client import Client
+from aligner_client.errors import AlignerError, APIError
+
+COMMANDS = ("adapters", "models", "chat", "admin")
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def print_json(value: Any, out: TextIO) -> None:
+    print(json.dumps(_plain(value), indent=2), file=out)
+
+
+def table(rows: list[dict[str, Any]], columns: Sequence[str], out: TextIO) -> None:
+    """Left-aligned columns separated by two spaces; numbers right-aligned."""
+    if not rows:
+        print("(none)", file=out)
+        return
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    numeric = [all(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in rows) for c in columns]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip(), file=out)
+    for row in cells:
+        line = "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(row, widths, numeric))
+        print(line.rstrip(), file=out)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if hasattr(v, "isoformat"):
+        return v.isoformat(timespec="seconds")
+    return str(v)
+
+
+def fields(obj: Any, out: TextIO) -> None:
+    """One object as `key  value` lines."""
+    data = obj.model_dump() if hasattr(obj, "model_dump") else dict(obj)
+    width = max(len(k) for k in data)
+    for k, v in data.items():
+        if isinstance(v, dict):
+            v = ", ".join(f"{a}={_cell(b)}" for a, b in v.items())
+        print(f"{k.ljust(width)}  {_cell(v)}", file=out)
+
+
+ADAPTER_COLUMNS = ("id", "tokens", "params", "bytes", "public", "created_at", "sha256")
+
+
+def _adapter_rows(adapters: Sequence[m.Adapter]) -> list[dict[str, Any]]:
+    return [a.model_dump() | {"sha256": a.sha256[:12]} for a in adapters]
+
+
+def _tenant_rows(tenants: Sequence[m.Tenant]) -> list[dict[str, Any]]:
+    return [t.model_dump(exclude={"quotas"}) | t.quotas.model_dump() for t in tenants]
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
+def _split_ref(text: str) -> tuple[str, int | None]:
+    name, sep, ver = text.partition("@")
+    return (name, int(ver)) if sep and ver.isdigit() else (text, None)
+
+
+def _adapters(c: Client, a: argparse.Namespace, out: TextIO) -> int:
+    if a.action == "upload":
+        ad = c.adapters.upload(a.name, a.file)
+        print_json(ad, out) if a.json else print(f"uploaded {ad.id}: {ad.tokens} tokens, {ad.params} params, "
+                                                  f"{ad.bytes} bytes, sha256 {ad.sha256[:12]}", file=out)  # fmt: skip
+    elif a.action == "list":
+        items = c.adapters.list(limit=a.limit).data if a.limit else list(c.adapters.list_all())
+        print_json(items, out) if a.json else table(_adapter_rows(items), ADAPTER_COLUMNS, out)
+    elif a.action == "show":
+        ad = c.adapters.get(*_split_ref(a.name))
+        print_json(ad, out) if a.json else fields(ad, out)
+    elif a.action == "versions":
+        items = c.adapters.versions(a.name).data
+        print_json(items, out) if a.json else table(_adapter_rows(items), ADAPTER_COLUMNS, out)
+    elif a.action == "delete":
+        d = c.adapters.delete(*_split_ref(a.name))
+        print_json(d, out) if a.json else print(f"deleted {d.id} (versions {', '.join(map(str, d.versions))})", file=out)
+    return 0
+
+
+def _models(c: Client, a: argparse.Namespace, out: TextIO) -> int:
+    cards = c.models.list().data
+    if a.json:
+        print_json(cards, out)
+    else:
+        rows = [{"id": x.id, "kind": "adapter" if x.parent else "base", "owned_by": x.owned_by} for x in cards]
+        table(rows, ("id", "kind", "owned_by"), out)
+    return 0
+
+
+def _chat(c: Client, a: argparse.Namespace, out: TextIO) -> int:
+    messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
+    kw = dict(adapter=a.adapter, model=a.model, max_tokens=a.max_tokens, temperature=a.temperature)
+    if not a.stream:
+        reply = c.chat.create(messages, **kw)
+        print_json(reply, out) if a.json else print(reply.text, file=out)
+        return 0
+    with c.chat.create(messages, stream=True, **kw) as stream:
+        for chunk in stream:
+            if a.json:
+                print(json.dumps(chunk.model_dump(mode="json")), file=out, flush=True)
+            else:
+                print(chunk.text, end="", file=out, flush=True)
+    if not a.json:
+        print(file=out)
+    return 0
+
+
+def _quota_kw(a: argparse.Namespace) -> dict[str, int | None]:
+    return {"max_adapters": a.max_adapters, "max_adapter_bytes": a.max_adapter_bytes,
+            "requests_per_minute": a.requests_per_minute}  # fmt: skip
+
+
+def _admin(c: Client, a: argparse.Namespace, out: TextIO) -> int:
+    tenant_cols = ("id", "name", "max_adapters", "max_adapter_bytes", "requests_per_minute", "created_at")
+    key_cols = ("id", "tenant_id", "prefix", "revoked", "created_at")
+    if a.group == "tenants":
+        if a.action == "list":
+            items = c.admin.tenants.list().data
+            print_json(items, out) if a.json else table(_tenant_rows(items), tenant_cols, out)
+            return 0
+        t = (c.admin.tenants.create(a.name, **_quota_kw(a)) if a.action == "create"
+             else c.admin.tenants.set_quotas(a.tenant_id, **_quota_kw(a)))  # fmt: skip
+        print_json(t, out) if a.json else fields(t, out)
+    elif a.group == "keys":
+        if a.action == "list":
+            keys = c.admin.keys.list(a.tenant_id).data
+            print_json(keys, out) if a.json else table([k.model_dump() for k in keys], key_cols, out)
+        elif a.action == "create":
+            k = c.admin.keys.create(a.tenant_id)
+            if a.json:
+                print_json(k, out)
+            else:
+                print(f"key {k.id} for tenant {k.tenant_id} (shown once, store it now):\n{k.key}", file=out)
+        else:
+            k = c.admin.keys.revoke(a.key_id)
+            print_json(k, out) if a.json else print(f"revoked {k.id} ({k.prefix}…)", file=out)
+    elif a.group == "publish":
+        ad = c.admin.adapters.upload(a.name, a.file)
+        print_json(ad, out) if a.json else print(f"published {ad.id}: {ad.tokens} tokens, {ad.bytes} bytes", file=out)
+    elif a.group == "unpublish":
+        d = c.admin.adapters.delete(*_split_ref(a.name))
+        print_json(d, out) if a.json else print(f"withdrew {d.id} (versions {', '.join(map(str, d.versions))})", file=out)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ parser
+
+
+def _common(suppress: bool) -> argparse.ArgumentParser:
+    """Options accepted before or after the subcommand (SUPPRESS keeps a later level from resetting them)."""
+    p = argparse.ArgumentParser(add_help=False)
+    d = {"default": argparse.SUPPRESS} if suppress else {}
+    p.add_argument("--base-url", help="server root (default: $ALIGNER_BASE_URL or http://127.0.0.1:8000)", **d)
+    p.add_argument("--api-key", help="API key; for admin commands the admin key (default: $ALIGNER_API_KEY; "
+                                     "admin: $ALIGNER_ADMIN_KEY)", **d)  # fmt: skip
+    p.add_argument("--json", action="store_true", help="machine-readable output", **d)
+    p.add_argument("--timeout", type=float, help="seconds per request (default 300)", **d)
+    return p
+
+
+def _quota_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-adapters", type=int, help="adapter versions (default: unlimited)")
+    p.add_argument("--max-adapter-bytes", type=int, help="total adapter bytes (default: unlimited)")
+    p.add_argument("--requests-per-minute", type=int, help="generation requests per minute (default: unlimited)")
+
+
+def build_parser(prog: str = "aligner-client") -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog=prog, parents=[_common(False)], description="Client for aligner-serve.")
+    common = [_common(True)]
+    sub = top.add_subparsers(dest="command", required=True, metavar="{adapters,models,chat,admin}")
+
+    def leaf(parent: Any, name: str, help: str, **kw: Any) -> argparse.ArgumentParser:
+        return parent.add_parser(name, help=help, parents=common, **kw)
+
+    ad = sub.add_parser("adapters", help="upload, list, show, version and delete adapters").add_subparsers(
+        dest="action", required=True)  # fmt: skip
+    p = leaf(ad, "upload", "upload an aligner/v1 file (an existing NAME gets a new version)")
+    p.add_argument("name")
+    p.add_argument("file")
+    p = leaf(ad, "list", "list adapters (newest version of each)")
+    p.add_argument("--limit", type=int, help="one page of at most N (default: every page)")
+    for action, help in (("show", "one adapter (NAME or NAME@VERSION)"), ("versions", "every version of NAME"),
+                         ("delete", "delete NAME (all versions) or NAME@VERSION")):  # fmt: skip
+        leaf(ad, action, help).add_argument("name")
+
+    leaf(sub, "models", "the base model and the adapters you can use")
+
+    p = leaf(sub, "chat", "one chat completion")
+    p.add_argument("prompt")
+    p.add_argument("--adapter", help="NAME or NAME@VERSION (default: the base model)")
+    p.add_argument("--model", help="model id (default: the server's base model)")
+    p.add_argument("--system", help="a system message")
+    p.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+
+    adm = sub.add_parser("admin", help="tenants, keys and public adapters (admin key)").add_subparsers(
+        dest="group", required=True)  # fmt: skip
+    ten = adm.add_parser("tenants", help="create, list, set quotas").add_subparsers(dest="action", required=True)
+    p = leaf(ten, "create", "create a tenant")
+    p.add_argument("name")
+    _quota_args(p)
+    leaf(ten, "list", "list tenants")
+    p = leaf(ten, "set-quotas", "replace a tenant's quotas (one left out becomes unlimited)")
+    p.add_argument("tenant_id")
+    _quota_args(p)
+    keys = adm.add_parser("keys", help="issue, list, revoke API keys").add_subparsers(dest="action", required=True)
+    leaf(keys, "create", "issue a key (shown once)").add_argument("tenant_id")
+    leaf(keys, "list", "a tenant's keys (prefixes only)").add_argument("tenant_id")
+    leaf(keys, "revoke", "revoke a key").add_argument("key_id")
+    p = leaf(adm, "publish", "upload a public adapter (usable by every tenant)")
+    p.add_argument("name")
+    p.add_argument("file")
+    leaf(adm, "unpublish", "delete a public adapter (NAME or NAME@VERSION)").add_argument("name")
+    return top
+
+
+HANDLERS = {"adapters": _adapters, "models": _models, "chat": _chat, "admin": _admin}
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = "aligner-client", client: Client | None = None) -> int:
+    """Run one command; returns the exit status (never raises SystemExit)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser(prog).parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed by argparse
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    out = sys.stdout
+    own = client is None
+    if client is None:
+        kw: dict[str, Any] = {"base_url": args.base_url, "api_key": args.api_key}
+        if args.command == "admin":
+            kw["admin_key"] = args.api_key
+        if args.timeout is not None:
+            kw["timeout"] = args.timeout
+        client = Client(**kw)
+    try:
+        return HANDLERS[args.command](client, args, out)
+    except APIError as e:
+        code = f" [{e.code}]" if e.code else ""
+        print(f"{prog}: error {e.status}{code}: {e.message}", file=sys.stderr)
+        return 1
+    except AlignerError as e:
+        print(f"{prog}: error: {e} ({client.base_url})", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if own:
+            client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Typed return values. Unknown fields the server may add later are kept (`extra="allow"`)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+
+class Adapter(_Model):
+    id: str  # "name@version"
+    object: str = "adapter"
+    name: str
+    version: int
+    tokens: int
+    params: int
+    bytes: int
+    sha256: str
+    base_model: str
+    public: bool = False
+    created_at: datetime
+
+
+class AdapterList(_Model):
+    object: str = "list"
+    data: list[Adapter]
+    has_more: bool = False
+    next_after: str | None = None
+
+    def __iter__(self):  # type: ignore[override]  # iterate the items, like a list
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+class AdapterDeleted(_Model):
+    id: str
+    object: str = "adapter.deleted"
+    deleted: bool = True
+    versions: list[int]
+
+
+class ModelCard(_Model):
+    id: str
+    object: str = "model"
+    created: int | None = None
+    owned_by: str | None = None
+    root: str | None = None
+    parent: str | None = None
+    adapter: Adapter | None = None
+
+
+class ModelList(_Model):
+    object: str = "list"
+    data: list[ModelCard]
+
+    @property
+    def base(self) -> ModelCard:
+        """The base model (the first card): its `id` is what adapter files must carry in `base_model`."""
+        return next((m for m in self.data if m.parent is None), self.data[0])
+
+    def __iter__(self):  # type: ignore[override]
+        return iter(self.data)
+
+
+class Quotas(_Model):
+    """None means unlimited."""
+
+    max_adapters: int | None = None
+    max_adapter_bytes: int | None = None
+    requests_per_minute: int | None = None
+
+
+class Tenant(_Model):
+    id: str
+    object: str = "tenant"
+    name: str
+    quotas: Quotas
+    created_at: datetime
+
+
+class TenantList(_Model):
+    object: str = "list"
+    data: list[Tenant]
+
+    def __iter__(self):  # type: ignore[override]
+        return iter(self.data)
+
+
+class ApiKey(_Model):
+    id: str
+    object: str = "api_key"
+    tenant_id: str
+    prefix: str
+    created_at: datetime
+    revoked: bool = False
+    key: str | None = None  # the secret, only in the answer that created it
+
+
+class ApiKeyList(_Model):
+    object: str = "list"
+    data: list[ApiKey]
+
+    def __iter__(self):  # type: ignore[override]
+        return iter(self.data)
+
+
+class ChatCompletion(_Model):
+    """A chat or text completion, OpenAI's shape; `choices` and `usage` are left as plain dicts."""
+
+    id: str | None = None
+    object: str | None = None
+    created: int | None = None
+    model: str | None = None
+    choices: list[dict[str, Any]] = []
+    usage: dict[str, Any] | None = None
+
+    @property
+    def text(self) -> str:
+        """The first choice's text (chat: message.content; completions: text)."""
+        if not self.choices:
+            return ""
+        c = self.choices[0]
+        return (c.get("message") or {}).get("content") or c.get("text") or ""
+
+
+class ChatCompletionChunk(ChatCompletion):
+    """One streamed event."""
+
+    @property
+    def text(self) -> str:
+        """The first choice's new text (chat: delta.content; completions: text)."""
+        if not self.choices:
+            return ""
+        c = self.choices[0]
+        return (c.get("delta") or {}).get("content") or c.get("text") or ""
+
+
+Completion = ChatCompletion
+CompletionChunk = ChatCompletionChunk

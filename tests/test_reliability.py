@@ -1,0 +1,135 @@
+"""Faults against a real server process: client disconnects, a dying engine core, SIGKILL during an
+upload, and PostgreSQL going away and coming back."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import httpx
+import psutil
+import pytest
+
+from aligner_core.adapter_format import Adapter, encode
+from store_contract.support import postgres_url_or_skip, throwaway_database
+from support import Server, real_model
+
+pytestmark = pytest.mark.server
+
+QUESTION = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+
+
+def metric(server: Server, name: str) -> float:
+    text = httpx.get(server.base + "/metrics", timeout=10).text
+    return float(next(l.split()[-1] for l in text.splitlines() if l.startswith(name + " ")))
+
+
+def upload(server: Server, name: str, adapter: Adapter) -> httpx.Response:
+    return httpx.post(server.base + "/v1/adapters", files={"file": ("a", encode(adapter))}, data={"name": name}, timeout=30)
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = Server(f"sqlite:///{tmp_path / 'store.db'}", tmp_path / "server.log")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_client_disconnect_aborts_and_releases_the_adapter(server) -> None:
+    assert upload(server, "talker", Adapter.random(real_model().spec, tokens=1, seed=71)).status_code == 201
+    body = {"messages": QUESTION, "max_tokens": 400, "stream": True, "adapter": "talker", "ignore_eos": True}
+    with httpx.stream("POST", server.base + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(5):
+            next(lines)
+        assert metric(server, "aligner_adapter_requests_in_flight") == 1
+    # the connection is closed after a handful of the 400 tokens
+    deadline = time.monotonic() + 10
+    while metric(server, "aligner_adapter_requests_in_flight") != 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metric(server, "aligner_adapter_requests_in_flight") == 0
+    text = httpx.get(server.base + "/metrics").text
+    running = [l for l in text.splitlines() if l.startswith("vllm:num_requests_running")]
+    assert all(float(l.split()[-1]) == 0 for l in running)  # aborted in the engine too (if vLLM exports it)
+    assert httpx.get(server.base + "/health").status_code == 200
+
+
+def test_engine_core_death_fails_health_and_exits_nonzero(server) -> None:
+    proc = psutil.Process(server.proc.pid)
+    cores = [p for p in proc.children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
+    assert cores, [(p.pid, p.name(), p.cmdline()[:3]) for p in proc.children(recursive=True)]
+    for p in cores:
+        p.kill()
+    t0 = time.monotonic()
+    code = server.proc.wait(timeout=30)
+    assert code != 0
+    assert time.monotonic() - t0 < 30
+
+
+def test_sigkill_during_upload_leaves_nothing_half_written(tmp_path) -> None:
+    srv = Server(f"sqlite:///{tmp_path / 'store.db'}", tmp_path / "server.log")
+    srv.start()
+    data = encode(Adapter.random(real_model().spec, tokens=4, seed=72))
+    boundary = "xyzzy"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\nhalf\r\n--{boundary}\r\n"
+            f"Content-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\n").encode()  # fmt: skip
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    body = head + data + tail
+    sock = socket.create_connection(("127.0.0.1", srv.port))
+    sock.sendall((f"POST /v1/adapters HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n").encode() + body[: len(body) // 2])  # fmt: skip
+    time.sleep(0.5)
+    os.killpg(srv.proc.pid, signal.SIGKILL)
+    srv.proc.wait()
+    sock.close()
+    srv.start()
+    try:
+        assert httpx.get(srv.base + "/v1/adapters/half").status_code == 404
+        assert httpx.get(srv.base + "/v1/adapters").json()["data"] == []
+        assert upload(srv, "half", Adapter.random(real_model().spec, tokens=4, seed=72)).json()["version"] == 1
+    finally:
+        srv.stop()
+
+
+def _pg_cluster(action: str) -> None:
+    version = subprocess.run("ls /usr/lib/postgresql | sort -n | tail -1", shell=True, capture_output=True, text=True).stdout.strip()
+    subprocess.run(["pg_ctlcluster", version, "main", action], check=True)
+
+
+def test_postgres_outage_is_503_then_recovers(tmp_path) -> None:
+    base_url = postgres_url_or_skip()
+    spec = real_model().spec
+    with throwaway_database(base_url) as url:
+        srv = Server(url, tmp_path / "server.log")
+        srv.start()
+        try:
+            assert upload(srv, "kept", Adapter.random(spec, tokens=1, seed=73)).status_code == 201
+            chat = {"messages": QUESTION, "max_tokens": 8, "temperature": 0, "adapter": "kept"}
+            before = httpx.post(srv.base + "/v1/chat/completions", json=chat, timeout=60).json()
+            _pg_cluster("stop")
+            try:
+                r = upload(srv, "new", Adapter.random(spec, tokens=1, seed=74))
+                assert r.status_code == 503 and r.headers.get("retry-after") and r.json()["error"]["code"] == "store_unavailable"
+                assert httpx.get(srv.base + "/v1/adapters", timeout=30).status_code == 503
+                during = httpx.post(srv.base + "/v1/chat/completions", json=chat, timeout=60)
+                assert during.status_code == 200, during.text  # resident adapter, cached name: generation goes on
+                assert during.json()["choices"][0]["message"]["content"] == before["choices"][0]["message"]["content"]
+            finally:
+                _pg_cluster("start")
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError):
+                    if upload(srv, "new", Adapter.random(spec, tokens=1, seed=74)).status_code == 201:
+                        break
+                time.sleep(1)
+            else:
+                pytest.fail("the store did not recover after PostgreSQL came back")
+            names = [a["name"] for a in httpx.get(srv.base + "/v1/adapters").json()["data"]]
+            assert names == ["kept", "new"]  # nothing written before was lost
+        finally:
+            srv.stop()
