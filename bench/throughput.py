@@ -112,7 +112,7 @@ def aligner_grid(args) -> dict:
 
     from aligner_core.adapter_format import Adapter, encode
 
-    runner, pm = make_engine(compile=args.compile, max_slots=max(args.adapters), max_tokens=max(args.tokens))
+    runner, pm = make_engine(compile=args.compile, max_slots=sum(args.adapters) * len(args.tokens), max_tokens=max(args.tokens))
     tok = AutoTokenizer.from_pretrained(pm.path)
     eng = runner.engine
     rows: list[dict] = []

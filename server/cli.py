@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
@@ -27,6 +28,13 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+TOOL_COMMANDS = {
+    "convert": ("aligner_core.convert", "import a released Lit-LLaMA Aligner checkpoint as aligner/v1"),
+    "train": ("training.train", "train an adapter (SFT or DPO) on the base model, only P and the gates"),
+    "make-data": ("training.data", "generate the example personas' training and eval data"),
+    "eval": ("training.evaluate", "persona compliance of base vs adapters, through a running server"),
+}
+
 CLIENT_COMMANDS = {
     "adapters": "upload, list, show, versions, delete adapters on a server",
     "chat": "chat with the server, optionally through an adapter",
@@ -44,12 +52,6 @@ def _random_adapter(args: argparse.Namespace) -> int:
     save(adapter, args.output)
     print(f"wrote {args.output}: tokens={adapter.tokens} params={adapter.params} base_model={spec.identity}")
     return 0
-
-
-def _convert(rest: list[str]) -> int:
-    from aligner_core.convert import main as convert_main
-
-    return convert_main(rest)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,10 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     rnd.set_defaults(func=_random_adapter)
     for name, text in CLIENT_COMMANDS.items():
         sub.add_parser(name, help=text + " (see `aligner NAME --help`)")
-    sub.add_parser("convert", help="import a released Lit-LLaMA Aligner checkpoint as aligner/v1")
+    for name, (_, text) in TOOL_COMMANDS.items():
+        sub.add_parser(name, help=text)
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["convert"]:  # the subcommand owns its flags
-        return _convert(argv[1:])
+    if argv[:1] and argv[0] in TOOL_COMMANDS:  # each tool owns its flags
+        module, _ = TOOL_COMMANDS[argv[0]]
+        return importlib.import_module(module).main(argv[1:])
     if argv[:1] and argv[0] in CLIENT_COMMANDS:  # the HTTP client (clients/python) owns these
         try:
             from aligner_client.cli import main as client_main

@@ -731,7 +731,7 @@ def test_image_build_steps_and_start_command_serve_health_and_models(tmp_path) -
       /admin answer 401 without a key, the admin key creates a tenant and its key, which lists /v1/models (the
       base model, and every examples/adapters/*.safetensors as a public adapter); /metrics answers without a
       key (as Prometheus scrapes it); the SQLite store is in the /data folder; the HEALTHCHECK command passes,
-      SIGTERM exits 0, and the HEALTHCHECK command then fails.
+      SIGTERM to the main process shuts the app down gracefully (uvicorn then re-raises it: exit -15), and the HEALTHCHECK command then fails.
     Not verified: apt packages, the PyPI/PyTorch-index installs, the CUDA target, the non-root uid.
     """
     df = dockerfile()
@@ -824,7 +824,9 @@ def test_image_build_steps_and_start_command_serve_health_and_models(tmp_path) -
         assert subprocess.run(probe, env=probe_env, cwd=app, timeout=30).returncode == 0
         proc.send_signal(signal.SIGTERM)  # what `docker stop` and Kubernetes send to the container's main process
         rc = proc.wait(60)
-        assert rc == 0, f"exit status {rc} after SIGTERM:\n{log.read_text()[-3000:]}"
+        # uvicorn drains, shuts the app (and the engine) down, then re-raises the signal: -15 is a clean exit.
+        text = log.read_text()
+        assert rc in (0, -signal.SIGTERM) and "Application shutdown complete" in text, f"exit {rc}:\n{text[-3000:]}"
         assert subprocess.run(probe, env=probe_env, cwd=app, capture_output=True, timeout=30).returncode != 0
     finally:
         if proc.poll() is None:

@@ -133,7 +133,7 @@ def test_shipped_adapters_carry_the_smollm2_identity(name):
 
     spec = prepare().spec
     path = EXAMPLES / "adapters" / f"{name}.safetensors"
-    assert path.stat().st_size < 16 * 1024
+    assert path.stat().st_size < 64 * 1024  # kilobytes
     ad = load(path)
     assert ad.base_model == spec.identity
     assert ad.prefix.shape[1] == spec.hidden_size and ad.num_layers == spec.num_layers

@@ -137,3 +137,16 @@ def test_bad_arguments_are_refused(tiny_model, tmp_path, capsys):
     assert main(["--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "x.safetensors"),
                  "--model", str(tiny_model), "-q"]) == 2  # fmt: skip
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_init_adapter_is_the_starting_point(tiny_model, tmp_path):
+    data = _sft_data(tmp_path / "d.jsonl")
+    first = tmp_path / "first.safetensors"
+    train(TrainConfig(data=str(data), output=str(first), model=str(tiny_model), tokens=3, start_layer=1, lr=0.05,
+                      steps=2, batch_size=4, val_split=0, plot="", quiet=True, device="cpu"))  # fmt: skip
+    again = tmp_path / "again.safetensors"
+    train(TrainConfig(data=str(data), output=str(again), model=str(tiny_model), init_adapter=str(first), lr=0.0,
+                      steps=1, batch_size=4, val_split=0, plot="", quiet=True, device="cpu"))  # fmt: skip
+    a, b = load(first), load(again)
+    assert (b.tokens, b.start_layer) == (3, 1)
+    assert torch.equal(a.prefix, b.prefix) and torch.equal(a.gate, b.gate)

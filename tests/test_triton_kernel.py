@@ -63,13 +63,16 @@ def random_layer(S: int, KVH: int, Nmax: int, D: int, G: int, *, seed: int, devi
 def test_launch_params_shapes():
     p = launch_params(4096, 9, 3, 64, 16)
     assert p.grid == (4096, 3) and p.group == 3 and p.block_g == 4 and p.block_d == 64 and p.block_n == 16
+    assert p.num_chunks == 1
     p = launch_params(32, 32, 8, 128, 4)
     assert p.grid == (32, 8) and p.group == 4 and p.block_g == 4 and p.block_d == 128 and p.block_n == 4
     p = launch_params(1, 8, 8, 64, 1)
     assert p.group == 1 and p.block_g == 1 and p.block_n == 1
     # non-power-of-two head dim and prefix: blocks round up
     p = launch_params(3, 6, 2, 80, 5)
-    assert p.block_d == 128 and p.block_n == 8 and p.block_g == 4
+    assert p.block_d == 128 and p.block_n == 8 and p.block_g == 4 and p.num_chunks == 1
+    assert launch_params(3, 6, 2, 64, 40).num_chunks == 3  # 16-key chunks
+    assert launch_params(3, 6, 2, 64, 4, num_warps=8).num_warps == 8
 
 
 @pytest.mark.parametrize("G,D,N", [(1, 64, 1), (3, 64, 100), (4, 128, 16), (8, 128, 64), (16, 256, 64), (64, 256, 3)])
@@ -80,7 +83,8 @@ def test_launch_params_blocks_bounded(G, D, N):
     assert p.block_g >= G and p.block_d >= D
     assert 1 <= p.block_n <= MAX_BLOCK_N
     assert p.block_n == 1 or p.block_g * p.block_n * p.block_d <= MAX_TILE
-    assert p.num_warps in (2, 4)
+    assert p.num_warps in (1, 2)
+    assert p.num_chunks * p.block_n >= N and (p.num_chunks - 1) * p.block_n < N  # every key read, no empty chunk
     assert p.grid == (7, 2)  # fixed by T and KVH only: CUDA-graph friendly
 
 

@@ -19,14 +19,24 @@ import sys
 
 COMMON = ["--tokens", "1", "--lr", "3e-2", "--steps", "60", "--batch-size", "8", "--val-split", "0.05", "--eval-every", "20", "--seed", "0"]
 
-RECIPES: dict[str, list[str]] = {
-    name: ["--data", f"examples/data/{name}.jsonl", "--output", f"examples/adapters/{name}.safetensors", *COMMON]
-    for name in ("pirate", "json", "bullets")
+
+def _recipe(name: str, tokens: int) -> list[str]:
+    common = list(COMMON)
+    common[common.index("--tokens") + 1] = str(tokens)
+    return ["--data", f"examples/data/{name}.jsonl", "--output", f"examples/adapters/{name}.safetensors", *common]
+
+
+# Each recipe: one or more `aligner train` invocations, run in order. N = 1 everywhere except pirate:
+# with N = 1 it reached 62-65% compliance (also after 40 more steps), with N = 10 95%.
+RECIPES: dict[str, list[list[str]]] = {
+    "pirate": [_recipe("pirate", 10)],
+    "json": [_recipe("json", 1)],
+    "bullets": [_recipe("bullets", 1)],
 }
 
 
 def command(name: str) -> str:
-    return "aligner train " + shlex.join(RECIPES[name])
+    return " && ".join("aligner train " + shlex.join(args) for args in RECIPES[name])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,9 +54,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in names:
         print(f"$ {command(name)}", flush=True)
-        rc = train_main(RECIPES[name])
-        if rc:
-            return rc
+        for args in RECIPES[name]:
+            rc = train_main(args)
+            if rc:
+                return rc
     return 0
 
 

@@ -57,6 +57,7 @@ class TrainConfig:
     max_length: int = 512
     beta: float = 0.1  # DPO
     ref_adapter: str | None = None  # DPO reference policy (and the policy's starting point); default: base
+    init_adapter: str | None = None  # start from this adapter (continue training) instead of the paper's init
     device: str | None = None  # default: cuda if available, else cpu
     log: str | None = None  # default: <output>.log.json
     plot: str | None = None  # default: <output>.loss.png; "" disables
@@ -229,20 +230,25 @@ def train(cfg: TrainConfig) -> TrainResult:
     model = load_hf_model(str(prepared.path)).to(device)
     model.requires_grad_(False)
 
-    ref_adapter = None
-    if cfg.ref_adapter:
-        ref_adapter = load(cfg.ref_adapter)
-        if ref_adapter.base_model != spec.identity:
-            raise SystemExit(f"aligner train: --ref-adapter was made for {ref_adapter.base_model!r}, not {spec.identity!r}")
-        cfg.tokens, cfg.start_layer, cfg.gate_activation = ref_adapter.tokens, ref_adapter.start_layer, ref_adapter.gate_activation
+    def _load_for_model(path: str, flag: str):
+        ad = load(path)
+        if ad.base_model != spec.identity:
+            raise SystemExit(f"aligner train: {flag} was made for {ad.base_model!r}, not {spec.identity!r}")
+        return ad
+
+    ref_adapter = _load_for_model(cfg.ref_adapter, "--ref-adapter") if cfg.ref_adapter and cfg.method == "dpo" else None
+    init = _load_for_model(cfg.init_adapter, "--init-adapter") if cfg.init_adapter else ref_adapter
+    if init is not None:
+        cfg.tokens, cfg.start_layer, cfg.gate_activation = init.tokens, init.start_layer, init.gate_activation
     if not 0 <= cfg.start_layer < spec.num_layers:
         raise SystemExit(f"aligner train: --start-layer must be in [0, {spec.num_layers})")
     if cfg.tokens < 1:
         raise SystemExit("aligner train: --tokens must be at least 1")
 
-    # Parameters: P ~ N(0, 1), gates 0 (the paper's initialisation); DPO with a reference adapter starts there.
-    if ref_adapter is not None:
-        prefix0, gate0 = ref_adapter.prefix.float().clone(), ref_adapter.gate.float().clone()
+    # Parameters: P ~ N(0, 1), gates 0 (the paper's initialisation); or --init-adapter; DPO with a reference
+    # adapter (and no --init-adapter) starts from the reference.
+    if init is not None:
+        prefix0, gate0 = init.prefix.float().clone(), init.gate.float().clone()
     else:
         prefix0 = torch.randn(cfg.tokens, spec.hidden_size, generator=torch.Generator().manual_seed(cfg.seed))
         gate0 = torch.zeros(spec.num_layers - cfg.start_layer, spec.num_heads)
@@ -425,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-length", type=int, default=512, help="truncate examples to this many tokens")
     ap.add_argument("--beta", type=float, default=0.1, help="DPO beta (default 0.1)")
     ap.add_argument("--ref-adapter", help="DPO: reference policy adapter (also the policy's start); default: base model")
+    ap.add_argument("--init-adapter", help="start from this adapter's P and gates (continue training)")
     ap.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     ap.add_argument("--log", help="JSON log path (default: <output>.log.json)")
     ap.add_argument("--plot", help="PNG loss plot path (default: <output>.loss.png; '' for none)")

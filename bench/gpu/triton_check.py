@@ -33,6 +33,7 @@ from server.engine.aligner_math import delta_general, delta_grouped, token_runs 
 from server.engine.triton_kernel import aligner_delta_triton, launch_params, triton_available  # noqa: E402
 
 MAX_GROUPED_RUNS = 600
+CORR_T = 257  # tokens per correctness case
 SHAPES = {"smollm2": dict(H=9, KVH=3, D=64), "llama8b": dict(H=32, KVH=8, D=128)}
 TS = (32, 512, 4096)
 NS = (1, 4, 16)
@@ -139,7 +140,7 @@ def correctness(dev):
         for D in (64, 128):
             for G in (1, 3, 4):
                 for N in (1, 4, 16):
-                    KVH, S, T = 2, 9, 257
+                    KVH, S, T = 2, 9, CORR_T
                     H = KVH * G
                     seed = 1000 * D + 100 * G + 10 * N + (0, 1, 2)[(torch.float32, torch.bfloat16, torch.float16).index(dtype)]
                     gcpu = torch.Generator().manual_seed(seed)
@@ -239,6 +240,27 @@ def bench(dev):
     return rows
 
 
+def warps_sweep(dev):
+    """Graph-replay time of the kernel for each num_warps on a few configs (tuning data for launch_params)."""
+    rows = []
+    dtype = torch.bfloat16
+    for name, N, T in (("llama8b", 16, 4096), ("llama8b", 4, 512), ("smollm2", 16, 4096), ("smollm2", 4, 512),
+                       ("llama8b", 16, 32)):  # fmt: skip
+        sh = SHAPES[name]
+        H, KVH, D = sh["H"], sh["KVH"], sh["D"]
+        k, v, mask, gate, _ = make_table(H, KVH, D, N, seed=N, dev=dev)
+        slots = make_slots(T, "decode", seed=T + N).to(dev)
+        q = torch.randn(T, H * D, device=dev).to(dtype)
+        out = torch.randn(T, H * D, device=dev).to(dtype)
+        r = dict(model=name, N=N, T=T, default_warps=launch_params(T, H, KVH, D, N).num_warps)
+        for nw in (1, 2, 4, 8):
+            r[f"w{nw}_graph_ms"] = time_graph(
+                lambda nw=nw: aligner_delta_triton(out, q, slots, k, v, mask, gate, 0.1, N, num_warps=nw))
+        rows.append(r)
+        print("warps", r, flush=True)
+    return rows
+
+
 def fmt(x):
     return "    -   " if x is None else f"{x * 1e3:8.1f}"
 
@@ -284,7 +306,13 @@ def main():
     print(HEADER, flush=True)
     rows = bench(dev)
     print(f"bench: {len(rows)} configs in {time.time() - t1:.1f}s")
-    (out_dir / "triton_check.json").write_text(json.dumps(dict(info=info, correctness=corr, bench=rows), indent=1))
+    try:
+        warps = warps_sweep(dev)
+    except Exception as e:  # noqa: BLE001 - tuning data only
+        warps = [dict(error=repr(e))]
+        print("warps sweep failed:", e)
+    (out_dir / "triton_check.json").write_text(
+        json.dumps(dict(info=info, correctness=corr, bench=rows, warps=warps), indent=1))
     print("\n" + HEADER)
     for r in rows:
         print(fmt_row(r))

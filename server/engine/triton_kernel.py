@@ -38,10 +38,13 @@ class LaunchParams:
     block_g: int  # next power of two >= G
     block_d: int  # next power of two >= D
     block_n: int  # prefix keys per chunk (power of two)
+    num_chunks: int  # ceil(n_max_used / block_n): a compile-time trip count (unrolled)
     num_warps: int
 
 
-def launch_params(num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int, n_max_used: int) -> LaunchParams:
+def launch_params(
+    num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int, n_max_used: int, num_warps: int | None = None
+) -> LaunchParams:
     """Pure-Python launch geometry (no torch / triton needed)."""
     if num_kv_heads <= 0 or num_heads % num_kv_heads:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
@@ -52,9 +55,12 @@ def launch_params(num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: 
     block_d = _next_pow2(head_dim)
     block_n = min(_next_pow2(max(n_max_used, 1)), MAX_BLOCK_N, max(1, MAX_TILE // (block_g * block_d)))
     block_n = max(block_n, 1)
-    tile = block_g * block_n * block_d
-    num_warps = 4 if tile >= 2048 else 2
-    return LaunchParams((num_tokens, num_kv_heads), group, block_g, block_d, block_n, num_warps)
+    num_chunks = max(1, -(-max(n_max_used, 1) // block_n))
+    if num_warps is None:
+        # H100, bf16 (bench/gpu/triton_check.py warps sweep): one warp per program was fastest once the grid
+        # fills the chip (T=4096 Llama-8B N=16: 127 us vs 346 us with 4 warps); two warps for tiny grids.
+        num_warps = 1 if num_tokens * num_kv_heads >= 1024 else 2
+    return LaunchParams((num_tokens, num_kv_heads), group, block_g, block_d, block_n, num_chunks, num_warps)
 
 
 @functools.lru_cache(maxsize=1)
@@ -87,7 +93,7 @@ def _kernel():
         stride_ms, stride_gs, stride_gh,
         n_used, scale,
         G: tl.constexpr, D: tl.constexpr,
-        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_CHUNKS: tl.constexpr,
     ):  # fmt: skip
         t = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -109,8 +115,8 @@ def _kernel():
             k_base = k_ptr + s * stride_ks + kvh * stride_kh
             v_base = v_ptr + s * stride_vs + kvh * stride_vh
             m_base = mask_ptr + s * stride_ms
-            for n0 in range(0, n_used, BLOCK_N):
-                offs_n = n0 + tl.arange(0, BLOCK_N)
+            for c in tl.static_range(NUM_CHUNKS):  # NUM_CHUNKS * BLOCK_N >= n_used; the rest is masked
+                offs_n = c * BLOCK_N + tl.arange(0, BLOCK_N)
                 nmask = offs_n < n_used
                 nd_mask = nmask[:, None] & dmask[None, :]
                 k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=nd_mask, other=0.0)
@@ -148,6 +154,8 @@ def aligner_delta_triton(
     gate_layer: torch.Tensor,  # [S, KVH, G] float32: one layer of AdapterTable.gate
     scale: float,  # 1 / sqrt(D)
     n_max_used: int,  # keys 0..n_max_used-1 are read (the step's longest prefix, <= Nmax)
+    *,
+    num_warps: int | None = None,  # tuning override; None = launch_params' choice
 ) -> torch.Tensor:
     """Add the Aligner term of every adapted token into `out`, in one launch. Returns `out`."""
     T = out.shape[0]
@@ -170,7 +178,7 @@ def aligner_delta_triton(
     n_used = min(int(n_max_used), n_max)
     if T == 0 or n_used <= 0:
         return out
-    p = launch_params(T, H, KVH, D, n_used)
+    p = launch_params(T, H, KVH, D, n_used, num_warps)
     _kernel()[p.grid](
         out, q, tok_slot, k_layer, v_layer, mask, gate_layer,
         out.stride(0), q.stride(0),
@@ -178,7 +186,7 @@ def aligner_delta_triton(
         v_layer.stride(0), v_layer.stride(1), v_layer.stride(2),
         mask.stride(0), gate_layer.stride(0), gate_layer.stride(1),
         n_used, float(scale),
-        G=G, D=D, BLOCK_G=p.block_g, BLOCK_D=p.block_d, BLOCK_N=p.block_n,
+        G=G, D=D, BLOCK_G=p.block_g, BLOCK_D=p.block_d, BLOCK_N=p.block_n, NUM_CHUNKS=p.num_chunks,
         num_warps=p.num_warps,
     )  # fmt: skip
     return out
