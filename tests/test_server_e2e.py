@@ -189,3 +189,29 @@ def test_adapters_survive_a_restart(server, client, spec) -> None:
     after_client = openai.OpenAI(base_url=server.base + "/v1", api_key="x")
     assert httpx.get(server.base + "/v1/adapters/keeper").json()["version"] == 1
     assert chat(after_client, "keeper") == before
+
+
+def test_async_openai_client_streaming(server, spec) -> None:
+    import asyncio
+
+    async def main() -> tuple[str, str]:
+        client = openai.AsyncOpenAI(base_url=server.base + "/v1", api_key="x")
+        kw = dict(model=spec.identity, messages=QUESTION, max_tokens=16, temperature=0)
+        full = (await client.chat.completions.create(**kw)).choices[0].message.content
+        parts = []
+        async for chunk in await client.chat.completions.create(**kw, stream=True):
+            if chunk.choices:
+                parts.append(chunk.choices[0].delta.content or "")
+        await client.close()
+        return full, "".join(parts)
+
+    full, streamed = asyncio.run(main())
+    assert full == streamed and "Paris" in full
+
+
+def test_plain_http_streaming_ends_with_done(server, spec) -> None:
+    body = {"model": spec.identity, "messages": QUESTION, "max_tokens": 8, "stream": True}
+    with httpx.stream("POST", server.base + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and len(events) >= 3
