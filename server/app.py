@@ -42,7 +42,8 @@ def engine_options(settings: Settings, model_path: str, identity: str) -> Engine
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.max_num_seqs,
         kv_cache_gib=settings.kv_cache_gib,
-        aligner=AlignerEngineConfig(max_slots=settings.max_resident_adapters, max_tokens=settings.max_adapter_tokens),
+        aligner=AlignerEngineConfig(max_slots=settings.max_resident_adapters, max_tokens=settings.max_adapter_tokens,
+                                    cold_slots=settings.cold_resident_adapters),  # fmt: skip
         extra_args=tuple(shlex.split(settings.engine_args)),
     )
 

@@ -26,7 +26,8 @@ class Settings(BaseSettings):
     # adapters
     max_adapter_bytes: int = 1 << 20
     max_adapter_tokens: int = 16
-    max_resident_adapters: int = 64
+    max_resident_adapters: int = 64  # hot tier: per-layer K_p/V_p precomputed in the engine
+    cold_resident_adapters: int = 0  # cold tier: raw P and gates only (~3.4 KB each), projected on the fly
     max_request_bytes: int = 4 << 20  # any request body; adapter uploads also obey max_adapter_bytes
 
     # engine
@@ -44,6 +45,8 @@ class Settings(BaseSettings):
                 f"open mode (no ALIGNER_ADMIN_KEY) serves anyone who can connect, so it binds to loopback only; "
                 f"got host {self.host!r}. Set ALIGNER_ADMIN_KEY, or ALIGNER_ALLOW_OPEN_REMOTE=true to force it."
             )
+        if self.cold_resident_adapters < 0:
+            raise ValueError("cold_resident_adapters must be 0 or more")
         if self.max_adapter_tokens < 1 or self.max_resident_adapters < 1:
             raise ValueError("max_adapter_tokens and max_resident_adapters must be at least 1")
         return self

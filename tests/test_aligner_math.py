@@ -30,11 +30,12 @@ def layers() -> list[LayerHandle]:
     ]
 
 
-def make_state(layers: list[LayerHandle], path: str, max_slots: int = 4) -> WorkerState:
+def make_state(layers: list[LayerHandle], path: str, max_slots: int = 4, cold_slots: int = 0) -> WorkerState:
     shape = TableShape(num_layers=SPEC.num_layers, num_heads=H, num_kv_heads=KVH, head_dim=D, head_offset=0,
-                       max_slots=max_slots, max_tokens=4)  # fmt: skip
+                       max_slots=max_slots, max_tokens=4, cold_slots=cold_slots, scratch=8 if cold_slots else 0)  # fmt: skip
     table = AdapterTable(shape, layers, device=torch.device("cpu"), dtype=torch.float32)
-    return WorkerState(table=table, routing=Routing(8, table.ntok, torch.device("cpu")), scale=1 / math.sqrt(D), path=path)
+    routing = Routing(8, table.ntok, torch.device("cpu"), table.stage if cold_slots else None)
+    return WorkerState(table=table, routing=routing, scale=1 / math.sqrt(D), path=path)
 
 
 ADAPTERS = {
@@ -112,7 +113,7 @@ def test_evicted_slot_is_clean_when_reused(layers) -> None:
     assert st.table.evict("b", in_use=set()) is True
     assert st.table.put("a", ADAPTERS["a"]) == slot
     assert st.table.ntok[slot] == 1 and torch.isinf(st.table.mask[slot, 1:]).all()
-    assert torch.equal(st.table.k[0, slot], torch.zeros_like(st.table.k[0, slot]))  # a starts at layer 1
+    assert torch.equal(st.table.gate[0, slot], torch.zeros_like(st.table.gate[0, slot]))  # a starts at layer 1
 
 
 def test_table_full_and_idempotent_put(layers) -> None:
@@ -142,3 +143,95 @@ def test_routing_rows_moves_and_swaps() -> None:
     assert r.slots_in_use() == {1, 2}
     plan = r.plan_tokens(np.array([2, 2, 0, 1]), 6)
     assert plan.max_tokens == 4 and plan.tok_slot.tolist() == [2, 2, 0, 1, 0, 0] and plan.longest_run == 2
+
+
+# ---- two-tier table: cold adapters (raw P and gates) projected on the fly ----
+
+
+def cold_paths(layers, names: list[str | None], *, max_slots: int, in_use_all: bool = True) -> dict[str, list[torch.Tensor]]:
+    """Like `run_paths`, on a table with `max_slots` hot slots and a cold tier holding the rest."""
+    torch.manual_seed(5)
+    q = torch.randn(len(names), H * D)
+    results: dict[str, list[torch.Tensor]] = {"reference": [reference(layers, l, q, names) for l in range(SPEC.num_layers)]}
+    for path in ("auto", "gather"):
+        st = make_state(layers, path, max_slots=max_slots, cold_slots=8)
+        for n in sorted({n for n in names if n}):
+            st.table.put(n, ADAPTERS[n])
+        pinned = set(range(1, max_slots + 1)) if in_use_all else set()  # no promotion when every hot slot is busy
+        ids = {n: st.table.lookup(n, pinned) for n in sorted({n for n in names if n})}
+        plan = st.routing.plan_tokens(np.array([ids[n] if n else 0 for n in names]), len(names))
+        results[path] = [aligner_delta(st, plan, q, l) for l in range(SPEC.num_layers)]
+        results[f"{path}-ids"] = ids
+    return results
+
+
+def test_cold_adapters_match_the_reference(layers) -> None:
+    names = ["a", "b", None, "c", "d", "b", "a"]
+    results = cold_paths(layers, names, max_slots=1)
+    ids = results.pop("auto-ids")
+    results.pop("gather-ids")
+    assert ids["a"] == 1 and all(ids[n] > 1 + 8 for n in "bcd")  # a hot; b, c, d cold (past the scratch slots)
+    assert_paths_match(results)
+
+
+def test_cold_single_token_adapters_use_the_bias_path(layers) -> None:
+    results = cold_paths(layers, ["c", "a", "c", None], max_slots=1)
+    results.pop("auto-ids"), results.pop("gather-ids")
+    assert_paths_match(results)
+
+
+def test_cold_prefill_run_matches_the_reference(layers) -> None:
+    names = ["d"] * (GROUPED_MIN_RUN + 3) + ["b", None]
+    results = cold_paths(layers, names, max_slots=1)
+    results.pop("auto-ids"), results.pop("gather-ids")
+    assert_paths_match(results)
+
+
+def test_promotion_demotes_the_least_recently_used_idle_hot_adapter(layers) -> None:
+    st = make_state(layers, "auto", max_slots=1, cold_slots=4)
+    assert st.table.put("a", ADAPTERS["a"]) == 1
+    cold_b = st.table.put("b", ADAPTERS["b"])
+    assert cold_b == st.table.cold_base + 1
+    assert st.table.lookup("b", {1}) == cold_b  # slot 1 busy: b stays cold
+    assert st.table.lookup("b", set()) == 1  # slot 1 idle: a demoted, b promoted
+    assert st.table.lookup("a", {1}) == st.table.cold_base + 0  # a is still resident, now cold
+    assert st.table.stats()["promotions"] == 1 and st.table.stats()["resident"] == 2
+    # after all that shuffling the hot slot holds exactly b's projections
+    names = ["b", "a", "b"]
+    torch.manual_seed(5)
+    q = torch.randn(3, H * D)
+    plan = st.routing.plan_tokens(np.array([1, st.table.cold_base, 1]), 3)
+    for l in range(SPEC.num_layers):
+        torch.testing.assert_close(aligner_delta(st, plan, q, l), reference(layers, l, q, names), atol=2e-5, rtol=1e-4)
+
+
+def test_cold_evict_respects_rows_and_capacity(layers) -> None:
+    from server.engine.table import TableFull
+
+    st = make_state(layers, "auto", max_slots=1, cold_slots=2)
+    st.table.put("a", ADAPTERS["a"])
+    cold_b = st.table.put("b", ADAPTERS["b"])
+    st.table.put("c", ADAPTERS["c"])
+    with pytest.raises(TableFull):
+        st.table.put("d", ADAPTERS["d"])
+    assert st.table.evict("b", in_use={cold_b}) is False  # a row still routes to the cold id
+    assert st.table.evict("b", in_use=set()) is True and st.table.lookup("b", {1}) == 0
+    assert st.table.put("d", ADAPTERS["d"]) >= st.table.cold_base  # the raw index is reused
+    names = ["d", "a", "c"]
+    torch.manual_seed(5)
+    q = torch.randn(3, H * D)
+    ids = [st.table.lookup(n, {1}) for n in names]
+    plan = st.routing.plan_tokens(np.array(ids), 3)
+    for l in range(SPEC.num_layers):
+        torch.testing.assert_close(aligner_delta(st, plan, q, l), reference(layers, l, q, names), atol=2e-5, rtol=1e-4)
+
+
+def test_raw_store_memory_per_adapter() -> None:
+    """SmolLM2's shape: one N = 1 adapter costs its own parameters (f32) plus the index, nothing per layer."""
+    from server.engine.raw_store import CHUNK, RawStore
+
+    raw = RawStore(3 * CHUNK, (30, 9), device=torch.device("cpu"), dtype=torch.float32)
+    for i in range(2 * CHUNK):
+        raw.add(f"k{i}", torch.zeros(1, 576), torch.zeros(30, 9))
+    per_adapter = raw.nbytes() / len(raw)
+    assert 576 * 4 + 30 * 9 * 4 <= per_adapter < 576 * 4 + 30 * 9 * 4 + 64, per_adapter

@@ -66,10 +66,10 @@ def delta_single_token(
 
 
 def single_token_bias(
-    v: torch.Tensor,  # [KVH, 1, D] V_p of a one-token adapter in one layer
-    gate: torch.Tensor,  # [KVH, G]
-) -> torch.Tensor:  # [KVH*G*D]
-    return (gate[..., None] * v[:, 0, None, :]).reshape(-1)
+    v: torch.Tensor,  # [..., KVH, 1, D] V_p of one-token adapters in one layer
+    gate: torch.Tensor,  # [..., KVH, G]
+) -> torch.Tensor:  # [..., KVH*G*D]
+    return (gate[..., None] * v[..., 0, None, :]).flatten(-3)
 
 
 def delta_reference(

@@ -8,7 +8,8 @@ from typing import Any
 
 @dataclass(frozen=True)
 class AlignerEngineConfig:
-    max_slots: int = 64  # adapters resident in the engine at once
+    max_slots: int = 64  # hot adapters: per-layer K_p/V_p precomputed
+    cold_slots: int = 0  # further resident adapters kept as raw P and gates, projected on the fly
     max_tokens: int = 16  # largest N (prefix tokens) an adapter may have
     path: str = "auto"  # "auto" (fast paths) or "gather" (the general path only, for comparison)
 

@@ -187,13 +187,31 @@ class AlignerEngine:
             if entry.pins == 0 and entry.retired:
                 await self._try_unload(key)
 
+    async def load_many(self, items: list[tuple[str, bytes]], batch: int = 2048) -> None:
+        """Make many adapters resident, unpinned (warming a replica, benchmarks); they must all fit."""
+        async with self._lock:
+            items = [(k, d) for k, d in items if k not in self._resident]
+            if len(self._resident) + len(items) > self.capacity:
+                raise EngineBusy(f"{len(items)} more adapters do not fit beside {len(self._resident)} ({self.capacity})")
+            for i in range(0, len(items), batch):
+                chunk = items[i : i + batch]
+                await self._rpc("aligner_load_many", chunk)
+                for key, _ in chunk:
+                    self._resident[key] = _Resident()
+            self.hooks.resident_changed(len(self._resident))
+
+    @property
+    def capacity(self) -> int:
+        """Adapters resident at once: hot slots plus the cold tier."""
+        return self.options.aligner.max_slots + self.options.aligner.cold_slots
+
     async def _make_room(self) -> None:
-        if len(self._resident) < self.options.aligner.max_slots:
+        if len(self._resident) < self.capacity:
             return
         for key in [k for k, e in self._resident.items() if e.pins == 0]:  # least recently used first
             if await self._try_unload(key):
                 return
-        raise EngineBusy(f"all {self.options.aligner.max_slots} adapter slots are held by running requests")
+        raise EngineBusy(f"all {self.capacity} adapter slots are held by running requests")
 
     async def _try_unload(self, key: str) -> bool:
         # Only called with no pins: no in-flight request (preempted ones included) uses the key.

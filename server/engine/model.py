@@ -74,9 +74,12 @@ def install(model: torch.nn.Module, vllm_config: VllmConfig) -> WorkerState:
         head_offset=get_tensor_model_parallel_rank() * attn0.num_heads,
         max_slots=cfg.max_slots,
         max_tokens=cfg.max_tokens,
+        cold_slots=cfg.cold_slots,
+        scratch=vllm_config.scheduler_config.max_num_seqs if cfg.cold_slots else 0,  # one per batch row
     )
     table = AdapterTable(shape, handles, device=param.device, dtype=vllm_config.model_config.dtype)
-    routing = Routing(vllm_config.scheduler_config.max_num_seqs, table.ntok, param.device)
+    stage = table.stage if cfg.cold_slots else None
+    routing = Routing(vllm_config.scheduler_config.max_num_seqs, table.ntok, param.device, stage)
     state = WorkerState(table=table, routing=routing, scale=1.0 / math.sqrt(attn0.head_size), path=cfg.path)
     set_worker_state(state)
     return state

@@ -7,6 +7,7 @@ the step's `query_start_loc`, once, and the result is cached for all layers of t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,9 +33,11 @@ class StepPlan:
 class Routing:
     """Row -> slot state, and the per-forward token plan."""
 
-    def __init__(self, max_rows: int, ntok: np.ndarray, device: torch.device):
-        self.row_slot = np.zeros(max_rows, dtype=np.int64)  # persistent-batch row -> slot
+    def __init__(self, max_rows: int, ntok: np.ndarray, device: torch.device,
+                 stage: Callable[[np.ndarray], np.ndarray] | None = None):  # fmt: skip
+        self.row_slot = np.zeros(max_rows, dtype=np.int64)  # persistent-batch row -> routing id
         self._ntok = ntok  # the table's N per slot
+        self._stage = stage  # the table's cold tier: routing ids -> slots, staging cold adapters
         self._device = device
         self._cache_ctx: object = None  # the forward context the cached plan belongs to
         self._cache_tokens = -1
@@ -108,6 +111,8 @@ class Routing:
         tokens = tokens[:num_tokens]
         if not tokens.any():
             return None
+        if self._stage is not None:
+            tokens = self._stage(tokens)
         if len(tokens) < num_tokens:  # padding tokens carry no adapter
             tokens = np.concatenate([tokens, np.zeros(num_tokens - len(tokens), dtype=tokens.dtype)])
         adapted = np.flatnonzero(tokens)

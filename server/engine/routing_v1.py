@@ -41,7 +41,7 @@ class AlignerRoutingLP(LogitsProcessor):
         routing = st.routing
         for row, params, _, _ in batch_update.added:
             key = adapter_key(params)
-            slot = st.table.lookup(key) if key else 0
+            slot = st.table.lookup(key, routing.slots_in_use()) if key else 0
             if key and slot == 0:
                 routing.unknown_key_events += 1  # a logits processor cannot fail a request: run as base
             routing.set_row(row, slot)

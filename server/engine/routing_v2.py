@@ -24,7 +24,7 @@ class AlignerModelState(DefaultModelState):
         super().add_request(req_index, new_req_data)
         st = worker_state()
         key = adapter_key(new_req_data.sampling_params)
-        slot = st.table.lookup(key) if (st and key) else 0
+        slot = st.table.lookup(key, set(self._req_slot.tolist()) | st.routing.slots_in_use()) if (st and key) else 0
         if st and key and slot == 0:
             st.routing.unknown_key_events += 1
         self._req_slot[req_index] = slot

@@ -1,12 +1,21 @@
-"""The worker-side adapter table: preallocated slots holding each resident adapter's per-layer K_p/V_p.
+"""The worker-side adapter table, in two tiers.
 
-Slot 0 means "no adapter": zero keys, values and gates, so it contributes exactly nothing. K_p and V_p
-are projected once, at load time, by the layer's own fused `qkv_proj` (bias, quantisation and the tensor
-parallel shard come along), and gates are sliced to this rank's heads.
+Hot tier: preallocated slots holding an adapter's per-layer K_p/V_p, projected once by the layer's own
+fused `qkv_proj` (bias, quantisation and the tensor-parallel shard come along), gates sliced to this
+rank's heads. Slot 0 means "no adapter": zero keys, values and gates, so it contributes exactly nothing.
+
+Cold tier (when `cold_slots` > 0): every resident adapter also keeps its raw P and gates in a `RawStore`
+(~3.4 KB for SmolLM2 N = 1), so far more adapters stay resident than there are hot slots. A request
+naming a cold adapter is promoted into a hot slot when one can be freed (the least recently used hot
+adapter that no batch row uses is demoted, losing only its projection); otherwise it gets a cold id, and
+each forward projects the cold adapters it uses into scratch slots (`stage`), so the op never sees them.
+
+Routing ids: 1..max_slots hot slots, then `scratch` staging slots, then cold ids from `cold_base` on.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +23,7 @@ import torch
 
 from aligner_core.adapter_format import Adapter
 from server.engine.aligner_math import single_token_bias
+from server.engine.raw_store import RawStore
 
 
 class TableFull(RuntimeError):
@@ -38,18 +48,23 @@ class TableShape:
     num_kv_heads: int  # KVH: local kv heads
     head_dim: int  # D
     head_offset: int  # first global head index of this rank
-    max_slots: int  # adapters resident at once (slot 0 excluded)
+    max_slots: int  # hot slots (slot 0 excluded)
     max_tokens: int  # Nmax
+    cold_slots: int = 0  # further adapters resident as raw P and gates only
+    scratch: int = 0  # staging slots for cold adapters, per forward (the most rows a forward can have)
 
 
 class AdapterTable:
-    """`put / lookup / evict`, plus the tensors the Aligner op reads."""
+    """`put / lookup / evict / stage`, plus the tensors the Aligner op reads."""
 
     def __init__(self, shape: TableShape, layers: list[LayerHandle], *, device: torch.device, dtype: torch.dtype):
+        if shape.cold_slots and shape.scratch < 1:
+            raise ValueError("a cold tier needs scratch slots to stage its adapters")
         self.shape = shape
         self.layers = layers
         self.dtype = dtype  # the model's dtype: P is projected in it, like a real token
-        L, S, KVH, N, D = shape.num_layers, shape.max_slots + 1, shape.num_kv_heads, shape.max_tokens, shape.head_dim
+        L, KVH, N, D = shape.num_layers, shape.num_kv_heads, shape.max_tokens, shape.head_dim
+        S = shape.max_slots + 1 + shape.scratch
         G = shape.num_heads // KVH
         f32 = dict(device=device, dtype=torch.float32)
         self.k = torch.zeros(L, S, KVH, N, D, **f32)  # K_p per layer and slot
@@ -60,85 +75,161 @@ class AdapterTable:
         self.mask[:, 0] = 0.0  # slot 0 and free slots: one zero key, so softmax stays finite
         self.ntok = np.zeros(S, dtype=np.int64)  # N per slot (0 = empty)
         self.adapted_layers = {h.index for h in layers}
-        self._slots: dict[str, int] = {}
-        self._free = list(range(S - 1, 0, -1))
+        self.scratch_base = shape.max_slots + 1
+        self.cold_base = S
+        self.raw = RawStore(shape.max_slots + shape.cold_slots, (L, shape.num_heads), device=device, dtype=dtype)
+        self._hot: OrderedDict[str, int] = OrderedDict()  # key -> hot slot, least recently used first
+        self._hot_key: dict[int, str] = {}
+        self._free = list(range(shape.max_slots, 0, -1))
         self.loads = 0
         self.evictions = 0
+        self.promotions = 0
+        self.staged = 0
 
-    def lookup(self, key: str) -> int:
-        return self._slots.get(key, 0)
+    def lookup(self, key: str, in_use: set[int] | frozenset[int] = frozenset()) -> int:
+        """The routing id for `key`: its hot slot (promoting it if a slot not `in_use` can be had), else its
+        cold id, else 0 (not resident)."""
+        slot = self._hot.get(key)
+        if slot is not None:
+            self._hot.move_to_end(key)
+            return slot
+        c = self.raw.index(key)
+        if c is None:
+            return 0
+        slot = self._claim_hot(in_use)
+        if slot is None:
+            return self.cold_base + c
+        self._load_hot(key, slot, c)
+        self.promotions += 1
+        return slot
 
     def keys(self) -> list[str]:
-        return list(self._slots)
+        return list(self.raw._index)
 
     @torch.inference_mode()
     def put(self, key: str, adapter: Adapter) -> int:
-        """Load an adapter under `key` (idempotent). Raises TableFull or ValueError."""
-        if key in self._slots:
-            return self._slots[key]
+        """Make an adapter resident under `key` (idempotent); returns its routing id. Raises TableFull or
+        ValueError. It goes hot when a slot is free, cold otherwise."""
+        if key in self.raw:
+            return self._hot.get(key) or self.cold_base + self.raw.index(key)
         s = self.shape
         if adapter.tokens > s.max_tokens:
             raise ValueError(f"adapter has {adapter.tokens} tokens; the engine allows {s.max_tokens}")
         if adapter.gate.shape[1] < s.head_offset + s.num_heads:
             raise ValueError(f"adapter has {adapter.gate.shape[1]} heads; this rank needs {s.head_offset + s.num_heads}")
-        if not self._free:
-            raise TableFull(f"all {s.max_slots} adapter slots are in use")
-        slot = self._free.pop()
-        self._clear(slot)
-        n, G = adapter.tokens, s.num_heads // s.num_kv_heads
-        gates = adapter.gate_values()[:, s.head_offset : s.head_offset + s.num_heads]  # [L - start, H]
-        device = self.k.device
-        prefix = adapter.prefix.to(device=device, dtype=self.dtype)  # [N, hidden]
-        for layer in self.layers:
-            if layer.index < adapter.start_layer:
-                continue
-            proj = getattr(layer.qkv_proj, "base_layer", layer.qkv_proj)  # unwrap a LoRA wrapper
-            qkv = proj(prefix)
-            qkv = qkv[0] if isinstance(qkv, tuple) else qkv  # vLLM linears return (out, bias)
-            _, kp, vp = qkv.split([layer.q_size, layer.kv_size, layer.kv_size], dim=-1)
-            kp = kp.reshape(n, s.num_kv_heads, s.head_dim)  # [N, KVH, D]
-            if layer.k_norm is not None:
-                kp = layer.k_norm(kp)
-            vp = vp.reshape(n, s.num_kv_heads, s.head_dim)
-            l = layer.index
-            self.k[l, slot, :, :n] = kp.transpose(0, 1).float()
-            self.v[l, slot, :, :n] = vp.transpose(0, 1).float()
-            self.gate[l, slot] = gates[l - adapter.start_layer].to(device).view(s.num_kv_heads, G)
-            if n == 1:
-                self.bias[l, slot] = single_token_bias(self.v[l, slot, :, :1], self.gate[l, slot])
-        self.mask[slot, :n] = 0.0
-        self.ntok[slot] = n
-        self._slots[key] = slot
+        if self.raw.full():
+            raise TableFull(f"all {self.raw.capacity} adapter slots are in use")
+        gates = torch.zeros(s.num_layers, s.num_heads)  # [L, H], zero below start_layer
+        gates[adapter.start_layer :] = adapter.gate_values()[: s.num_layers - adapter.start_layer, s.head_offset : s.head_offset + s.num_heads]
+        c = self.raw.add(key, adapter.prefix, gates)
         self.loads += 1
+        if not self._free:
+            return self.cold_base + c
+        slot = self._free.pop()
+        self._load_hot(key, slot, c)
         return slot
 
     def evict(self, key: str, *, in_use: set[int]) -> bool:
-        """Free `key`'s slot unless a batch row still uses it. Missing keys count as evicted."""
-        slot = self._slots.get(key)
-        if slot is None:
+        """Drop `key` from both tiers unless a batch row still uses it. Missing keys count as evicted."""
+        c = self.raw.index(key)
+        if c is None:
             return True
-        if slot in in_use:
+        slot = self._hot.get(key)
+        if (slot is not None and slot in in_use) or self.cold_base + c in in_use:
             return False
-        del self._slots[key]
-        self._clear(slot)
-        self._free.append(slot)
+        if slot is not None:
+            self._drop_hot(slot)
+            self._free.append(slot)
+        self.raw.remove(key)
         self.evictions += 1
         return True
 
-    def _clear(self, slot: int) -> None:
+    @torch.inference_mode()
+    def stage(self, tokens: np.ndarray) -> np.ndarray:
+        """Token routing ids -> table slots: cold adapters are projected into scratch slots for this forward."""
+        cold = tokens >= self.cold_base
+        if not cold.any():
+            return tokens
+        ids, inverse = np.unique(tokens[cold], return_inverse=True)
+        if len(ids) > self.shape.scratch:
+            raise RuntimeError(f"{len(ids)} cold adapters in one forward; {self.shape.scratch} scratch slots")
+        slots = self.scratch_base + np.arange(len(ids))
+        self._project(slots.tolist(), (ids - self.cold_base).tolist())
+        out = tokens.copy()
+        out[cold] = slots[inverse]
+        self.staged += len(ids)
+        return out
+
+    # ---- internals ----
+    def _claim_hot(self, in_use: set[int] | frozenset[int]) -> int | None:
+        if self._free:
+            return self._free.pop()
+        if not self.shape.cold_slots:
+            return None
+        for key, slot in self._hot.items():  # least recently used first
+            if slot not in in_use:
+                self._drop_hot(slot)
+                return slot
+        return None
+
+    def _load_hot(self, key: str, slot: int, c: int) -> None:
+        self._project([slot], [c])
+        self._hot[key] = slot
+        self._hot_key[slot] = key
+
+    def _drop_hot(self, slot: int) -> None:
+        del self._hot[self._hot_key.pop(slot)]
+        self._clear(slot)
+
+    @torch.inference_mode()
+    def _project(self, slots: list[int], cs: list[int]) -> None:
+        """Fill table `slots` from raw adapters `cs`: K_p/V_p per layer, gates, bias, mask."""
+        s = self.shape
+        KVH, D, G = s.num_kv_heads, s.head_dim, s.num_heads // s.num_kv_heads
+        for n, (positions, prefix, gates) in self.raw.fetch(cs).items():
+            idx = torch.tensor([slots[p] for p in positions], device=self.k.device)
+            U = len(positions)
+            self._clear(idx)
+            flat = prefix.reshape(U * n, -1)  # [U*N, hidden], the model's dtype
+            for layer in self.layers:
+                proj = getattr(layer.qkv_proj, "base_layer", layer.qkv_proj)  # unwrap a LoRA wrapper
+                qkv = proj(flat)
+                qkv = qkv[0] if isinstance(qkv, tuple) else qkv  # vLLM linears return (out, bias)
+                _, kp, vp = qkv.split([layer.q_size, layer.kv_size, layer.kv_size], dim=-1)
+                kp = kp.reshape(U * n, KVH, D)
+                if layer.k_norm is not None:
+                    kp = layer.k_norm(kp)
+                l = layer.index
+                self.k[l, idx, :, :n] = kp.reshape(U, n, KVH, D).transpose(1, 2).float()  # [U, KVH, N, D]
+                self.v[l, idx, :, :n] = vp.reshape(U, n, KVH, D).transpose(1, 2).float()
+                self.gate[l, idx] = gates[:, l].reshape(U, KVH, G).to(self.gate.device)
+                if n == 1:
+                    self.bias[l, idx] = single_token_bias(self.v[l, idx, :, :1], self.gate[l, idx])  # [U, H*D]
+            self.mask[idx, :n] = 0.0
+            self.ntok[idx.cpu().numpy()] = n
+
+    def _clear(self, slot) -> None:
         self.k[:, slot] = 0.0
         self.v[:, slot] = 0.0
         self.gate[:, slot] = 0.0
         self.bias[:, slot] = 0.0
         self.mask[slot] = float("-inf")
         self.mask[slot, 0] = 0.0
-        self.ntok[slot] = 0
+        self.ntok[slot.cpu().numpy() if isinstance(slot, torch.Tensor) else slot] = 0
 
     def stats(self) -> dict[str, int]:
+        hot_bytes = sum(t.numel() * t.element_size() for t in (self.k, self.v, self.gate, self.bias, self.mask))
         return {
-            "resident": len(self._slots),
+            "resident": len(self.raw),
+            "hot": len(self._hot),
+            "cold": len(self.raw) - len(self._hot),
             "max_slots": self.shape.max_slots,
+            "cold_slots": self.shape.cold_slots,
             "loads": self.loads,
             "evictions": self.evictions,
-            "bytes": sum(t.numel() * t.element_size() for t in (self.k, self.v, self.gate, self.bias, self.mask)),
+            "promotions": self.promotions,
+            "staged": self.staged,
+            "bytes": hot_bytes + self.raw.nbytes(),
+            "hot_bytes": hot_bytes,
+            "raw_bytes": self.raw.nbytes(),
         }

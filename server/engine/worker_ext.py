@@ -14,6 +14,13 @@ class AlignerWorkerExtension:
         """Make `key` resident (idempotent); returns its slot. Raises TableFull when no slot is free."""
         return _state().table.put(key, decode(data))
 
+    def aligner_load_many(self, items: list[tuple[str, bytes]]) -> int:
+        """Bulk `aligner_load` (warming a replica, benchmarks); returns how many are resident afterwards."""
+        table = _state().table
+        for key, data in items:
+            table.put(key, decode(data))
+        return len(table.raw)
+
     def aligner_unload(self, key: str, force: bool = False) -> bool:
         """Free `key`'s slot; without `force`, False while a batch row still names it.
 
