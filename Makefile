@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 VLLM_VERSION := 0.32.0
 STAMP := $(VENV)/.installed-$(VLLM_VERSION)
 
-.PHONY: install serve test test-fast bench clean
+.PHONY: install serve test test-fast bench bench-quick clean
 
 install: $(STAMP)
 
@@ -28,6 +28,14 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Benchmarks (bench/README.md): JSON + PNG under bench/results, the summary table in bench/README.md.
+# PostgreSQL for the store benchmark: ALIGNER_TEST_POSTGRES_URL, or the dev server deploy/dev/postgres.sh starts.
+bench: $(STAMP)
+	ALIGNER_TEST_POSTGRES_URL="$${ALIGNER_TEST_POSTGRES_URL:-$$(bash deploy/dev/postgres.sh)}" $(BIN)/python bench/run.py $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	$(MAKE) bench BENCH_ARGS=--quick
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not engine and not server"

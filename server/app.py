@@ -43,7 +43,7 @@ def engine_options(settings: Settings, model_path: str, identity: str) -> Engine
         max_num_seqs=settings.max_num_seqs,
         kv_cache_gib=settings.kv_cache_gib,
         aligner=AlignerEngineConfig(max_slots=settings.max_resident_adapters, max_tokens=settings.max_adapter_tokens,
-                                    cold_slots=settings.cold_resident_adapters),  # fmt: skip
+                                    cold_slots=settings.cold_resident_adapters, path=settings.kernel_path),  # fmt: skip
         extra_args=tuple(shlex.split(settings.engine_args)),
     )
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from aligner_core.adapter_format import Adapter
-from server.engine.aligner_math import delta_reference, token_runs
+from server.engine.aligner_math import delta_general, delta_reference, token_runs
 from server.engine.op import GROUPED_MIN_RUN, WorkerState, aligner_delta
 from server.engine.routing import Routing
 from server.engine.table import AdapterTable, LayerHandle, TableShape
@@ -235,3 +235,49 @@ def test_raw_store_memory_per_adapter() -> None:
         raw.add(f"k{i}", torch.zeros(1, 576), torch.zeros(30, 9))
     per_adapter = raw.nbytes() / len(raw)
     assert 576 * 4 + 30 * 9 * 4 <= per_adapter < 576 * 4 + 30 * 9 * 4 + 64, per_adapter
+
+
+def test_op_dispatches_to_the_triton_kernel_with_the_right_tensors(layers, monkeypatch) -> None:
+    """The kernel itself is tested on GPU (tests/test_triton_kernel.py); here its CPU twin stands in to check
+    what the op hands it: the layer's table slices, the step's slots and longest prefix, in-place add."""
+    from server.engine import op, triton_kernel
+
+    calls = []
+
+    def twin(out, q, tok_slot, k_layer, v_layer, mask, gate_layer, scale, n_max_used):
+        calls.append(n_max_used)
+        T = q.shape[0]
+        qg = q.view(T, KVH, -1, D).float()
+        n = n_max_used
+        delta = delta_general(qg, k_layer[tok_slot, :, :n], v_layer[tok_slot, :, :n], mask[tok_slot, :n], gate_layer[tok_slot], scale)
+        out.add_(delta.reshape(T, -1).to(out.dtype))
+        return out
+
+    monkeypatch.setattr(triton_kernel, "aligner_delta_triton", twin)
+    names = ["b", None, "d", "a", "b"]
+    st = make_state(layers, "auto")
+    slots = {n: st.table.put(n, ADAPTERS[n]) for n in "abd"}
+    st.routing.set_v2_tokens(np.array([slots[n] if n else 0 for n in names]))
+    torch.manual_seed(5)
+    q = torch.randn(len(names), H * D)
+    try:
+        op.set_worker_state(st)
+        for l in range(SPEC.num_layers):
+            st.use_triton = True
+            via_kernel = torch.zeros(len(names), H * D)
+            op.apply_(via_kernel, q, l)
+            torch.testing.assert_close(via_kernel, reference(layers, l, q, names), atol=2e-5, rtol=1e-4)
+    finally:
+        op.set_worker_state(None)
+    assert calls == [4] * SPEC.num_layers  # every layer went through the kernel, with d's N = 4
+
+
+def test_triton_path_is_refused_where_it_cannot_run() -> None:
+    from server.engine.op import resolve_triton
+
+    assert resolve_triton("auto", torch.device("cpu")) is False
+    assert resolve_triton("gather", torch.device("cpu")) is False
+    with pytest.raises(RuntimeError, match="triton"):
+        resolve_triton("triton", torch.device("cpu"))
+    with pytest.raises(ValueError):
+        resolve_triton("fast", torch.device("cpu"))

@@ -11,11 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
+from server.engine import triton_kernel
 from server.engine.aligner_math import delta_general, delta_grouped, delta_single_token
 from server.engine.routing import Routing, StepPlan
 from server.engine.table import AdapterTable
 
-PATHS = ("auto", "gather")  # auto: pick a fast path per step; gather: always the general path
+# auto: pick a fast path per step (the Triton kernel on CUDA when triton imports); gather: always the
+# general torch path; triton: always the kernel (refused at start where it cannot run)
+PATHS = ("auto", "gather", "triton")
 GROUPED_MIN_RUN = 64  # a run this long (a prefill chunk) is cheaper grouped than gathered
 
 
@@ -25,6 +28,20 @@ class WorkerState:
     routing: Routing
     scale: float  # 1 / sqrt(D), the attention's own scale
     path: str = "auto"
+    use_triton: bool = False  # resolved once at start from `path` and the device (`resolve_triton`)
+
+
+def resolve_triton(path: str, device: torch.device) -> bool:
+    """Whether the op uses the Triton kernel: always for path "triton" (which must be able to run), on CUDA
+    devices with triton installed for "auto", never for "gather"."""
+    from server.engine.triton_kernel import triton_available
+
+    if path not in PATHS:
+        raise ValueError(f"unknown Aligner path {path!r}; one of {PATHS}")
+    can = device.type == "cuda" and triton_available()
+    if path == "triton" and not can:
+        raise RuntimeError("the Aligner path 'triton' needs a CUDA device and the triton package")
+    return path == "triton" or (path == "auto" and can)
 
 
 _state: WorkerState | None = None
@@ -47,6 +64,10 @@ def apply_(out: torch.Tensor, q: torch.Tensor, layer: int) -> None:
         return
     plan = st.routing.plan(q.shape[0])
     if plan is None:
+        return
+    if st.use_triton:
+        t = st.table
+        triton_kernel.aligner_delta_triton(out, q, plan.tok_slot, t.k[layer], t.v[layer], t.mask, t.gate[layer], st.scale, plan.max_tokens)
         return
     out.add_(aligner_delta(st, plan, q, layer).to(out.dtype))
 
