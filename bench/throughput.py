@@ -115,7 +115,7 @@ def plot(table: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="K = 64, N in {1, 4, 16}, one pair, 32 x 32 tokens")
+    p.add_argument("--quick", action="store_true", help="K = 32, N in {1, 4, 16}, one pair, 32 x 32 tokens")
     p.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 64, 256])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests", type=int, default=64)
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.quick:
-        args.adapters, args.requests, args.max_tokens, args.reps = [64], 32, 32, 1
+        args.adapters, args.target_k, args.requests, args.max_tokens, args.reps = [32], 32, 32, 32, 1
     result = grid(args)
     table = summarise(result["rows"])
     name = "throughput-quick" if args.quick else "throughput"

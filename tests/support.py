@@ -172,5 +172,16 @@ def require_in_ci(reason: str) -> None:
     pytest.skip(reason)
 
 
+def record(test: str, **figures: object) -> None:
+    """A measured figure for RELIABILITY.md: printed (pytest -s) and appended to $ALIGNER_FIGURES if set."""
+    import json
+
+    line = json.dumps({"test": test, **figures}, default=str)
+    print(f"\n[figure] {line}")
+    if path := os.environ.get("ALIGNER_FIGURES"):
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
 REPO = Path(__file__).resolve().parents[1]
 __all__ = ["REPO", "PROMPTS", "adapter_set", "encode", "parity"]

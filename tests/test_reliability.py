@@ -16,7 +16,7 @@ import pytest
 
 from aligner_core.adapter_format import Adapter, encode
 from store_contract.support import postgres_url_or_skip, throwaway_database
-from support import Server, real_model
+from support import Server, real_model, record
 
 pytestmark = pytest.mark.server
 
@@ -49,10 +49,12 @@ def test_client_disconnect_aborts_and_releases_the_adapter(server) -> None:
             next(lines)
         assert metric(server, "aligner_adapter_requests_in_flight") == 1
     # the connection is closed after a handful of the 400 tokens
-    deadline = time.monotonic() + 10
+    closed = time.monotonic()
+    deadline = closed + 10
     while metric(server, "aligner_adapter_requests_in_flight") != 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.05)
     assert metric(server, "aligner_adapter_requests_in_flight") == 0
+    record("client_disconnect", released_after_s=round(time.monotonic() - closed, 2), max_tokens=400)
     text = httpx.get(server.base + "/metrics").text
     running = [l for l in text.splitlines() if l.startswith("vllm:num_requests_running")]
     assert all(float(l.split()[-1]) == 0 for l in running)  # aborted in the engine too (if vLLM exports it)
@@ -63,12 +65,26 @@ def test_engine_core_death_fails_health_and_exits_nonzero(server) -> None:
     proc = psutil.Process(server.proc.pid)
     cores = [p for p in proc.children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
     assert cores, [(p.pid, p.name(), p.cmdline()[:3]) for p in proc.children(recursive=True)]
+    assert httpx.get(server.base + "/health").status_code == 200
     for p in cores:
         p.kill()
     t0 = time.monotonic()
+    health_failed = None
+    while server.proc.poll() is None and time.monotonic() - t0 < 30:
+        try:
+            ok = httpx.get(server.base + "/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        if not ok and health_failed is None:
+            health_failed = time.monotonic() - t0
+        time.sleep(0.05)
     code = server.proc.wait(timeout=30)
+    exited = time.monotonic() - t0
+    record("engine_core_death", health_failed_after_s=health_failed and round(health_failed, 2),
+           exited_after_s=round(exited, 2), exit_code=code)  # fmt: skip
     assert code != 0
-    assert time.monotonic() - t0 < 30
+    assert health_failed is not None and health_failed < 5
+    assert exited < 30
 
 
 def test_sigkill_during_upload_leaves_nothing_half_written(tmp_path) -> None:
@@ -92,6 +108,7 @@ def test_sigkill_during_upload_leaves_nothing_half_written(tmp_path) -> None:
         assert httpx.get(srv.base + "/v1/adapters/half").status_code == 404
         assert httpx.get(srv.base + "/v1/adapters").json()["data"] == []
         assert upload(srv, "half", Adapter.random(real_model().spec, tokens=4, seed=72)).json()["version"] == 1
+        record("sigkill_during_upload", bytes_sent_before_kill=len(body) // 2, visible_after_restart=0, reupload_version=1)
     finally:
         srv.stop()
 
@@ -119,8 +136,10 @@ def test_postgres_outage_is_503_then_recovers(tmp_path) -> None:
                 during = httpx.post(srv.base + "/v1/chat/completions", json=chat, timeout=60)
                 assert during.status_code == 200, during.text  # resident adapter, cached name: generation goes on
                 assert during.json()["choices"][0]["message"]["content"] == before["choices"][0]["message"]["content"]
+                retry_after = r.headers["retry-after"]
             finally:
                 _pg_cluster("start")
+            restarted = time.monotonic()
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 with contextlib.suppress(httpx.HTTPError):
@@ -129,7 +148,10 @@ def test_postgres_outage_is_503_then_recovers(tmp_path) -> None:
                 time.sleep(1)
             else:
                 pytest.fail("the store did not recover after PostgreSQL came back")
+            recovered = time.monotonic() - restarted
             names = [a["name"] for a in httpx.get(srv.base + "/v1/adapters").json()["data"]]
             assert names == ["kept", "new"]  # nothing written before was lost
+            record("postgres_outage", store_status=503, retry_after=retry_after, generation_during_outage=200,
+                   recovered_after_db_start_s=round(recovered, 2), adapters_after=names)  # fmt: skip
         finally:
             srv.stop()
