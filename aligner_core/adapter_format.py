@@ -154,7 +154,7 @@ def _read_header(data: bytes) -> dict:
         )
     try:
         header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: "[[[[..." nesting
         raise AdapterFormatError(f"not a safetensors file: header is not JSON ({e})", param="file") from None
     if not isinstance(header, dict):
         raise AdapterFormatError("not a safetensors file: header is not a JSON object", param="file")
@@ -186,7 +186,7 @@ def decode(data: bytes, *, max_bytes: int | None = None) -> Adapter:
             f"expected exactly the tensors 'prefix' and 'gate', found {sorted(header)}", param="tensors"
         )
     for name, info in header.items():
-        if not isinstance(info, dict) or info.get("dtype") not in DTYPES:
+        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPES:
             got = info.get("dtype") if isinstance(info, dict) else info
             raise AdapterFormatError(
                 f"tensor '{name}' has dtype {got!r}; allowed: {', '.join(DTYPES)}", param=name

@@ -11,9 +11,6 @@ from pydantic import ValidationError
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from server.app import create_app
     from server.settings import Settings
 
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
@@ -23,6 +20,11 @@ def _serve(args: argparse.Namespace) -> int:
         for err in e.errors():
             print(f"aligner serve: {err['msg']}", file=sys.stderr)
         return 2
+    # Imported only now: server.app pulls in vLLM (~30 s on 2 cores), and unsafe settings must fail fast.
+    import uvicorn
+
+    from server.app import create_app
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30)
     return 0

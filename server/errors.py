@@ -131,11 +131,29 @@ def to_api_error(exc: Exception) -> APIError:
         return ServiceUnavailable(str(exc), code="engine_busy")
     if isinstance(exc, EngineNotReady):
         return ServiceUnavailable(str(exc), code="engine_not_ready", retry_after=5)
+    if is_vllm_client_error(exc):
+        return InvalidRequest(str(exc), param=getattr(exc, "parameter", None))
     if isinstance(exc, StoreError):
         log.exception("store error")
         return APIError("The adapter store failed.")
     log.exception("unhandled error", exc_info=exc)
     return APIError("The server had an error while processing your request.")
+
+
+def is_vllm_client_error(exc: Exception) -> bool:
+    """vLLM's errors caused by the request (its `VLLMClientError` family, e.g. an empty chat), which vLLM's
+    own server answers with a 4xx. Matched by name: only `server.engine` imports vLLM."""
+    return any(c.__name__ == "VLLMClientError" and c.__module__ == "vllm.exceptions" for c in type(exc).__mro__)
+
+
+def bad_request_from_vllm(exc: Exception) -> InvalidRequest | None:
+    """The 400 for an exception that vLLM's serving code raised on a bad request, else None.
+
+    vLLM's own server answers its `VLLMClientError` family and, for code not yet migrated to it, a plain
+    ValueError, TypeError or OverflowError (e.g. an audio part sent to a text-only model) with a 400."""
+    if isinstance(exc, (ValueError, TypeError, OverflowError)) or is_vllm_client_error(exc):
+        return InvalidRequest(str(exc)[:2000], param=getattr(exc, "parameter", None))
+    return None
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -24,26 +24,33 @@ class BodyLimitMiddleware:
             await self._refuse(send)
             return
         seen = 0
-        started = False
+        started = refused = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, refused
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    # Answer now: FastAPI turns any error while it reads a body into its own 400
+                    # ("There was an error parsing the body"), which tracking_send then drops.
+                    if not started and not refused:
+                        refused = True
+                        await self._refuse(send)
                     raise BodyTooLarge
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
+            if refused:
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
-            if not started:
+            if not started and not refused:
                 await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:

@@ -35,7 +35,7 @@ class AdapterRef(BaseModel):
 
 
 def check_name(name: str, *, param: str = "name") -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):  # not .match: its "$" also matches before a trailing newline
         raise InvalidRequest(
             f"invalid adapter name {name[:80]!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
             param=param,

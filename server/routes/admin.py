@@ -16,10 +16,13 @@ from server.schemas import AdapterDeleted, AdapterPublic
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
 
 
+_MAX_QUOTA = 2**63 - 1  # what the stores hold (a signed 64-bit integer); beyond it the store refuses
+
+
 class QuotasBody(BaseModel):
-    max_adapters: int | None = Field(default=None, ge=0)
-    max_adapter_bytes: int | None = Field(default=None, ge=0)
-    requests_per_minute: int | None = Field(default=None, ge=0)
+    max_adapters: int | None = Field(default=None, ge=0, le=_MAX_QUOTA)
+    max_adapter_bytes: int | None = Field(default=None, ge=0, le=_MAX_QUOTA)
+    requests_per_minute: int | None = Field(default=None, ge=0, le=_MAX_QUOTA)
 
     def to_quotas(self) -> Quotas:
         return Quotas(**self.model_dump())
