@@ -131,7 +131,7 @@ class Server:
         self.store_url, self.log = store_url, log
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 300) -> None:
+    def start(self, timeout: float = 600) -> None:
         env = os.environ | {"ALIGNER_KV_CACHE_GIB": "1", "ALIGNER_MAX_MODEL_LEN": "1024", "ALIGNER_MAX_NUM_SEQS": "32"} | self.extra_env
         cmd = [sys.executable, "-m", "server", "serve", "--enforce-eager", "--port", str(self.port), "--store", self.store_url]
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
