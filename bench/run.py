@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     readme = BENCH / "README.md"
     text = readme.read_text()
     start, end = (m.format(suffix) for m in MARKS)
-    if not args.no_readme and args.only == ORDER and start in text and end in text:
+    if not args.no_readme and start in text and end in text:
         head, rest = text.split(start, 1)
         _, tail = rest.split(end, 1)
         readme.write_text(f"{head}{start}\n{table}\n{end}{tail}")
