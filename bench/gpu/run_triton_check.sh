@@ -2,8 +2,10 @@
 # One prepared GPU check of the fused Triton Aligner kernel, for a lent machine (H100/H200), from the repo root:
 #   bash bench/gpu/run_triton_check.sh
 # 1. environment check (installs torch/triton/pytest only if missing and pip can reach a registry),
-# 2. pytest tests/test_triton_kernel.py (GPU tests included),
-# 3. bench/gpu/triton_check.py: correctness sweep + kernel vs torch timings -> $OUT/triton_check.json.
+# 2. pytest tests/test_triton_kernel.py tests/test_gpu_op.py (GPU tests included: the kernel, and the whole
+#    op on a two-tier table on CUDA),
+# 3. bench/gpu/triton_check.py: correctness sweep + kernel vs torch timings -> $OUT/triton_check.json,
+# 4. bench/gpu/op_check.py: the op per forward (30 layers), hot and cold adapters -> $OUT/op_check.json.
 # Needs no vllm and no project virtualenv. Keeps to about 3 minutes.
 set -u
 cd "$(dirname "$0")/../.."
@@ -23,10 +25,10 @@ fi
   2>&1 | tee "$OUT/env.txt"
 "$PY" -c "import server.engine.triton_kernel as k; print('triton_available', k.triton_available())" || exit 2
 
-echo "== pytest tests/test_triton_kernel.py"
+echo "== pytest tests/test_triton_kernel.py tests/test_gpu_op.py"
 t0=$(date +%s)
 set -o pipefail
-timeout 240 "$PY" -m pytest tests/test_triton_kernel.py -q -rs -p no:cacheprovider --junitxml="$OUT/pytest.xml" 2>&1 \
+timeout 240 "$PY" -m pytest tests/test_triton_kernel.py tests/test_gpu_op.py -q -rs -p no:cacheprovider --junitxml="$OUT/pytest.xml" 2>&1 \
   | tee "$OUT/pytest.log" | tail -25
 PYTEST_RC=$?
 echo "pytest rc=$PYTEST_RC in $(( $(date +%s) - t0 ))s"
@@ -36,5 +38,10 @@ t0=$(date +%s)
 timeout 240 "$PY" bench/gpu/triton_check.py 2>&1 | tee "$OUT/bench.log" | tail -60
 BENCH_RC=$?
 echo "bench rc=$BENCH_RC in $(( $(date +%s) - t0 ))s"
-echo "pytest_rc=$PYTEST_RC bench_rc=$BENCH_RC" > "$OUT/rc.txt"
-[ "$PYTEST_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ]
+echo "== bench/gpu/op_check.py"
+t0=$(date +%s)
+timeout 200 "$PY" bench/gpu/op_check.py 2>&1 | tee "$OUT/op.log" | tail -40
+OP_RC=$?
+echo "op rc=$OP_RC in $(( $(date +%s) - t0 ))s"
+echo "pytest_rc=$PYTEST_RC bench_rc=$BENCH_RC op_rc=$OP_RC" > "$OUT/rc.txt"
+[ "$PYTEST_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ] && [ "$OP_RC" -eq 0 ]

@@ -81,7 +81,7 @@ def delta_reference(
 ) -> torch.Tensor:  # [T, H, D]
     """Token by token, head by head, with the GQA repeat spelled out. Slow; the ground truth."""
     T, H, D = q.shape
-    out = torch.zeros(T, H, D, dtype=torch.float32)
+    out = torch.zeros(T, H, D, dtype=torch.float32, device=q.device)
     for t in range(T):
         if kp[t] is None:
             continue
