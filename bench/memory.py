@@ -1,7 +1,7 @@
 """Adapters resident in the engine: memory per adapter in each tier, the most that fit a budget, the cold
 load from the store, and a generation through a cold adapter among a million.
 
-One engine (float32, eager, 64 hot slots, N <= `--max-tokens`) with a cold tier of `--count` adapters:
+One engine (the bench dtype, eager, 64 hot slots, N <= `--max-tokens`) with a cold tier of `--count` adapters:
   - hot tier: the preallocated K_p/V_p/gate/bias slot tensors, bytes per slot from the table's shapes;
   - cold tier: `--count` adapters bulk-loaded (raw P and gates, ~3.4 KB each for SmolLM2 N = 1); the
     worker's RSS before and after, so Python's own index overhead is counted too. The adapters are

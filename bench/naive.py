@@ -1,6 +1,6 @@
 """The naive path a user might otherwise pick: Hugging Face `transformers` generating with one adapter at
 a time (attach tenant i's Aligner, generate its request, detach, next tenant). Same prompts, greedy,
-float32, the same number of output tokens per request as the engine benchmarks. Throughput is a rate, so
+the bench dtype (common.DTYPE), the same number of output tokens per request as the engine benchmarks. Throughput is a rate, so
 a sample of tenants suffices; this runs `--requests` of them sequentially.
 
     python bench/naive.py [--quick]
@@ -12,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from common import chat_ids, prompts, write_result
+from common import DTYPE, chat_ids, prompts, write_result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pm = prepare()
     tok = AutoTokenizer.from_pretrained(pm.path)
-    model = load_hf_model(str(pm.path))
+    model = load_hf_model(str(pm.path), dtype=getattr(torch, DTYPE))
     ids = chat_ids(tok, prompts(args.requests))
     adapters = [Adapter.random(pm.spec, tokens=1, seed=7000 + i, gate_scale=0.05) for i in range(args.requests)]
     rows = []

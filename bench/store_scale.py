@@ -293,7 +293,24 @@ class PostgresBench:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        asyncio.run(self._admin(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)'))
+        asyncio.run(self._drop())
+
+    async def _drop(self) -> None:
+        """Drop the scratch database. After a million inserts an autovacuum worker is often busy in it: WITH
+        (FORCE) may not end it without the pg_signal_backend role, while a plain DROP DATABASE asks
+        autovacuum to leave on its own, so that is tried (a few times) when FORCE is refused."""
+        import asyncpg
+
+        try:
+            return await self._admin(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
+        except asyncpg.InsufficientPrivilegeError:
+            pass
+        for attempt in range(10):
+            try:
+                return await self._admin(f'DROP DATABASE IF EXISTS "{self.db}"')
+            except asyncpg.ObjectInUseError:
+                await asyncio.sleep(1 + attempt)
+        print(f"warning: could not drop scratch database {self.db}; drop it by hand", file=sys.stderr)
 
     async def _conn(self):
         import asyncpg

@@ -150,3 +150,31 @@ def test_init_adapter_is_the_starting_point(tiny_model, tmp_path):
     a, b = load(first), load(again)
     assert (b.tokens, b.start_layer) == (3, 1)
     assert torch.equal(a.prefix, b.prefix) and torch.equal(a.gate, b.gate)
+
+
+def test_decision_weight_stresses_the_layout_tokens(tiny_model):
+    """--decision-weight: the loss is the weighted mean over label tokens, the layout tokens (first token of
+    the reply, end of turn) weighted; weight 1 is plain SFT."""
+    from transformers import AutoTokenizer
+
+    from training.train import _weights, layout_positions, sft_loss
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    msgs = [{"role": "user", "content": "say yes"}, {"role": "assistant", "content": "yes arr matey ."}]
+    ids, labels = sft_example(tok, msgs, 512)
+    picked = tok.convert_ids_to_tokens([ids[j] for j in layout_positions(tok, ids, labels)])
+    assert picked == ["yes", "<|im_end|>"]
+    model = load_hf_model(str(tiny_model))
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+        lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        w = torch.tensor(_weights(tok, ids, labels, 5.0)[1:])
+        keep = torch.tensor(labels[1:]) != -100
+        want = -(lp * w)[keep].sum() / w[keep].sum()
+        plain = -lp[keep].mean()
+        got, n = sft_loss(model, [(ids, labels, _weights(tok, ids, labels, 5.0))], "cpu")
+        got1, _ = sft_loss(model, [(ids, labels)], "cpu")
+    assert n == int(w[keep].sum()) == 3 + 2 * 5  # 3 plain tokens + 2 layout tokens at weight 5
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got1, plain)
+    assert not torch.isclose(got, got1)

