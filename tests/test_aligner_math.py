@@ -281,3 +281,60 @@ def test_triton_path_is_refused_where_it_cannot_run() -> None:
         resolve_triton("triton", torch.device("cpu"))
     with pytest.raises(ValueError):
         resolve_triton("fast", torch.device("cpu"))
+
+
+# ---- chunked path: tokens regrouped per adapter into fixed-size chunks ----
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 8])
+def test_chunk_layout_covers_every_adapted_token_once(chunk) -> None:
+    from server.engine.aligner_math import chunk_layout
+
+    rng = np.random.default_rng(chunk)
+    tok = rng.integers(0, 5, 41)
+    rows, chunk_slot, inverse = chunk_layout(tok, chunk)
+    assert len(rows) == len(chunk_slot) * chunk
+    real = rows[rows < len(tok)]
+    assert sorted(real.tolist()) == np.flatnonzero(tok).tolist()  # each adapted token exactly once
+    for m, s in enumerate(chunk_slot):  # a chunk holds one adapter's tokens
+        assert all(tok[r] == s for r in rows[m * chunk : (m + 1) * chunk] if r < len(tok))
+    for t in range(len(tok)):
+        assert (inverse[t] == len(rows)) if tok[t] == 0 else rows[inverse[t]] == t
+    empty = chunk_layout(np.zeros(5, dtype=np.int64), chunk)
+    assert len(empty[0]) == 0 and list(empty[2]) == [0] * 5
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 5])
+def test_chunked_delta_matches_the_general_path(chunk) -> None:
+    from server.engine.aligner_math import chunk_layout, delta_chunked
+
+    torch.manual_seed(0)
+    S, N, T, G = 6, 8, 37, H // KVH
+    k, v = torch.randn(S, KVH, N, D), torch.randn(S, KVH, N, D)
+    gate = torch.randn(S, KVH, G)
+    ntok = [0, 8, 3, 5, 1, 8]
+    mask = torch.full((S, N), float("-inf"))
+    for s, n in enumerate(ntok):
+        mask[s, : max(n, 1)] = 0.0
+    gate[0] = 0.0
+    tok = np.random.default_rng(1).integers(0, S, T)
+    tok[10:25] = 3  # a prefill-like run
+    q = torch.randn(T, KVH, G, D)
+    rows, chunk_slot, inverse = (torch.from_numpy(x) for x in chunk_layout(tok, chunk))
+    got = delta_chunked(q, rows, chunk_slot, inverse, k, v, mask, gate, 0.25, N)
+    ts = torch.from_numpy(tok)
+    want = delta_general(q, k[ts], v[ts], mask[ts], gate[ts], 0.25)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[ts == 0], torch.zeros_like(got[ts == 0]))
+
+
+def test_op_takes_the_chunked_path_for_many_prefix_tokens(layers, monkeypatch) -> None:
+    from server.engine import op
+
+    monkeypatch.setattr(op, "CHUNKED_MIN_N", 2)  # the tiny table's adapters have N <= 4
+    calls = []
+    real = op.delta_chunked
+    monkeypatch.setattr(op, "delta_chunked", lambda *a: calls.append(1) or real(*a))
+    results = run_paths(layers, [None, "b", "b", "d", "a", None, "d", "b", "c"] * 3)
+    assert calls  # the auto path went through delta_chunked
+    assert_paths_match(results)

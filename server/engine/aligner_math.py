@@ -9,6 +9,7 @@ Per adapted layer and token t (DESIGN.md section 2):
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -53,6 +54,59 @@ def delta_grouped(
         scores = torch.matmul(q[start:end], k_table[slot].transpose(-1, -2)) * scale + mask_table[slot]
         out[start:end] = torch.matmul(torch.softmax(scores, dim=-1), v_table[slot]) * gate_table[slot][..., None]
     return out
+
+
+def delta_chunked(
+    q: torch.Tensor,  # [T, KVH, G, D]
+    rows: torch.Tensor,  # [M*C] token index of each chunk row; T marks padding
+    chunk_slot: torch.Tensor,  # [M] slot of each chunk
+    inverse: torch.Tensor,  # [T] row of each token in the chunks; M*C for tokens without an adapter
+    k_table: torch.Tensor,  # [S, KVH, Nmax, D] one layer of the table
+    v_table: torch.Tensor,  # [S, KVH, Nmax, D]
+    mask_table: torch.Tensor,  # [S, Nmax]
+    gate_table: torch.Tensor,  # [S, KVH, G]
+    scale: float,
+    n: int,  # keys to use (the step's largest N)
+) -> torch.Tensor:  # [T, KVH, G, D]
+    """Like `delta_general`, with the tokens regrouped into chunks of C tokens sharing one adapter
+    (`chunk_layout`): each chunk reads its adapter's keys once and multiplies [C*G, D] by [D, n], instead of
+    gathering [n, D] keys and values for every token. Cheaper on CPU when n is large (fewer bytes moved,
+    larger matrix products)."""
+    T, KVH, G, D = q.shape
+    M = chunk_slot.shape[0]
+    C = rows.shape[0] // M
+    pad = q.new_zeros(1, KVH, G, D)
+    qc = torch.cat([q, pad])[rows].view(M, C, KVH, G, D).transpose(1, 2).reshape(M, KVH, C * G, D)
+    scores = torch.matmul(qc, k_table[chunk_slot, :, :n].transpose(-1, -2)).mul_(scale)  # [M, KVH, C*G, n]
+    scores.add_(mask_table[chunk_slot, :n][:, None, None, :])
+    a = torch.matmul(_softmax_small(scores), v_table[chunk_slot, :, :n])  # [M, KVH, C*G, D]
+    a = a.view(M, KVH, C, G, D).mul_(gate_table[chunk_slot][:, :, None, :, None])
+    return torch.cat([a.transpose(1, 2).reshape(M * C, KVH, G, D), pad])[inverse]
+
+
+def chunk_layout(tok_slot: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Adapted tokens grouped by slot (stable) and cut into chunks of `chunk` rows, padded with index T.
+    Returns (rows [M*chunk], chunk_slot [M], inverse [T]) for `delta_chunked`."""
+    T = len(tok_slot)
+    adapted = np.flatnonzero(tok_slot)
+    order = adapted[np.argsort(tok_slot[adapted], kind="stable")]
+    slots = tok_slot[order]
+    starts = np.flatnonzero(np.r_[True, slots[1:] != slots[:-1]]) if len(order) else np.zeros(0, dtype=np.int64)
+    sizes = np.diff(np.r_[starts, len(order)])
+    per_group = -(-sizes // chunk)  # chunks per slot group
+    chunk_slot = np.repeat(slots[starts], per_group)
+    # row r of chunk c of group g holds token order[starts[g] + c*chunk + r] when that is inside the group
+    first = np.repeat(starts, per_group) + (np.arange(per_group.sum()) - np.repeat(np.cumsum(per_group) - per_group, per_group)) * chunk
+    end = np.repeat(starts + sizes, per_group)
+    pos = first[:, None] + np.arange(chunk)[None, :]  # [M, chunk]
+    inside = pos < end[:, None]
+    rows = np.full(pos.shape, T, dtype=np.int64)
+    rows[inside] = order[pos[inside]]
+    rows = rows.reshape(-1)
+    inverse = np.full(T, len(rows), dtype=np.int64)
+    real = rows < T
+    inverse[rows[real]] = np.flatnonzero(real)
+    return rows, chunk_slot.astype(np.int64), inverse
 
 
 def token_runs(tok_slot: list[int]) -> list[tuple[int, int, int]]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from server.engine import triton_kernel
-from server.engine.aligner_math import delta_general, delta_grouped, delta_single_token
+from server.engine.aligner_math import delta_chunked, delta_general, delta_grouped, delta_single_token
 from server.engine.routing import Routing, StepPlan
 from server.engine.table import AdapterTable
 
@@ -20,6 +20,8 @@ from server.engine.table import AdapterTable
 # general torch path; triton: always the kernel (refused at start where it cannot run)
 PATHS = ("auto", "gather", "triton")
 GROUPED_MIN_RUN = 64  # a run this long (a prefill chunk) is cheaper grouped than gathered
+CHUNKED_MIN_N = 8  # from this many prefix tokens, chunks of tokens per adapter beat per-token gathers (CPU)
+CHUNK_ROWS = 4
 
 
 @dataclass
@@ -89,6 +91,10 @@ def aligner_delta(st: WorkerState, plan: StepPlan, q: torch.Tensor, layer: int) 
     if st.path == "auto" and plan.longest_run >= GROUPED_MIN_RUN:
         k, v = t.k[layer, :, :, :n], t.v[layer, :, :, :n]  # [S, KVH, n, D]
         delta = delta_grouped(qg, plan.tok_slot, k, v, t.mask[:, :n], t.gate[layer], st.scale, plan.runs())
+        return delta.reshape(T, -1)
+    if st.path == "auto" and n >= CHUNKED_MIN_N:
+        rows, chunk_slot, inverse = plan.chunks(CHUNK_ROWS)
+        delta = delta_chunked(qg, rows, chunk_slot, inverse, t.k[layer], t.v[layer], t.mask, t.gate[layer], st.scale, n)
         return delta.reshape(T, -1)
     if st.path == "auto" and plan.adapted is not None:  # few adapted tokens: compute only those
         idx = plan.adapted

@@ -8,12 +8,12 @@ the step's `query_start_loc`, once, and the result is cached for all layers of t
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from server.engine.aligner_math import token_runs
+from server.engine.aligner_math import chunk_layout, token_runs
 
 
 @dataclass
@@ -26,8 +26,19 @@ class StepPlan:
     adapted: torch.Tensor | None  # [T_a] indices of adapted tokens when they are a minority, else None
     longest_run: int  # longest contiguous run of one adapter (a prefill chunk)
 
+    _chunks: dict = field(default_factory=dict, repr=False)
+
     def runs(self) -> list[tuple[int, int, int]]:
         return token_runs(self.tok_slot_host.tolist())
+
+    def chunks(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`chunk_layout` of the step's tokens (rows, chunk_slot, inverse) on the model's device, made once
+        per forward for all layers."""
+        got = self._chunks.get(size)
+        if got is None:
+            dev = self.tok_slot.device
+            got = self._chunks[size] = tuple(torch.from_numpy(x).to(dev) for x in chunk_layout(self.tok_slot_host, size))
+        return got
 
 
 class Routing:
