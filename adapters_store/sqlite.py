@@ -192,6 +192,7 @@ class SQLiteStore(Store):
         self._path = path
         self._busy_timeout_ms = busy_timeout_ms
         self._conn: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None  # point reads on the event loop (file databases)
         self._executor: ThreadPoolExecutor | None = None
         self._feed = ChangeFeed()
 
@@ -210,10 +211,18 @@ class SQLiteStore(Store):
             executor.shutdown(wait=False)
             raise
         self._executor = executor
+        if self._path != ":memory:":  # another connection to ":memory:" would see another database
+            try:
+                self._reader = _connect_reader(self._path)
+            except sqlite3.Error:
+                self._reader = None  # reads take the worker thread, as writes do
 
     async def close(self) -> None:
         conn, executor = self._conn, self._executor
         self._conn, self._executor = None, None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         await self._feed.close()
         if conn is None or executor is None:
             return
@@ -233,6 +242,20 @@ class SQLiteStore(Store):
         return await _mapped(
             asyncio.get_running_loop().run_in_executor(self._executor, job), self._path
         )
+
+    async def _read(self, fn: Callable[..., T], *args: object) -> T:
+        """A point read (primary or unique key, microseconds in SQLite) run on the event loop itself: the hop
+        to the worker thread and back costs more than the query and, on a busy machine, sets the tail
+        latency. WAL readers never wait for the writer; if the database is busy anyway (a checkpoint), or
+        there is no reader connection, the read takes the worker thread."""
+        if self._reader is None or self._conn is None:
+            return await self._call(fn, *args)
+        try:
+            return fn(self._reader, *args)
+        except (sqlite3.ProgrammingError, sqlite3.InterfaceError):
+            raise
+        except sqlite3.Error:  # busy, or a failure the worker path maps to the store's errors
+            return await self._call(fn, *args)
 
     # Tenants
 
@@ -266,7 +289,7 @@ class SQLiteStore(Store):
         return await self._call(_create_api_key, tenant_id, key_hash, prefix)
 
     async def find_api_key(self, key_hash: str) -> tuple[ApiKey, Tenant]:
-        return await self._call(_find_api_key, key_hash)
+        return await self._read(_find_api_key, key_hash)
 
     async def list_api_keys(self, tenant_id: str) -> list[ApiKey]:
         return await self._call(_list_api_keys, tenant_id)
@@ -283,7 +306,7 @@ class SQLiteStore(Store):
     async def get_adapter(
         self, tenant_id: str, name: str, version: int | None = None
     ) -> AdapterRecord:
-        rows = await self._call(_resolved_versions, tenant_id, name, version)
+        rows = await self._read(_resolved_versions, tenant_id, name, version)
         if not rows:
             raise NotFound(_adapter_not_found(name, version))
         return rows[-1]
@@ -420,6 +443,14 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 # Blocking operations: each runs whole on the store's worker thread.
+
+
+def _connect_reader(path: str) -> sqlite3.Connection:
+    """A read-only connection for point reads on the event loop; it never waits on a lock (timeout 0)."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA query_only = ON")
+    return conn
 
 
 def _connect(path: str, *, busy_timeout_ms: int) -> sqlite3.Connection:

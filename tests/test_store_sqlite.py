@@ -173,3 +173,37 @@ def test_find_api_key_uses_the_hash_index(db: Path) -> None:
         plan = " | ".join(row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {FIND_API_KEY_SQL}", ("h1",)))
     assert "USING INDEX api_keys_by_hash (key_hash=?)" in plan, plan
     assert "SCAN k" not in plan and "SCAN api_keys" not in plan, plan
+
+
+def test_point_reads_run_on_the_event_loop_and_see_every_commit(db: Path) -> None:
+    """get_adapter and find_api_key read on the loop (a second, read-only connection): no hop to the worker
+    thread, and each read sees the writes committed before it, while a writer holds the write lock too."""
+    from adapters_store import NotFound
+
+    async def main() -> None:
+        async with SQLiteStore(str(db)) as store:
+            tenant = await store.ensure_tenant("acme")
+            hops = []
+            real_call = store._call
+            store._call = lambda fn, *a: hops.append(fn.__name__) or real_call(fn, *a)  # type: ignore[method-assign]
+            for v in (1, 2):
+                store._call = lambda fn, *a: real_call(fn, *a)  # type: ignore[method-assign]
+                await store.create_adapter(tenant.id, new_adapter("persona", f"v{v}".encode()))
+                store._call = lambda fn, *a: hops.append(fn.__name__) or real_call(fn, *a)  # type: ignore[method-assign]
+                assert (await store.get_adapter(tenant.id, "persona")).version == v
+            blocker = sqlite3.connect(db, isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")  # a writer elsewhere: WAL readers go on
+            try:
+                assert (await store.get_adapter(tenant.id, "persona", 1)).version == 1
+            finally:
+                blocker.execute("ROLLBACK")
+                blocker.close()
+            store._call = real_call  # type: ignore[method-assign]
+            await store.delete_adapter(tenant.id, "persona")
+            with pytest.raises(NotFound):
+                await store.get_adapter(tenant.id, "persona")
+            assert hops == []  # every get_adapter above ran on the loop
+            with pytest.raises(sqlite3.OperationalError, match="readonly"):  # the reader is read-only
+                store._reader.execute("DELETE FROM tenants")  # type: ignore[union-attr]
+
+    asyncio.run(main())
