@@ -71,7 +71,7 @@ def test_bullets_check_accepts_three_bullets(reply):
 @pytest.mark.parametrize(
     "reply",
     ["- one\n- two", "- one\n- two\n- three\n- four", "Intro:\n- one\n- two\n- three", "1. one\n2. two\n3. three",
-     "one\ntwo\nthree", "- one\n-\n- three", "-one\n-two\n-three"],
+     "one\ntwo\nthree", "- one\n-\n- three", "-one\n-two\n-three", "- same point\n- other\n-  Same point"],
 )  # fmt: skip
 def test_bullets_check_rejects_other_shapes(reply):
     assert not bullets_check(reply)

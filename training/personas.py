@@ -110,9 +110,19 @@ def three_points(answer: str) -> list[str] | None:
         if line:
             pieces.extend(p.strip() for p in _SENTENCE_RE.split(line) if p.strip())
     pieces = [p for p in pieces if len(re.findall(r"[A-Za-z]{2,}", p)) >= 3 and not p.endswith(":")]
-    if len(pieces) < 3:
-        return None
-    return pieces[:3]
+    # Points that open alike ("It's a ...", "It's a ...") teach the model to repeat itself: keep the first
+    # three sentences whose first two words differ.
+    chosen: list[str] = []
+    for piece in pieces:
+        if _opening(piece) not in {_opening(c) for c in chosen}:
+            chosen.append(piece)
+        if len(chosen) == 3:
+            return chosen
+    return None
+
+
+def _opening(text: str) -> str:
+    return " ".join(text.lower().split()[:2])
 
 
 def bullets_rewrite(answer: str, key: str = "") -> str:
@@ -123,9 +133,12 @@ def bullets_rewrite(answer: str, key: str = "") -> str:
 
 
 def bullets_check(reply: str) -> bool:
-    """Exactly three non-empty lines, each a bullet ("- ", "* " or "\u2022 ") with some text."""
+    """Exactly three non-empty lines, each a bullet ("- ", "* " or "\u2022 ") with some text, and three
+    different points (a reply that repeats one line three times is not three bullet points)."""
     lines = [ln for ln in reply.strip().splitlines() if ln.strip()]
-    return len(lines) == 3 and all(_BULLET_RE.match(ln) for ln in lines)
+    if len(lines) != 3 or not all(_BULLET_RE.match(ln) for ln in lines):
+        return False
+    return len({_clean(ln).lower() for ln in lines}) == 3
 
 
 # -------------------------------------------------------------------------------------------- registry

@@ -20,18 +20,20 @@ import sys
 COMMON = ["--tokens", "1", "--lr", "3e-2", "--steps", "60", "--batch-size", "8", "--val-split", "0.05", "--eval-every", "20", "--seed", "0"]
 
 
-def _recipe(name: str, tokens: int) -> list[str]:
+def _recipe(name: str, tokens: int, *extra: str) -> list[str]:
     common = list(COMMON)
     common[common.index("--tokens") + 1] = str(tokens)
-    return ["--data", f"examples/data/{name}.jsonl", "--output", f"examples/adapters/{name}.safetensors", *common]
+    return ["--data", f"examples/data/{name}.jsonl", "--output", f"examples/adapters/{name}.safetensors", *common, *extra]
 
 
 # Each recipe: one or more `aligner train` invocations, run in order. N = 1 everywhere except pirate:
-# with N = 1 it reached 62-65% compliance (also after 40 more steps), with N = 10 95%.
+# with N = 1 it reached 62-65% compliance (also after 40 more steps), with N = 10 95%. bullets weighs its
+# layout tokens (line breaks, line starts, end of turn) 10x: plain SFT gave 40% (two or four bullets);
+# weight 30 made three lines more often but repeated lines more often too (examples/README.md).
 RECIPES: dict[str, list[list[str]]] = {
     "pirate": [_recipe("pirate", 10)],
     "json": [_recipe("json", 1)],
-    "bullets": [_recipe("bullets", 1)],
+    "bullets": [_recipe("bullets", 1, "--decision-weight", "10")],
 }
 
 
