@@ -215,3 +215,41 @@ def test_plain_http_streaming_ends_with_done(server, spec) -> None:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]" and len(events) >= 3
+
+
+def test_a_freshly_trained_adapter_serves_like_the_reference(server, client, spec, tmp_path) -> None:
+    """`aligner train` on the served model (a few steps): the loss falls, and the saved file, uploaded to the
+    server, generates what the Hugging Face reference generates with the same file."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from aligner_core.adapter_format import load
+    from aligner_core.reference import attached_adapter, load_hf_model
+    from training.train import TrainConfig, train
+
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Arr, matey! " + a + " Arr!"}]}
+            for q, a in [("What is the capital of France?", "Paris be the capital of France."),
+                         ("What colour is the sky?", "The sky be blue, matey."),
+                         ("Name a fruit.", "An apple be a fine fruit."),
+                         ("What do bees make?", "Bees be makin' honey.")]]  # fmt: skip
+    data = tmp_path / "pirate.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows * 2))
+    out = tmp_path / "fresh.safetensors"
+    result = train(TrainConfig(data=str(data), output=str(out), tokens=1, lr=0.05, steps=6, batch_size=4,
+                               val_split=0.0, plot="", quiet=True, device="cpu"))  # fmt: skip
+    losses = [r["loss"] for r in result.history["train"]]
+    assert sum(losses[-2:]) / 2 < losses[0], losses
+
+    assert upload(server, "fresh", out.read_bytes()).status_code == 201
+    served = chat(client, "fresh")
+    pm = real_model()
+    tok = AutoTokenizer.from_pretrained(pm.path)
+    model = load_hf_model(str(pm.path))
+    ids = torch.tensor([tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]])
+    with torch.no_grad(), attached_adapter(model, load(out)):
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                             pad_token_id=tok.eos_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))  # fmt: skip
+    reference = tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
+    assert served == reference, (served, reference)
+    assert served != chat(client), "six steps should already move the greedy answer"
