@@ -112,12 +112,11 @@ def three_points(answer: str) -> list[str] | None:
     pieces = [p for p in pieces if len(re.findall(r"[A-Za-z]{2,}", p)) >= 3 and not p.endswith(":")]
     # Points that open alike ("It's a ...", "It's a ...") teach the model to repeat itself: keep the first
     # three sentences whose first two words differ.
-    chosen: list[str] = []
+    chosen: dict[str, str] = {}  # opening -> sentence
     for piece in pieces:
-        if _opening(piece) not in {_opening(c) for c in chosen}:
-            chosen.append(piece)
+        chosen.setdefault(_opening(piece), piece)
         if len(chosen) == 3:
-            return chosen
+            return list(chosen.values())
     return None
 
 

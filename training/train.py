@@ -113,12 +113,13 @@ def layout_positions(tok, ids: list[int], labels: list[int]) -> list[int]:
     each line (the reply's first included) and the end of the turn. For a format persona these few tokens
     (continue with another line, or stop?) carry the form; plain SFT averages them among all the others."""
     ends = {tok.eos_token_id, *(tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"))}
+    breaks = ["\n" in tok.decode([i]) for i in ids]  # each token decoded once
     out = []
     for j, lab in enumerate(labels):
         if lab == -100:
             continue
-        starts_line = j == 0 or labels[j - 1] == -100 or "\n" in tok.decode([ids[j - 1]])
-        if starts_line or ids[j] in ends or "\n" in tok.decode([ids[j]]):
+        starts_line = j == 0 or labels[j - 1] == -100 or breaks[j - 1]
+        if starts_line or ids[j] in ends or breaks[j]:
             out.append(j)
     return out
 

@@ -94,11 +94,12 @@ def chunk_layout(tok_slot: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarr
     starts = np.flatnonzero(np.r_[True, slots[1:] != slots[:-1]]) if len(order) else np.zeros(0, dtype=np.int64)
     sizes = np.diff(np.r_[starts, len(order)])
     per_group = -(-sizes // chunk)  # chunks per slot group
-    chunk_slot = np.repeat(slots[starts], per_group)
+    group = np.repeat(np.arange(len(starts)), per_group)  # [M] slot group of each chunk
+    chunk_slot = slots[starts][group]
     # row r of chunk c of group g holds token order[starts[g] + c*chunk + r] when that is inside the group
-    first = np.repeat(starts, per_group) + (np.arange(per_group.sum()) - np.repeat(np.cumsum(per_group) - per_group, per_group)) * chunk
-    end = np.repeat(starts + sizes, per_group)
-    pos = first[:, None] + np.arange(chunk)[None, :]  # [M, chunk]
+    c = np.arange(len(group)) - (np.cumsum(per_group) - per_group)[group]  # [M] chunk index within its group
+    pos = (starts[group] + c * chunk)[:, None] + np.arange(chunk)[None, :]  # [M, chunk]
+    end = (starts + sizes)[group]
     inside = pos < end[:, None]
     rows = np.full(pos.shape, T, dtype=np.int64)
     rows[inside] = order[pos[inside]]
