@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     max_model_len: int = 2048
     max_num_seqs: int = 256
     kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE: whole GiB
-    kernel_path: Literal["auto", "gather", "triton"] = "auto"  # the Aligner op's paths (server/engine/op.py)
+    kernel_path: Literal["auto", "torch", "gather", "triton", "cpu"] = "auto"  # the Aligner op's paths (server/engine/op.py)
     engine_args: str = ""  # further `vllm serve` flags, shell-quoted
 
     @model_validator(mode="after")

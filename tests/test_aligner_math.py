@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -338,3 +339,144 @@ def test_op_takes_the_chunked_path_for_many_prefix_tokens(layers, monkeypatch) -
     results = run_paths(layers, [None, "b", "b", "d", "a", None, "d", "b", "c"] * 3)
     assert calls  # the auto path went through delta_chunked
     assert_paths_match(results)
+
+
+# ---- the fused CPU kernel (server/engine/cpu_kernel.c) ----
+
+
+def kernel_state(layers, names: list[str | None]) -> tuple[WorkerState, np.ndarray]:
+    st = make_state(layers, "cpu")
+    st.use_cpu_kernel = True
+    slots = {n: st.table.put(n, ADAPTERS[n]) for n in sorted({n for n in names if n})}
+    return st, np.array([slots[n] if n else 0 for n in names])
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        [None, "a", "a", "b", "c", None, "d", "d", "b", None],  # mixed N
+        [None, "a", "a", "c", None, "c"],  # N = 1 only
+        [None] * 5 + ["b"] * GROUPED_MIN_RUN + ["d"] * 3 + [None] * 2 + ["a"] * 10,  # prefill runs
+        [None, None],  # no adapter
+    ],
+    ids=["mixed", "single-token", "prefill", "none"],
+)
+def test_cpu_kernel_through_the_op_matches_the_reference(layers, names) -> None:
+    from server.engine import op
+
+    st, tokens = kernel_state(layers, names)
+    torch.manual_seed(5)
+    q = torch.randn(len(names), (H + 2 * KVH) * D)[:, : H * D]  # a view into fused qkv, as in vLLM
+    base = torch.randn(len(names), H * D)  # the attention output the term is added to
+    op.set_worker_state(st)
+    st.routing.set_v2_tokens(tokens)
+    try:
+        for l in range(SPEC.num_layers):
+            out = base.clone()
+            op.apply_(out, q, l)
+            want = reference(layers, l, q, names)
+            torch.testing.assert_close(out - base, want, atol=2e-5, rtol=1e-4, msg=f"layer {l}")
+            for t, name in enumerate(names):
+                if name is None or l < ADAPTERS[name].start_layer:
+                    assert torch.equal(out[t], base[t])  # untouched, bit for bit
+    finally:
+        op.set_worker_state(None)
+
+
+def random_table(S: int, KVH: int, G: int, N: int, D: int, seed: int = 0):
+    torch.manual_seed(seed)
+    k, v = torch.randn(S, KVH, N, D), torch.randn(S, KVH, N, D)
+    gate = torch.randn(S, KVH, G)
+    ntok = np.array([0] + [int(x) for x in torch.randint(1, N + 1, (S - 1,))], dtype=np.int64)
+    ntok[1] = N  # one slot uses every key
+    mask = torch.full((S, N), float("-inf"))
+    for s, n in enumerate(ntok):
+        mask[s, : max(n, 1)] = 0.0
+        k[s, :, n:] = 0.0
+        v[s, :, n:] = 0.0
+    gate[0] = 0.0
+    return k, v, gate, ntok, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128, 80])  # the kernel's two unrolled head sizes and its generic loop
+def test_cpu_kernel_matches_the_general_path(dtype, D) -> None:
+    from server.engine import cpu_kernel
+
+    S, KVH, G, N, T = 9, 3, 3, 16, 53  # SmolLM2's head layout, N up to 16
+    k, v, gate, ntok, mask = random_table(S, KVH, G, N, D)
+    tok = np.random.default_rng(2).integers(0, S, T).astype(np.int64)
+    tok[20:40] = 4  # a prefill-like run
+    q = torch.randn(T, (KVH * G + 2 * KVH) * D).to(dtype)[:, : KVH * G * D]  # a view into fused qkv, as in vLLM
+    base = torch.randn(T, KVH * G * D).to(dtype)
+    scale = 1 / math.sqrt(D)
+    out = base.clone()
+    cpu_kernel.aligner_apply(out, q, tok, k, v, gate, ntok, scale, N)
+    ts = torch.from_numpy(tok)
+    delta = delta_general(q.float().view(T, KVH, G, D), k[ts], v[ts], mask[ts], gate[ts], scale).reshape(T, -1)
+    want = base.clone().add_(delta.to(dtype))  # what the torch paths write
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=8e-3)  # bf16: one ulp
+    torch.testing.assert_close(out, want, **tol)
+    assert delta.abs().max() > 0.1
+    assert torch.equal(out[ts == 0], base[ts == 0])
+
+
+def test_cpu_kernel_refuses_a_slot_outside_the_table() -> None:
+    from server.engine import cpu_kernel
+
+    k, v, gate, ntok, _ = random_table(4, 1, 2, 2, 16)
+    out, q = torch.zeros(3, 32), torch.randn(3, 32)
+    with pytest.raises(ValueError, match="outside the table"):
+        cpu_kernel.aligner_apply(out, q, np.array([1, 4, 2], dtype=np.int64), k, v, gate, ntok, 0.25, 2)
+    assert torch.equal(out, torch.zeros(3, 32))  # nothing written
+    with pytest.raises(ValueError, match="int64"):
+        cpu_kernel.aligner_apply(out, q, np.array([1, 2, 2], dtype=np.int32), k, v, gate, ntok, 0.25, 2)
+    with pytest.raises(ValueError, match="dtype|float16"):
+        cpu_kernel.aligner_apply(out.half(), q.half(), np.array([1, 2, 2]), k, v, gate, ntok, 0.25, 2)
+
+
+def test_cpu_kernel_is_built_once_into_its_cache(tmp_path, monkeypatch) -> None:
+    from server.engine import cpu_kernel
+
+    first = cpu_kernel.build(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert cpu_kernel.build(tmp_path) == first and first.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
+
+
+def test_cpu_path_resolution(monkeypatch, caplog) -> None:
+    from server.engine import cpu_kernel
+    from server.engine.op import resolve_cpu_kernel
+
+    cpu = torch.device("cpu")
+    assert resolve_cpu_kernel("cpu", cpu, torch.bfloat16, 64, 16) is True
+    assert resolve_cpu_kernel("auto", cpu, torch.float32, 64, 16) is True
+    for path in ("torch", "gather", "triton"):
+        assert resolve_cpu_kernel(path, cpu, torch.float32, 64, 16) is False
+    assert resolve_cpu_kernel("auto", cpu, torch.float16, 64, 16) is False  # fp16: the torch paths
+    with pytest.raises(RuntimeError, match="float16"):
+        resolve_cpu_kernel("cpu", cpu, torch.float16, 64, 16)
+    with pytest.raises(ValueError, match="unknown Aligner path"):
+        resolve_cpu_kernel("fast", cpu, torch.float32, 64, 16)
+    # No compiler: "auto" falls back to the torch paths with a warning, "cpu" is refused with the reason.
+    monkeypatch.setattr(cpu_kernel, "_lib", None)
+    monkeypatch.setattr(cpu_kernel, "_error", None)
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("ALIGNER_KERNEL_CACHE", str(cpu_kernel.cache_dir() / "never"))
+    with caplog.at_level("WARNING"):
+        assert resolve_cpu_kernel("auto", cpu, torch.float32, 64, 16) is False
+    assert "torch paths" in caplog.text and "/nonexistent/cc" in caplog.text
+    with pytest.raises(RuntimeError, match="'cpu' cannot run"):
+        resolve_cpu_kernel("cpu", cpu, torch.float32, 64, 16)
+
+
+def test_cpu_kernel_is_never_loaded_from_a_directory_others_can_write(tmp_path, monkeypatch) -> None:
+    from server.engine import cpu_kernel
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setattr(cpu_kernel.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    built = cpu_kernel.build(shared)
+    assert built.parent != shared and built.parent.name == f"aligner-serve-kernels-{os.getuid()}"
+    assert not any(shared.iterdir())

@@ -114,6 +114,7 @@ def test_mixed_batch_matches_reference_eager(eager, hf, adapters, tokenizer) -> 
     assert max(len(p) for p, _, _ in reqs) > 64  # chunked prefill really happens
     gens = run_batch(eager, reqs)
     check(hf, adapters, reqs, gens, "eager")
+    assert eager.run(eager.engine.stats())["kernel"] == "cpu"  # the default on CPU: the fused C kernel
     # adapters really change the output (else parity would prove nothing)
     base = {tuple(g.prompt_ids): g.tokens for (_, k, _), g in zip(reqs, gens) if k is None}
     changed = [g.tokens != base.get(tuple(g.prompt_ids), g.tokens) for (_, k, _), g in zip(reqs, gens) if k]
@@ -191,3 +192,17 @@ def test_two_tier_table_matches_reference(hf, adapters, tokenizer) -> None:
     print(f"\n[parity:two_tier_stats] {RESULTS['two_tier_stats']}")
     assert before["hot"] == 2 and before["cold"] == 3
     assert stats["staged"] > 0, "no forward used the cold path"
+
+
+def test_torch_paths_match_reference(hf, adapters, tokenizer) -> None:
+    """The torch fast paths (the fallback where no C compiler exists) in the real engine."""
+    runner = EngineRunner(options(aligner=AlignerEngineConfig(max_slots=8, max_tokens=16, path="torch")))
+    try:
+        for key, a in adapters.items():
+            runner.run(runner.engine.lease(key, _loader(a)))
+        assert runner.run(runner.engine.stats())["kernel"] == "torch"
+        reqs = mixed_requests(tokenizer)
+        gens = run_batch(runner, reqs, max_tokens=16)
+    finally:
+        runner.close()
+    check(hf, adapters, reqs, gens, "torch_paths")

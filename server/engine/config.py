@@ -11,7 +11,7 @@ class AlignerEngineConfig:
     max_slots: int = 64  # hot adapters: per-layer K_p/V_p precomputed
     cold_slots: int = 0  # further resident adapters kept as raw P and gates, projected on the fly
     max_tokens: int = 16  # largest N (prefix tokens) an adapter may have
-    path: str = "auto"  # "auto" (fast paths; Triton on CUDA), "gather" (the general torch path), "triton"
+    path: str = "auto"  # "auto", "torch", "gather", "triton" or "cpu": see server/engine/op.py PATHS
 
     def to_additional_config(self) -> dict[str, Any]:
         return {"aligner": asdict(self)}

@@ -21,7 +21,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 
 import server.engine.op  # noqa: F401  registers torch.ops.aligner.apply_
 from server.engine.config import AlignerEngineConfig
-from server.engine.op import WorkerState, resolve_triton, set_worker_state
+from server.engine.op import WorkerState, resolve_cpu_kernel, resolve_triton, set_worker_state
 from server.engine.routing import Routing
 from server.engine.table import AdapterTable, LayerHandle, TableShape
 
@@ -80,8 +80,10 @@ def install(model: torch.nn.Module, vllm_config: VllmConfig) -> WorkerState:
     table = AdapterTable(shape, handles, device=param.device, dtype=vllm_config.model_config.dtype)
     stage = table.stage if cfg.cold_slots else None
     routing = Routing(vllm_config.scheduler_config.max_num_seqs, table.ntok, param.device, stage)
+    dtype = vllm_config.model_config.dtype
     state = WorkerState(table=table, routing=routing, scale=1.0 / math.sqrt(attn0.head_size), path=cfg.path,
-                        use_triton=resolve_triton(cfg.path, param.device))  # fmt: skip
+                        use_triton=resolve_triton(cfg.path, param.device),
+                        use_cpu_kernel=resolve_cpu_kernel(cfg.path, param.device, dtype, attn0.head_size, cfg.max_tokens))  # fmt: skip
     set_worker_state(state)
     return state
 

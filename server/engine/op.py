@@ -7,21 +7,26 @@ at run time and never baked into a graph. The worker's table and routing live in
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
-from server.engine import triton_kernel
+from server.engine import cpu_kernel, triton_kernel
 from server.engine.aligner_math import delta_chunked, delta_general, delta_grouped, delta_single_token
 from server.engine.routing import Routing, StepPlan
 from server.engine.table import AdapterTable
 
-# auto: pick a fast path per step (the Triton kernel on CUDA when triton imports); gather: always the
-# general torch path; triton: always the kernel (refused at start where it cannot run)
-PATHS = ("auto", "gather", "triton")
+log = logging.getLogger(__name__)
+
+# auto: a kernel where one runs (Triton on CUDA, the C kernel on CPU), else the torch fast paths picked per
+# step; torch: always the torch fast paths; gather: always the general torch path; triton, cpu: always that
+# kernel (refused at start where it cannot run)
+PATHS = ("auto", "torch", "gather", "triton", "cpu")
 GROUPED_MIN_RUN = 64  # a run this long (a prefill chunk) is cheaper grouped than gathered
 CHUNKED_MIN_N = 8  # from this many prefix tokens, chunks of tokens per adapter beat per-token gathers (CPU)
 CHUNK_ROWS = 4
+FAST = ("auto", "torch")  # paths that pick the torch fast paths per step
 
 
 @dataclass
@@ -31,6 +36,11 @@ class WorkerState:
     scale: float  # 1 / sqrt(D), the attention's own scale
     path: str = "auto"
     use_triton: bool = False  # resolved once at start from `path` and the device (`resolve_triton`)
+    use_cpu_kernel: bool = False  # likewise (`resolve_cpu_kernel`)
+
+    def kernel(self) -> str:
+        """What computes the term: "triton", "cpu" (the C kernel), "torch" (the torch fast paths) or "gather"."""
+        return "triton" if self.use_triton else "cpu" if self.use_cpu_kernel else "torch" if self.path in FAST else self.path
 
 
 def resolve_triton(path: str, device: torch.device) -> bool:
@@ -38,12 +48,37 @@ def resolve_triton(path: str, device: torch.device) -> bool:
     devices with triton installed for "auto", never for "gather"."""
     from server.engine.triton_kernel import triton_available
 
-    if path not in PATHS:
-        raise ValueError(f"unknown Aligner path {path!r}; one of {PATHS}")
+    _check_path(path)
     can = device.type == "cuda" and triton_available()
     if path == "triton" and not can:
         raise RuntimeError("the Aligner path 'triton' needs a CUDA device and the triton package")
     return path == "triton" or (path == "auto" and can)
+
+
+def resolve_cpu_kernel(path: str, device: torch.device, dtype: torch.dtype, head_dim: int, max_tokens: int) -> bool:
+    """Whether the op uses the C kernel: always for path "cpu" (which must be able to run), for "auto" on CPU
+    when it builds and takes the model (else the torch paths, with a warning saying why), never otherwise."""
+    _check_path(path)
+    if path not in ("auto", "cpu"):
+        return False
+    why = "the CPU kernel runs on CPU devices only" if device.type != "cpu" else cpu_kernel.supports(dtype, head_dim, max_tokens)
+    if why is None:
+        try:
+            cpu_kernel.load()
+        except cpu_kernel.KernelUnavailable as e:
+            why = str(e)
+    if why is None:
+        return True
+    if path == "cpu":
+        raise RuntimeError(f"the Aligner path 'cpu' cannot run: {why}")
+    if device.type == "cpu":
+        log.warning("Aligner: using the torch paths on CPU (slower): %s", why)
+    return False
+
+
+def _check_path(path: str) -> None:
+    if path not in PATHS:
+        raise ValueError(f"unknown Aligner path {path!r}; one of {PATHS}")
 
 
 _state: WorkerState | None = None
@@ -71,6 +106,10 @@ def apply_(out: torch.Tensor, q: torch.Tensor, layer: int) -> None:
         t = st.table
         triton_kernel.aligner_delta_triton(out, q, plan.tok_slot, t.k[layer], t.v[layer], t.mask, t.gate[layer], st.scale, plan.max_tokens)
         return
+    if st.use_cpu_kernel:
+        t = st.table
+        cpu_kernel.aligner_apply(out, q, plan.tok_slot_host, t.k[layer], t.v[layer], t.gate[layer], t.ntok, st.scale, plan.max_tokens)
+        return
     out.add_(aligner_delta(st, plan, q, layer).to(out.dtype))
 
 
@@ -85,18 +124,18 @@ def aligner_delta(st: WorkerState, plan: StepPlan, q: torch.Tensor, layer: int) 
     T = q.shape[0]
     KVH, D = t.shape.num_kv_heads, t.shape.head_dim
     n = plan.max_tokens
-    if st.path == "auto" and n == 1:
+    if st.path in FAST and n == 1:
         return delta_single_token(t.bias[layer][plan.tok_slot])
     qg = q.view(T, KVH, -1, D).float()  # [T, KVH, G, D]
-    if st.path == "auto" and plan.longest_run >= GROUPED_MIN_RUN:
+    if st.path in FAST and plan.longest_run >= GROUPED_MIN_RUN:
         k, v = t.k[layer, :, :, :n], t.v[layer, :, :, :n]  # [S, KVH, n, D]
         delta = delta_grouped(qg, plan.tok_slot, k, v, t.mask[:, :n], t.gate[layer], st.scale, plan.runs())
         return delta.reshape(T, -1)
-    if st.path == "auto" and n >= CHUNKED_MIN_N:
+    if st.path in FAST and n >= CHUNKED_MIN_N and _chunks_pay(plan):
         rows, chunk_slot, inverse = plan.chunks(CHUNK_ROWS)
         delta = delta_chunked(qg, rows, chunk_slot, inverse, t.k[layer], t.v[layer], t.mask, t.gate[layer], st.scale, n)
         return delta.reshape(T, -1)
-    if st.path == "auto" and plan.adapted is not None:  # few adapted tokens: compute only those
+    if st.path in FAST and plan.adapted is not None:  # few adapted tokens: compute only those
         idx = plan.adapted
         slots = plan.tok_slot[idx]
         part = delta_general(
@@ -106,3 +145,9 @@ def aligner_delta(st: WorkerState, plan: StepPlan, q: torch.Tensor, layer: int) 
     slots = plan.tok_slot
     delta = delta_general(qg, t.k[layer, slots, :, :n], t.v[layer, slots, :, :n], t.mask[slots, :n], t.gate[layer, slots], st.scale)
     return delta.reshape(T, -1)
+
+
+def _chunks_pay(plan: StepPlan) -> bool:
+    """Chunks beat per-token gathers only when most chunk rows are real tokens: a decode step whose tokens
+    each have a different adapter would be three quarters padding."""
+    return 2 * plan.num_adapted >= len(plan.chunks(CHUNK_ROWS)[0])

@@ -24,6 +24,7 @@ class StepPlan:
     tok_slot_host: np.ndarray  # [T] the same on the host
     max_tokens: int  # largest N among the step's adapters
     adapted: torch.Tensor | None  # [T_a] indices of adapted tokens when they are a minority, else None
+    num_adapted: int  # T_a
     longest_run: int  # longest contiguous run of one adapter (a prefill chunk)
 
     _chunks: dict = field(default_factory=dict, repr=False)
@@ -126,6 +127,7 @@ class Routing:
             tokens = self._stage(tokens)
         if len(tokens) < num_tokens:  # padding tokens carry no adapter
             tokens = np.concatenate([tokens, np.zeros(num_tokens - len(tokens), dtype=tokens.dtype)])
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64)  # the CPU kernel reads it as int64
         adapted = np.flatnonzero(tokens)
         changes = np.flatnonzero(np.diff(tokens)) + 1
         bounds = np.concatenate([[0], changes, [len(tokens)]])
@@ -134,6 +136,7 @@ class Routing:
             tok_slot_host=tokens,
             max_tokens=int(self._ntok[np.unique(tokens[adapted])].max()),
             adapted=torch.from_numpy(adapted).to(self._device) if 2 * len(adapted) < len(tokens) else None,
+            num_adapted=len(adapted),
             longest_run=int(np.diff(bounds).max()),
         )
 

@@ -34,7 +34,8 @@ class AlignerWorkerExtension:
 
     def aligner_stats(self) -> dict:
         st = _state()
-        return {**st.table.stats(), "unknown_key_events": st.routing.unknown_key_events, "keys": st.table.keys()}
+        return {**st.table.stats(), "kernel": st.kernel(), "unknown_key_events": st.routing.unknown_key_events,
+                "keys": st.table.keys()}  # fmt: skip
 
 
 def _state():

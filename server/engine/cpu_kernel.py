@@ -1,0 +1,166 @@
+"""The fused CPU kernel for the Aligner term (`cpu_kernel.c`), built with the system C compiler at first use.
+
+On CPU the torch paths are bound by per-op overhead: a decode step with 64 distinct adapters runs about a
+dozen tiny batched products per layer. The kernel does the whole term in one pass per token and adds it
+into the attention output in place. It is compiled once per machine (`-O3 -march=native`) into a cache
+directory and loaded with ctypes; without a C compiler the op keeps its torch paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernel.c")
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-shared", "-fPIC"]
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+MAX_D, MAX_N = 256, 64  # as in cpu_kernel.c
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+
+
+class KernelUnavailable(RuntimeError):
+    """The C kernel cannot be built or loaded on this machine."""
+
+
+def cache_dir() -> Path:
+    """ALIGNER_KERNEL_CACHE, else the user's cache directory, else a temporary one."""
+    explicit = os.environ.get("ALIGNER_KERNEL_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "aligner-serve" / "kernels"
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise KernelUnavailable("no C compiler (cc or gcc) on PATH; set CC or install gcc")
+    return cc
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: the CPU's model and flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({ln for ln in lines if ln.startswith(("flags", "model name"))}))
+    except OSError:
+        return platform.processor()
+
+
+def build(directory: Path | None = None) -> Path:
+    """Compile the kernel (or find it compiled) and return the shared library's path."""
+    cc = _compiler()
+    src = SOURCE.read_bytes()
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise KernelUnavailable(f"C compiler {cc!r} does not run: {e}") from e
+    key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), version.encode(), _cpu_identity().encode()]))
+    name = f"aligner_cpu_{key.hexdigest()[:16]}.so"
+    for place in (directory or cache_dir(), Path(tempfile.gettempdir()) / f"aligner-serve-kernels-{os.getuid()}"):
+        try:
+            place.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not _trusted(place):
+                continue  # a library there could have been planted by another user
+            target = place / name
+            if target.exists():
+                return target
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=place)
+        except OSError:
+            continue  # not writable: the next place
+        os.close(fd)
+        # Workers (tensor-parallel ranks) may build at once: each writes its own file, then renames it.
+        try:
+            done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                raise KernelUnavailable(f"compiling {SOURCE.name} failed:\n{done.stderr.strip()}")
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return target
+    raise KernelUnavailable(f"no private writable directory for the compiled kernel (tried {directory or cache_dir()} and the temp dir)")
+
+
+def _trusted(place: Path) -> bool:
+    """Ours and writable only by us: the only kind of directory we load compiled code from."""
+    st = place.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def load() -> ctypes.CDLL:
+    """The loaded kernel library (built once per process); KernelUnavailable says why it cannot be had."""
+    global _lib, _error
+    if _lib is not None:
+        return _lib
+    if _error is not None:
+        raise KernelUnavailable(_error)
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
+        _error = str(e)
+        raise KernelUnavailable(_error) from e
+    fn = lib.aligner_apply
+    fn.restype = ctypes.c_int
+    fn.argtypes = [_P, _P, _P, _P, _P, _P, _P, ctypes.c_float] + [_I] * 10
+    _lib = lib
+    return lib
+
+
+def supports(dtype: torch.dtype, head_dim: int, max_tokens: int) -> str | None:
+    """None when the kernel takes this model, else why not."""
+    if dtype not in DTYPES:
+        return f"the CPU kernel takes float32 and bfloat16, not {dtype}"
+    if head_dim > MAX_D or max_tokens > MAX_N:
+        return f"the CPU kernel takes head_dim <= {MAX_D} and N <= {MAX_N}"
+    return None
+
+
+def aligner_apply(
+    out: torch.Tensor,  # [T, H*D] attention output (float32 or bfloat16), updated in place; rows may be strided
+    q: torch.Tensor,  # [T, H*D] post-RoPE queries, same dtype (in vLLM a view into the fused qkv output)
+    tok_slot: np.ndarray,  # [T] int64 slot of each token (0 = no adapter)
+    k: torch.Tensor,  # [S, KVH, Nm, D] float32, one layer of the table
+    v: torch.Tensor,  # [S, KVH, Nm, D] float32
+    gate: torch.Tensor,  # [S, KVH, G] float32
+    ntok: np.ndarray,  # [S] int64 N of each slot
+    scale: float,
+    max_tokens: int,  # the step's largest N
+) -> None:
+    """out += the Aligner term, computed by the C kernel."""
+    T = out.shape[0]
+    S, KVH, Nm, D = k.shape
+    G = gate.shape[2]
+    if not (k.is_contiguous() and v.is_contiguous() and gate.is_contiguous()):
+        raise ValueError("the CPU kernel needs a contiguous table")
+    if out.dim() != 2 or (T and (out.stride(1) != 1 or q.stride(1) != 1)):
+        raise ValueError("the CPU kernel needs rows of dense [H*D] elements")
+    if q.dtype != out.dtype or out.dtype not in DTYPES or out.shape != q.shape or out.shape[1] != KVH * G * D:
+        raise ValueError(f"the CPU kernel got out {tuple(out.shape)} {out.dtype}, q {tuple(q.shape)} {q.dtype}")
+    if tok_slot.dtype != np.int64 or not tok_slot.flags.c_contiguous or len(tok_slot) < T:
+        raise ValueError("tok_slot must be a contiguous int64 array with one entry per token")
+    if ntok.dtype != np.int64 or not ntok.flags.c_contiguous or len(ntok) != S:
+        raise ValueError("ntok must be a contiguous int64 array with one entry per slot")
+    rc = load().aligner_apply(
+        out.data_ptr(), q.data_ptr(), tok_slot.ctypes.data, k.data_ptr(), v.data_ptr(), gate.data_ptr(),
+        ntok.ctypes.data, scale, T, S, KVH, G, Nm, max_tokens, D, q.stride(0), out.stride(0), DTYPES[out.dtype],
+    )  # fmt: skip
+    if rc == -2:
+        raise ValueError(f"a token's slot is outside the table's {S} slots")
+    if rc != 0:
+        raise ValueError(f"the CPU kernel refused head_dim {D}, N {Nm}")
