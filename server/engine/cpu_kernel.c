@@ -51,10 +51,11 @@ static inline __attribute__((always_inline)) void head_term(
             p[j] = s * scale;
             m = p[j] > m ? p[j] : m;
         }
-        /* exp over whole vectors of 8 (padding keys give exp(-1e30) = 0), so the vectorised exp covers
-           every key and no scalar tail remains */
+        /* exp over whole vectors of 8, so no key falls to a scalar expf tail (n = 4 would be all tail).
+           Padding lanes hold m - 80: exp gives ~1e-35, inside float range, so the vector exp never takes
+           its slow special-case path (as -inf or -1e30 would) and the sum is unchanged in float32 */
         const int64_t n8 = (n + 7) & ~(int64_t)7;
-        for (int64_t j = n; j < n8; j++) p[j] = -1.0e30f;
+        for (int64_t j = n; j < n8; j++) p[j] = m - 80.0f;
         float tot = 0.0f;
         for (int64_t j = 0; j < n8; j++) {
             p[j] = expf(p[j] - m);

@@ -131,36 +131,72 @@ def supports(dtype: torch.dtype, head_dim: int, max_tokens: int) -> str | None:
     return None
 
 
+class BoundKernel:
+    """The kernel bound to one adapter table: shapes are checked and layer pointers taken once, so a call
+    costs a few microseconds of Python (30 layers x every forward)."""
+
+    def __init__(
+        self,
+        k: torch.Tensor,  # [L, S, KVH, Nm, D] float32, the table's K_p
+        v: torch.Tensor,  # [L, S, KVH, Nm, D] float32
+        gate: torch.Tensor,  # [L, S, KVH, G] float32
+        ntok: np.ndarray,  # [S] int64 N of each slot, updated in place by the table
+        scale: float,
+    ) -> None:
+        L, S, KVH, Nm, D = k.shape
+        if k.device.type != "cpu" or not all(x.is_contiguous() and x.dtype == torch.float32 for x in (k, v, gate)):
+            raise ValueError("the CPU kernel needs a contiguous float32 table on the CPU")
+        if v.shape != k.shape or gate.shape[:3] != (L, S, KVH):
+            raise ValueError(f"table shapes disagree: k {tuple(k.shape)}, v {tuple(v.shape)}, gate {tuple(gate.shape)}")
+        if ntok.dtype != np.int64 or not ntok.flags.c_contiguous or ntok.shape != (S,):
+            raise ValueError("ntok must be a contiguous int64 array with one entry per slot")
+        if D > MAX_D or Nm > MAX_N:
+            raise ValueError(f"the CPU kernel takes head_dim <= {MAX_D} and N <= {MAX_N}")
+        self._keep = (k, v, gate, ntok)  # the pointers below stay valid while these live
+        self._fn = load().aligner_apply
+        self._layers = [(k[l].data_ptr(), v[l].data_ptr(), gate[l].data_ptr()) for l in range(L)]
+        self._ntok = ntok.ctypes.data
+        self._scale = scale
+        self._shape = (S, KVH, gate.shape[3], Nm, D)
+        self.width = KVH * gate.shape[3] * D  # H*D
+
+    def __call__(
+        self,
+        out: torch.Tensor,  # [T, H*D] attention output (float32 or bfloat16), updated in place; rows may be strided
+        q: torch.Tensor,  # [T, H*D] post-RoPE queries, same dtype (in vLLM a view into the fused qkv output)
+        tok_slot: np.ndarray,  # [T] int64 slot of each token (0 = no adapter)
+        layer: int,
+        max_tokens: int,  # the step's largest N
+    ) -> None:
+        """out += the Aligner term of `layer`."""
+        T = out.shape[0]
+        code = DTYPES.get(out.dtype)
+        if code is None or q.dtype != out.dtype or q.shape != out.shape or out.shape[1] != self.width:
+            raise ValueError(f"the CPU kernel got out {tuple(out.shape)} {out.dtype}, q {tuple(q.shape)} {q.dtype}")
+        if T and (out.stride(1) != 1 or q.stride(1) != 1):
+            raise ValueError("the CPU kernel needs rows of dense [H*D] elements")
+        if tok_slot.dtype != np.int64 or not tok_slot.flags.c_contiguous or len(tok_slot) < T:
+            raise ValueError("tok_slot must be a contiguous int64 array with one entry per token")
+        S, KVH, G, Nm, D = self._shape
+        kp, vp, gp = self._layers[layer]
+        rc = self._fn(out.data_ptr(), q.data_ptr(), tok_slot.ctypes.data, kp, vp, gp, self._ntok, self._scale,
+                      T, S, KVH, G, Nm, max_tokens, D, q.stride(0), out.stride(0), code)  # fmt: skip
+        if rc == -2:
+            raise ValueError(f"a token's slot is outside the table's {S} slots")
+        if rc != 0:
+            raise ValueError(f"the CPU kernel refused head_dim {D}, N {Nm}")
+
+
 def aligner_apply(
-    out: torch.Tensor,  # [T, H*D] attention output (float32 or bfloat16), updated in place; rows may be strided
-    q: torch.Tensor,  # [T, H*D] post-RoPE queries, same dtype (in vLLM a view into the fused qkv output)
-    tok_slot: np.ndarray,  # [T] int64 slot of each token (0 = no adapter)
-    k: torch.Tensor,  # [S, KVH, Nm, D] float32, one layer of the table
-    v: torch.Tensor,  # [S, KVH, Nm, D] float32
-    gate: torch.Tensor,  # [S, KVH, G] float32
-    ntok: np.ndarray,  # [S] int64 N of each slot
+    out: torch.Tensor,  # [T, H*D]
+    q: torch.Tensor,  # [T, H*D]
+    tok_slot: np.ndarray,  # [T] int64
+    k: torch.Tensor,  # [S, KVH, Nm, D] float32, one layer of a table
+    v: torch.Tensor,  # [S, KVH, Nm, D]
+    gate: torch.Tensor,  # [S, KVH, G]
+    ntok: np.ndarray,  # [S] int64
     scale: float,
-    max_tokens: int,  # the step's largest N
+    max_tokens: int,
 ) -> None:
-    """out += the Aligner term, computed by the C kernel."""
-    T = out.shape[0]
-    S, KVH, Nm, D = k.shape
-    G = gate.shape[2]
-    if not (k.is_contiguous() and v.is_contiguous() and gate.is_contiguous()):
-        raise ValueError("the CPU kernel needs a contiguous table")
-    if out.dim() != 2 or (T and (out.stride(1) != 1 or q.stride(1) != 1)):
-        raise ValueError("the CPU kernel needs rows of dense [H*D] elements")
-    if q.dtype != out.dtype or out.dtype not in DTYPES or out.shape != q.shape or out.shape[1] != KVH * G * D:
-        raise ValueError(f"the CPU kernel got out {tuple(out.shape)} {out.dtype}, q {tuple(q.shape)} {q.dtype}")
-    if tok_slot.dtype != np.int64 or not tok_slot.flags.c_contiguous or len(tok_slot) < T:
-        raise ValueError("tok_slot must be a contiguous int64 array with one entry per token")
-    if ntok.dtype != np.int64 or not ntok.flags.c_contiguous or len(ntok) != S:
-        raise ValueError("ntok must be a contiguous int64 array with one entry per slot")
-    rc = load().aligner_apply(
-        out.data_ptr(), q.data_ptr(), tok_slot.ctypes.data, k.data_ptr(), v.data_ptr(), gate.data_ptr(),
-        ntok.ctypes.data, scale, T, S, KVH, G, Nm, max_tokens, D, q.stride(0), out.stride(0), DTYPES[out.dtype],
-    )  # fmt: skip
-    if rc == -2:
-        raise ValueError(f"a token's slot is outside the table's {S} slots")
-    if rc != 0:
-        raise ValueError(f"the CPU kernel refused head_dim {D}, N {Nm}")
+    """out += the Aligner term for one layer's tensors (a one-layer `BoundKernel`)."""
+    BoundKernel(k[None], v[None], gate[None], ntok, scale)(out, q, tok_slot, 0, max_tokens)

@@ -21,7 +21,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 
 import server.engine.op  # noqa: F401  registers torch.ops.aligner.apply_
 from server.engine.config import AlignerEngineConfig
-from server.engine.op import WorkerState, resolve_cpu_kernel, resolve_triton, set_worker_state
+from server.engine.op import WorkerState, apply_term, resolve_cpu_kernel, resolve_triton, set_worker_state
 from server.engine.routing import Routing
 from server.engine.table import AdapterTable, LayerHandle, TableShape
 
@@ -34,7 +34,10 @@ def _aligner_attention(base: type) -> type:
 
         def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs):
             out = base.forward(self, query, key, value, *args, **kwargs)  # [T, H*D]
-            torch.ops.aligner.apply_(out, query, self.aligner_layer)
+            if torch.compiler.is_compiling():
+                torch.ops.aligner.apply_(out, query, self.aligner_layer)
+            else:
+                apply_term(out, query, self.aligner_layer)  # eager: no dispatcher round trip
             return out
 
         _attention_classes[base] = type(f"Aligner{base.__name__}", (base,), {"forward": forward})
