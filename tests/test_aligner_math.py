@@ -381,6 +381,8 @@ def test_cpu_kernel_through_the_op_matches_the_reference(layers, names) -> None:
                     assert torch.equal(out[t], base[t])  # untouched, bit for bit
     finally:
         op.set_worker_state(None)
+    assert st.kernel() == "cpu"
+    assert (st.op_seconds > 0) == any(names)  # timed only when some token has an adapter
 
 
 def random_table(S: int, KVH: int, G: int, N: int, D: int, seed: int = 0):
