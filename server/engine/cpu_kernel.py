@@ -111,7 +111,9 @@ def load() -> ctypes.CDLL:
     if _error is not None:
         raise KernelUnavailable(_error)
     try:
-        lib = ctypes.CDLL(str(build()))
+        # PyDLL keeps the GIL through each call: a call is tens of microseconds, and releasing the GIL
+        # lets another worker thread take it, after which re-acquiring can wait a whole switch interval.
+        lib = ctypes.PyDLL(str(build()))
     except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
         _error = str(e)
         raise KernelUnavailable(_error) from e
@@ -169,17 +171,22 @@ class BoundKernel:
         max_tokens: int,  # the step's largest N
     ) -> None:
         """out += the Aligner term of `layer`."""
+        if tok_slot.dtype != np.int64 or not tok_slot.flags.c_contiguous or len(tok_slot) < out.shape[0]:
+            raise ValueError("tok_slot must be a contiguous int64 array with one entry per token")
+        self.apply(out, q, tok_slot.ctypes.data, layer, max_tokens)
+
+    def apply(self, out: torch.Tensor, q: torch.Tensor, tok_ptr: int, layer: int, max_tokens: int) -> None:
+        """`__call__` with the token slots given as the address of a contiguous int64 array of at least T
+        entries (the step plan holds it once for all layers): the per-layer call of the engine."""
         T = out.shape[0]
         code = DTYPES.get(out.dtype)
         if code is None or q.dtype != out.dtype or q.shape != out.shape or out.shape[1] != self.width:
             raise ValueError(f"the CPU kernel got out {tuple(out.shape)} {out.dtype}, q {tuple(q.shape)} {q.dtype}")
         if T and (out.stride(1) != 1 or q.stride(1) != 1):
             raise ValueError("the CPU kernel needs rows of dense [H*D] elements")
-        if tok_slot.dtype != np.int64 or not tok_slot.flags.c_contiguous or len(tok_slot) < T:
-            raise ValueError("tok_slot must be a contiguous int64 array with one entry per token")
         S, KVH, G, Nm, D = self._shape
         kp, vp, gp = self._layers[layer]
-        rc = self._fn(out.data_ptr(), q.data_ptr(), tok_slot.ctypes.data, kp, vp, gp, self._ntok, self._scale,
+        rc = self._fn(out.data_ptr(), q.data_ptr(), tok_ptr, kp, vp, gp, self._ntok, self._scale,
                       T, S, KVH, G, Nm, max_tokens, D, q.stride(0), out.stride(0), code)  # fmt: skip
         if rc == -2:
             raise ValueError(f"a token's slot is outside the table's {S} slots")

@@ -110,15 +110,15 @@ def apply_term(out: torch.Tensor, q: torch.Tensor, layer: int) -> None:
     st = _state
     if st is None or layer not in st.table.adapted_layers:
         return
+    t0 = time.perf_counter()
     plan = st.routing.plan(q.shape[0])
     if plan is None:
         return
-    t0 = time.perf_counter()
     t = st.table
     if st.use_triton:
         triton_kernel.aligner_delta_triton(out, q, plan.tok_slot, t.k[layer], t.v[layer], t.mask, t.gate[layer], st.scale, plan.max_tokens)
     elif st.use_cpu_kernel:
-        st.bound_cpu_kernel()(out, q, plan.tok_slot_host, layer, plan.max_tokens)
+        st.bound_cpu_kernel().apply(out, q, plan.tok_slot_ptr, layer, plan.max_tokens)
     else:
         out.add_(aligner_delta(st, plan, q, layer).to(out.dtype))
     st.op_seconds += time.perf_counter() - t0

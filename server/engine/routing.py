@@ -21,7 +21,8 @@ class StepPlan:
     """What the Aligner op needs to know about one forward."""
 
     tok_slot: torch.Tensor  # [T] long, on the model's device; 0 = no adapter
-    tok_slot_host: np.ndarray  # [T] the same on the host
+    tok_slot_host: np.ndarray  # [T] the same on the host, contiguous int64
+    tok_slot_ptr: int  # its address, for the CPU kernel (taken once per forward, not per layer)
     max_tokens: int  # largest N among the step's adapters
     adapted: torch.Tensor | None  # [T_a] indices of adapted tokens when they are a minority, else None
     num_adapted: int  # T_a
@@ -134,6 +135,7 @@ class Routing:
         return StepPlan(
             tok_slot=torch.from_numpy(tokens).to(self._device),
             tok_slot_host=tokens,
+            tok_slot_ptr=tokens.ctypes.data,
             max_tokens=int(self._ntok[np.unique(tokens[adapted])].max()),
             adapted=torch.from_numpy(adapted).to(self._device) if 2 * len(adapted) < len(tokens) else None,
             num_adapted=len(adapted),
@@ -141,7 +143,15 @@ class Routing:
         )
 
 
-def _current_forward_context() -> object:
-    from vllm.forward_context import get_forward_context, is_forward_context_available
+_context_fns: tuple | None = None  # vLLM's (is_forward_context_available, get_forward_context), imported once
 
-    return get_forward_context() if is_forward_context_available() else None
+
+def _current_forward_context() -> object:
+    """vLLM's context of the forward now running, or None. Called once per layer: the import runs once."""
+    global _context_fns
+    if _context_fns is None:
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        _context_fns = (is_forward_context_available, get_forward_context)
+    available, get = _context_fns
+    return get() if available() else None
