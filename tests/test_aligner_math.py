@@ -482,3 +482,16 @@ def test_cpu_kernel_is_never_loaded_from_a_directory_others_can_write(tmp_path, 
     built = cpu_kernel.build(shared)
     assert built.parent != shared and built.parent.name == f"aligner-serve-kernels-{os.getuid()}"
     assert not any(shared.iterdir())
+
+
+def test_loading_the_cpu_kernel_leaves_the_process_floating_point_mode_alone() -> None:
+    """A library linked with -ffast-math would turn on flush-to-zero for the whole process (the engine's
+    numerics, and every library in it): subnormals must survive loading the kernel."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from server.engine import cpu_kernel; cpu_kernel.load(); "
+            "import torch; assert sys.float_info.min / 2 > 0, 'flush-to-zero'; "
+            "assert (torch.tensor(1e-40) * 1).item() > 0, 'denormals-are-zero'")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

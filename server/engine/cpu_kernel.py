@@ -24,7 +24,9 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-shared", "-fPIC"]
+# -ffast-math only when compiling (vectorised reductions, glibc's vector expf); the link step goes without
+# it, because linking with it adds crtfastmath.o, which sets flush-to-zero for the whole process at load.
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 MAX_D, MAX_N = 256, 64  # as in cpu_kernel.c
 
@@ -70,7 +72,7 @@ def build(directory: Path | None = None) -> Path:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"C compiler {cc!r} does not run: {e}") from e
-    key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), version.encode(), _cpu_identity().encode()]))
+    key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS + ["link:-shared -lm"]).encode(), version.encode(), _cpu_identity().encode()]))
     name = f"aligner_cpu_{key.hexdigest()[:16]}.so"
     for place in (directory or cache_dir(), Path(tempfile.gettempdir()) / f"aligner-serve-kernels-{os.getuid()}"):
         try:
@@ -86,13 +88,16 @@ def build(directory: Path | None = None) -> Path:
         os.close(fd)
         # Workers (tensor-parallel ranks) may build at once: each writes its own file, then renames it.
         try:
-            done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300)
-            if done.returncode != 0:
-                raise KernelUnavailable(f"compiling {SOURCE.name} failed:\n{done.stderr.strip()}")
+            obj = tmp + ".o"
+            for step in ([cc, *FLAGS, "-c", "-o", obj, str(SOURCE)], [cc, "-shared", "-o", tmp, obj, "-lm"]):
+                done = subprocess.run(step, capture_output=True, text=True, timeout=300)
+                if done.returncode != 0:
+                    raise KernelUnavailable(f"compiling {SOURCE.name} failed:\n{done.stderr.strip()}")
             os.replace(tmp, target)
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            for leftover in (tmp, tmp + ".o"):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
         return target
     raise KernelUnavailable(f"no private writable directory for the compiled kernel (tried {directory or cache_dir()} and the temp dir)")
 
