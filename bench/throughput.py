@@ -56,7 +56,7 @@ def grid(args) -> dict:
             before = runner.run(eng.stats())["op_seconds"]
             run = runner.run(run_workload(eng, tok, keys=keys, max_tokens=args.max_tokens, label=label, tokens=n)).as_dict()
             # The share of the run's wall time spent inside the Aligner op, timed in the engine worker: both
-            # parts come from the same seconds of the machine, so its noise cancels (unlike a ratio of runs).
+            # parts come from the same seconds of the machine, so most of its noise cancels (unlike a ratio of runs).
             run["op_share"] = (runner.run(eng.stats())["op_seconds"] - before) / run["seconds"]
             return run
 

@@ -133,6 +133,10 @@ def supports(dtype: torch.dtype, head_dim: int, max_tokens: int) -> str | None:
     """None when the kernel takes this model, else why not."""
     if dtype not in DTYPES:
         return f"the CPU kernel takes float32 and bfloat16, not {dtype}"
+    return _beyond_limits(head_dim, max_tokens)
+
+
+def _beyond_limits(head_dim: int, max_tokens: int) -> str | None:
     if head_dim > MAX_D or max_tokens > MAX_N:
         return f"the CPU kernel takes head_dim <= {MAX_D} and N <= {MAX_N}"
     return None
@@ -157,8 +161,9 @@ class BoundKernel:
             raise ValueError(f"table shapes disagree: k {tuple(k.shape)}, v {tuple(v.shape)}, gate {tuple(gate.shape)}")
         if ntok.dtype != np.int64 or not ntok.flags.c_contiguous or ntok.shape != (S,):
             raise ValueError("ntok must be a contiguous int64 array with one entry per slot")
-        if D > MAX_D or Nm > MAX_N:
-            raise ValueError(f"the CPU kernel takes head_dim <= {MAX_D} and N <= {MAX_N}")
+        why = _beyond_limits(D, Nm)
+        if why:
+            raise ValueError(why)
         self._keep = (k, v, gate, ntok)  # the pointers below stay valid while these live
         self._fn = load().aligner_apply
         self._layers = [(k[l].data_ptr(), v[l].data_ptr(), gate[l].data_ptr()) for l in range(L)]

@@ -80,10 +80,10 @@ def install(model: torch.nn.Module, vllm_config: VllmConfig) -> WorkerState:
         cold_slots=cfg.cold_slots,
         scratch=vllm_config.scheduler_config.max_num_seqs if cfg.cold_slots else 0,  # one per batch row
     )
-    table = AdapterTable(shape, handles, device=param.device, dtype=vllm_config.model_config.dtype)
+    dtype = vllm_config.model_config.dtype
+    table = AdapterTable(shape, handles, device=param.device, dtype=dtype)
     stage = table.stage if cfg.cold_slots else None
     routing = Routing(vllm_config.scheduler_config.max_num_seqs, table.ntok, param.device, stage)
-    dtype = vllm_config.model_config.dtype
     state = WorkerState(table=table, routing=routing, scale=1.0 / math.sqrt(attn0.head_size), path=cfg.path,
                         use_triton=resolve_triton(cfg.path, param.device),
                         use_cpu_kernel=resolve_cpu_kernel(cfg.path, param.device, dtype, attn0.head_size, cfg.max_tokens))  # fmt: skip
