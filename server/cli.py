@@ -26,7 +26,8 @@ def _serve(args: argparse.Namespace) -> int:
     from server.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30,
+                timeout_keep_alive=settings.keep_alive_seconds)
     return 0
 
 

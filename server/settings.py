@@ -19,6 +19,9 @@ class Settings(BaseSettings):
     store: str = "sqlite:///data/aligner.db"  # sqlite:///relative/path, sqlite:////abs/path
     host: str = "127.0.0.1"
     port: int = 8000
+    # Idle keep-alive before the server closes a connection. Above the 5 s after which httpx (and so the
+    # openai client) drops idle pooled connections, so a client never reuses one the server is closing.
+    keep_alive_seconds: int = 75
     admin_key: SecretStr | None = None  # set: multi-tenant mode; unset: open single-tenant mode
     allow_open_remote: bool = False  # open mode on a non-loopback address only when this is true
     cache_dir: Path = Field(default_factory=default_cache_dir)

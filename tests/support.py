@@ -147,6 +147,10 @@ class Server:
             time.sleep(1)
         pytest.fail("server did not become healthy in time:\n" + self.log.read_text()[-3000:])
 
+    def log_tail(self, chars: int = 4000) -> str:
+        """The end of the server's log, for assertion messages."""
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else "(no log)"
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)

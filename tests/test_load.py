@@ -184,7 +184,8 @@ async def drive(base: str, model: str, names: list[str], *, clients: int, rounds
                 body = _body(model, adapter, prompt, max_tokens)
                 tally.results.append(await (one_raw(raw, body, result) if use_raw else one_openai(oa, body, result)))
             except Exception as e:  # every failure is counted and reported, none is retried
-                tally.failures.append(f"client {i} request {n} ({'raw' if use_raw else 'openai'}, {adapter}): {type(e).__name__}: {e}")
+                tally.failures.append(f"client {i} request {n} ({'raw' if use_raw else 'openai'}, {adapter}): {type(e).__name__}: {e}"
+                                      + (f" (from {e.__cause__!r})" if e.__cause__ else ""))  # fmt: skip
             n += 1
 
     try:
@@ -305,7 +306,7 @@ def test_200_streaming_clients_over_100_adapters(server, tmp_path) -> None:
     if os.environ.get("ALIGNER_LOAD_SUMMARY"):
         Path(os.environ["ALIGNER_LOAD_SUMMARY"]).write_text(line + "\n")
 
-    assert not tally.failures, f"{len(tally.failures)} failed requests:\n" + "\n".join(tally.failures[:20])
+    assert not tally.failures, f"{len(tally.failures)} failed requests:\n" + "\n".join(tally.failures[:20]) + "\n" + server.log_tail()
     if SOAK_SECONDS <= 0:
         assert len(results) == CLIENTS * ROUNDS
     assert len({r.adapter for r in results}) == ADAPTERS  # the load really was spread over every adapter
