@@ -44,12 +44,12 @@ def test_client_disconnect_aborts_and_releases_the_adapter(server) -> None:
     assert upload(server, "talker", Adapter.random(real_model().spec, tokens=1, seed=71)).status_code == 201
     body = {"messages": QUESTION, "max_tokens": 400, "stream": True, "adapter": "talker", "ignore_eos": True}
     with httpx.stream("POST", server.base + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()  # held: a dropped iterator would close the connection
         events = []
-        for line in r.iter_lines():  # a few content chunks of the 400 tokens
+        while len(events) < 4 and "data: [DONE]" not in events:  # a few content chunks of the 400 tokens
+            line = next(lines)
             if line.startswith("data: "):
                 events.append(line)
-            if len(events) == 4 or line == "data: [DONE]":
-                break
         in_flight = metric(server, "aligner_adapter_requests_in_flight")
         assert in_flight == 1 and '"error"' not in "".join(events), f"{in_flight=} {events=}\n{server.log_tail()}"
     # the connection is closed after a handful of the 400 tokens
