@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -400,12 +401,31 @@ def random_table(S: int, KVH: int, G: int, N: int, D: int, seed: int = 0):
     return k, v, gate, ntok, mask
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("D", [64, 128, 80])  # the kernel's two unrolled head sizes and its generic loop
-def test_cpu_kernel_matches_the_general_path(dtype, D) -> None:
+@pytest.fixture(scope="module", params=["native", "portable"])
+def kernel_build(request, tmp_path_factory):
+    """The kernel as the server builds it (with its AVX-512 body where the CPU has one), and its portable
+    loops alone: the twin every machine without AVX-512 runs."""
     from server.engine import cpu_kernel
 
-    S, KVH, G, N, T = 9, 3, 3, 16, 53  # SmolLM2's head layout, N up to 16
+    if request.param == "native":
+        lib = cpu_kernel.load()
+        has_avx512 = "avx512f" in Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else False
+        assert lib.aligner_simd_width() == (512 if has_avx512 else 0)
+        return lib
+    lib = cpu_kernel.open_library(cpu_kernel.build(tmp_path_factory.mktemp("portable"), defines=("ALIGNER_PORTABLE",)))
+    assert lib.aligner_simd_width() == 0
+    return lib
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "D, G",
+    [(64, 3), (128, 3), (80, 3), (64, 1), (128, 4), (64, 5)],  # unrolled and generic head sizes; G past the vector body's 4
+)
+def test_cpu_kernel_matches_the_general_path(kernel_build, dtype, D, G) -> None:
+    from server.engine import cpu_kernel
+
+    S, KVH, N, T = 9, 3, 16, 53  # N up to 16
     k, v, gate, ntok, mask = random_table(S, KVH, G, N, D)
     tok = np.random.default_rng(2).integers(0, S, T).astype(np.int64)
     tok[20:40] = 4  # a prefill-like run
@@ -413,7 +433,7 @@ def test_cpu_kernel_matches_the_general_path(dtype, D) -> None:
     base = torch.randn(T, KVH * G * D).to(dtype)
     scale = 1 / math.sqrt(D)
     out = base.clone()
-    cpu_kernel.aligner_apply(out, q, tok, k, v, gate, ntok, scale, N)
+    cpu_kernel.aligner_apply(out, q, tok, k, v, gate, ntok, scale, N, kernel_build)
     ts = torch.from_numpy(tok)
     delta = delta_general(q.float().view(T, KVH, G, D), k[ts], v[ts], mask[ts], gate[ts], scale).reshape(T, -1)
     want = base.clone().add_(delta.to(dtype))  # what the torch paths write

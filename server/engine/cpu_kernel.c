@@ -112,6 +112,170 @@ DEFINE_KERNEL(bf16_d64, uint16_t, bf16_to_f32, ADD_BF16, 64)
 DEFINE_KERNEL(bf16_d128, uint16_t, bf16_to_f32, ADD_BF16, 128)
 DEFINE_KERNEL(bf16_any, uint16_t, bf16_to_f32, ADD_BF16, 0)
 
+#if defined(__AVX512F__) && !defined(ALIGNER_PORTABLE)
+/* The same computation with AVX-512 intrinsics, 16 floats per register, for head_dim a multiple of 16
+   (64 and 128 in practice) and G <= MAX_G: the kv head's G query rows share each key and value load,
+   the scores of all keys sit in one register for the softmax, and bf16 rows convert 16 at a time. The
+   portable loops above are its twin (tests build both and compare them with the torch reference). */
+#include <immintrin.h>
+
+/* Prefetch the rows a token will read: its n keys and values of every kv head, and its gates. */
+static inline __attribute__((always_inline)) void prefetch_token(
+    const float *k, const float *v, const float *gate, int64_t s, int64_t n, int64_t KVH, int64_t G,
+    int64_t Nm, int64_t D) {
+    for (int64_t h = 0; h < KVH; h++) {
+        const char *kb = (const char *)(k + ((s * KVH + h) * Nm) * D);
+        const char *vb = (const char *)(v + ((s * KVH + h) * Nm) * D);
+        for (int64_t b = 0; b < n * D * 4; b += 64) {
+            __builtin_prefetch(kb + b, 0, 3);
+            __builtin_prefetch(vb + b, 0, 3);
+        }
+    }
+    __builtin_prefetch(gate + s * KVH * G, 0, 3);
+}
+
+
+#define VMAX_G 4 /* query heads per kv head */
+#define VMAX_C 8 /* head_dim / 16: 64 or 128 */
+
+static inline __m512 v_load_bf16(const uint16_t *p) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+static inline __m512i v_round_bits(__m512 x) { /* float32 -> bfloat16 bits (in the high half), nearest even */
+    __m512i u = _mm512_castps_si512(x);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+    return _mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u));
+}
+
+static inline void v_add_bf16(uint16_t *o, __m512 a) { /* o = bf16(o + bf16(a)), as out.add_(a.to(bf16)) */
+    __m512 sum = _mm512_add_ps(v_load_bf16(o), _mm512_castsi512_ps(v_round_bits(a)));
+    __m512i bits = _mm512_srli_epi32(v_round_bits(sum), 16);
+    _mm256_storeu_si256((__m256i *)o, _mm512_cvtepi32_epi16(bits));
+}
+
+static inline __m512 v_load_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline void v_add_f32(float *o, __m512 a) { _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), a)); }
+
+/* w[g][0..n) <- gate[g] * softmax(scores[g][0..n)) for the G rows; n <= MAX_N, lanes past n ignored. */
+static inline void v_softmax_gated(float (*w)[MAX_N], int64_t G, int64_t n, const float *gate) {
+    for (int64_t g = 0; g < G; g++) {
+        float *p = w[g];
+        float m = -3.0e38f;
+        for (int64_t j = 0; j < n; j++) m = p[j] > m ? p[j] : m;
+        __m512 tot = _mm512_setzero_ps();
+        for (int64_t j0 = 0; j0 < n; j0 += 16) {
+            __mmask16 live = (__mmask16)(n - j0 >= 16 ? 0xFFFF : (1u << (n - j0)) - 1);
+            /* dead lanes hold m - 80: exp stays in range (~1e-35) and is masked out of the sum */
+            __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(m - 80.0f), live, p + j0);
+            float e[16];
+            _mm512_storeu_ps(e, _mm512_sub_ps(x, _mm512_set1_ps(m)));
+            for (int i = 0; i < 16; i++) e[i] = expf(e[i]); /* one vector expf call (-ffast-math) */
+            __m512 ev = _mm512_maskz_loadu_ps(live, e);
+            tot = _mm512_add_ps(tot, ev);
+            _mm512_mask_storeu_ps(p + j0, live, ev);
+        }
+        const __m512 scale = _mm512_set1_ps(gate[g] / _mm512_reduce_add_ps(tot));
+        for (int64_t j0 = 0; j0 < n; j0 += 16) {
+            __mmask16 live = (__mmask16)(n - j0 >= 16 ? 0xFFFF : (1u << (n - j0)) - 1);
+            _mm512_mask_storeu_ps(p + j0, live, _mm512_mul_ps(_mm512_maskz_loadu_ps(live, p + j0), scale));
+        }
+    }
+}
+
+#define DEFINE_VKERNEL(NAME, TYPE, VLOAD, VADD)                                                          \
+    static inline __attribute__((always_inline)) void NAME##_body(TYPE *restrict out, const TYPE *restrict q, const int64_t *restrict tok_slot,       \
+                     const float *restrict k, const float *restrict v, const float *restrict gate,       \
+                     const int64_t *restrict ntok, float scale, int64_t T, int64_t KVH, int64_t G,       \
+                     int64_t Nm, int64_t n_cap, int64_t D, int64_t q_row, int64_t out_row) {             \
+        const int64_t C = D / 16;                                                                        \
+        __m512 qv[VMAX_G][VMAX_C];                                                                        \
+        float w[VMAX_G][MAX_N];                                                                           \
+        int64_t next = 0;                                                                                \
+        while (next < T && tok_slot[next] == 0) next++;                                                  \
+        for (int64_t t = next; t < T; t = next) {                                                        \
+            const int64_t s = tok_slot[t];                                                               \
+            const int64_t n = ntok[s] < n_cap ? ntok[s] : n_cap;                                         \
+            next = t + 1;                                                                                \
+            while (next < T && tok_slot[next] == 0) next++;                                              \
+            if (next < T && tok_slot[next] != s) {                                                       \
+                const int64_t s2 = tok_slot[next];                                                       \
+                prefetch_token(k, v, gate, s2, ntok[s2] < n_cap ? ntok[s2] : n_cap, KVH, G, Nm, D);      \
+            }                                                                                            \
+            if (n <= 0) continue;                                                                        \
+            for (int64_t h = 0; h < KVH; h++) {                                                          \
+                const float *kb = k + ((s * KVH + h) * Nm) * D;                                          \
+                const float *vb = v + ((s * KVH + h) * Nm) * D;                                          \
+                const float *gh = gate + (s * KVH + h) * G;                                              \
+                const TYPE *qh = q + t * q_row + h * G * D;                                              \
+                TYPE *oh = out + t * out_row + h * G * D;                                                \
+                if (n == 1) { /* the softmax over one key is 1: out += gate * v_0 */                     \
+                    for (int64_t g = 0; g < G; g++) {                                                    \
+                        const __m512 gg = _mm512_set1_ps(gh[g]);                                         \
+                        for (int64_t c = 0; c < C; c++)                                                  \
+                            VADD(oh + g * D + 16 * c, _mm512_mul_ps(gg, _mm512_loadu_ps(vb + 16 * c)));  \
+                    }                                                                                    \
+                    continue;                                                                            \
+                }                                                                                        \
+                for (int64_t g = 0; g < G; g++)                                                          \
+                    for (int64_t c = 0; c < C; c++) qv[g][c] = VLOAD(qh + g * D + 16 * c);               \
+                for (int64_t j = 0; j < n; j++) {                                                        \
+                    const float *kj = kb + j * D;                                                        \
+                    __m512 acc[VMAX_G];                                                                   \
+                    for (int64_t g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();                        \
+                    for (int64_t c = 0; c < C; c++) {                                                    \
+                        const __m512 kc = _mm512_loadu_ps(kj + 16 * c);                                  \
+                        for (int64_t g = 0; g < G; g++) acc[g] = _mm512_fmadd_ps(qv[g][c], kc, acc[g]);  \
+                    }                                                                                    \
+                    for (int64_t g = 0; g < G; g++) w[g][j] = _mm512_reduce_add_ps(acc[g]) * scale;      \
+                }                                                                                        \
+                v_softmax_gated(w, G, n, gh);                                                            \
+                for (int64_t c0 = 0; c0 < C; c0 += 4) { /* 64 columns at a time: G x 4 accumulators */   \
+                    const int64_t cn = C - c0 < 4 ? C - c0 : 4;                                          \
+                    __m512 acc[VMAX_G][4];                                                                \
+                    for (int64_t g = 0; g < G; g++)                                                      \
+                        for (int64_t c = 0; c < cn; c++) acc[g][c] = _mm512_setzero_ps();                \
+                    for (int64_t j = 0; j < n; j++) {                                                    \
+                        const float *vj = vb + j * D + 16 * c0;                                          \
+                        __m512 vc[4];                                                                    \
+                        for (int64_t c = 0; c < cn; c++) vc[c] = _mm512_loadu_ps(vj + 16 * c);           \
+                        for (int64_t g = 0; g < G; g++) {                                                \
+                            const __m512 wg = _mm512_set1_ps(w[g][j]);                                   \
+                            for (int64_t c = 0; c < cn; c++) acc[g][c] = _mm512_fmadd_ps(wg, vc[c], acc[g][c]); \
+                        }                                                                                \
+                    }                                                                                    \
+                    for (int64_t g = 0; g < G; g++)                                                      \
+                        for (int64_t c = 0; c < cn; c++) VADD(oh + g * D + 16 * (c0 + c), acc[g][c]);    \
+                }                                                                                        \
+            }                                                                                            \
+        }                                                                                                \
+    }
+
+DEFINE_VKERNEL(v_f32, float, v_load_f32, v_add_f32)
+DEFINE_VKERNEL(v_bf16, uint16_t, v_load_bf16, v_add_bf16)
+
+/* G and head_dim as compile-time constants, so the accumulators live in registers. Returns 0 when it ran,
+   -1 for a layout it does not take (the portable loops run then). */
+#define VCASE(BODY, GG, DD)                                                                              \
+    if (G == GG && D == DD) {                                                                            \
+        BODY(out, q, tok_slot, k, v, gate, ntok, scale, T, KVH, GG, Nm, n_cap, DD, q_row, out_row);      \
+        return 0;                                                                                        \
+    }
+#define DEFINE_VDISPATCH(NAME, TYPE, BODY)                                                               \
+    static int NAME(TYPE *out, const TYPE *q, const int64_t *tok_slot, const float *k, const float *v,   \
+                    const float *gate, const int64_t *ntok, float scale, int64_t T, int64_t KVH,         \
+                    int64_t G, int64_t Nm, int64_t n_cap, int64_t D, int64_t q_row, int64_t out_row) {   \
+        VCASE(BODY, 1, 64) VCASE(BODY, 2, 64) VCASE(BODY, 3, 64) VCASE(BODY, 4, 64)                      \
+        VCASE(BODY, 1, 128) VCASE(BODY, 2, 128) VCASE(BODY, 3, 128) VCASE(BODY, 4, 128)                  \
+        return -1;                                                                                       \
+    }
+DEFINE_VDISPATCH(v_f32, float, v_f32_body)
+DEFINE_VDISPATCH(v_bf16, uint16_t, v_bf16_body)
+#define HAVE_VKERNEL 1
+#endif
+
 /* dtype: 0 float32, 1 bfloat16. Returns 0; -1 for shapes this kernel does not take; -2 when a token's
    slot is outside the table's S slots (nothing is written then). */
 int aligner_apply(void *out, const void *q, const int64_t *tok_slot, const float *k, const float *v,
@@ -120,6 +284,12 @@ int aligner_apply(void *out, const void *q, const int64_t *tok_slot, const float
     if (D > MAX_D || Nm > MAX_N || D <= 0) return -1;
     for (int64_t t = 0; t < T; t++)
         if (tok_slot[t] < 0 || tok_slot[t] >= S) return -2;
+#ifdef HAVE_VKERNEL
+    if (dtype == 0 && v_f32(out, q, tok_slot, k, v, gate, ntok, scale, T, KVH, G, Nm, n_cap, D, q_row, out_row) == 0)
+        return 0;
+    if (dtype == 1 && v_bf16(out, q, tok_slot, k, v, gate, ntok, scale, T, KVH, G, Nm, n_cap, D, q_row, out_row) == 0)
+        return 0;
+#endif
     if (dtype == 0) {
         if (D == 64) f32_d64(out, q, tok_slot, k, v, gate, ntok, scale, T, KVH, G, Nm, n_cap, D, q_row, out_row);
         else if (D == 128) f32_d128(out, q, tok_slot, k, v, gate, ntok, scale, T, KVH, G, Nm, n_cap, D, q_row, out_row);
@@ -133,4 +303,13 @@ int aligner_apply(void *out, const void *q, const int64_t *tok_slot, const float
         return 0;
     }
     return -1;
+}
+
+/* Which body runs where it can: 512 for the AVX-512 one, 0 for the portable loops only. */
+int aligner_simd_width(void) {
+#ifdef HAVE_VKERNEL
+    return 512;
+#else
+    return 0;
+#endif
 }

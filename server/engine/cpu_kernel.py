@@ -64,15 +64,17 @@ def _cpu_identity() -> str:
         return platform.processor()
 
 
-def build(directory: Path | None = None) -> Path:
-    """Compile the kernel (or find it compiled) and return the shared library's path."""
+def build(directory: Path | None = None, defines: tuple[str, ...] = ()) -> Path:
+    """Compile the kernel (or find it compiled) and return the shared library's path. `defines` are
+    preprocessor symbols: ALIGNER_PORTABLE leaves out the AVX-512 body (the tests build both)."""
     cc = _compiler()
     src = SOURCE.read_bytes()
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"C compiler {cc!r} does not run: {e}") from e
-    key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS + ["link:-shared -lm"]).encode(), version.encode(), _cpu_identity().encode()]))
+    flags = FLAGS + [f"-D{d}" for d in defines]
+    key = hashlib.sha256(b"\0".join([src, " ".join(flags + ["link:-shared -lm"]).encode(), version.encode(), _cpu_identity().encode()]))
     name = f"aligner_cpu_{key.hexdigest()[:16]}.so"
     for place in (directory or cache_dir(), Path(tempfile.gettempdir()) / f"aligner-serve-kernels-{os.getuid()}"):
         try:
@@ -89,7 +91,7 @@ def build(directory: Path | None = None) -> Path:
         # Workers (tensor-parallel ranks) may build at once: each writes its own file, then renames it.
         try:
             obj = tmp + ".o"
-            for step in ([cc, *FLAGS, "-c", "-o", obj, str(SOURCE)], [cc, "-shared", "-o", tmp, obj, "-lm"]):
+            for step in ([cc, *flags, "-c", "-o", obj, str(SOURCE)], [cc, "-shared", "-o", tmp, obj, "-lm"]):
                 done = subprocess.run(step, capture_output=True, text=True, timeout=300)
                 if done.returncode != 0:
                     raise KernelUnavailable(f"compiling {SOURCE.name} failed:\n{done.stderr.strip()}")
@@ -116,16 +118,23 @@ def load() -> ctypes.CDLL:
     if _error is not None:
         raise KernelUnavailable(_error)
     try:
-        # PyDLL keeps the GIL through each call: a call is tens of microseconds, and releasing the GIL
-        # lets another worker thread take it, after which re-acquiring can wait a whole switch interval.
-        lib = ctypes.PyDLL(str(build()))
+        _lib = open_library(build())
     except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
         _error = str(e)
         raise KernelUnavailable(_error) from e
+    return _lib
+
+
+def open_library(path: Path) -> ctypes.CDLL:
+    """A built kernel library with its functions typed."""
+    # PyDLL keeps the GIL through each call: a call is tens of microseconds, and releasing the GIL
+    # lets another worker thread take it, after which re-acquiring can wait a whole switch interval.
+    lib = ctypes.PyDLL(str(path))
     fn = lib.aligner_apply
     fn.restype = ctypes.c_int
     fn.argtypes = [_P, _P, _P, _P, _P, _P, _P, ctypes.c_float] + [_I] * 10
-    _lib = lib
+    lib.aligner_simd_width.restype = ctypes.c_int
+    lib.aligner_simd_width.argtypes = []
     return lib
 
 
@@ -153,6 +162,7 @@ class BoundKernel:
         gate: torch.Tensor,  # [L, S, KVH, G] float32
         ntok: np.ndarray,  # [S] int64 N of each slot, updated in place by the table
         scale: float,
+        lib: ctypes.CDLL | None = None,  # another build of the kernel (tests); default: `load()`
     ) -> None:
         L, S, KVH, Nm, D = k.shape
         if k.device.type != "cpu" or not all(x.is_contiguous() and x.dtype == torch.float32 for x in (k, v, gate)):
@@ -165,7 +175,7 @@ class BoundKernel:
         if why:
             raise ValueError(why)
         self._keep = (k, v, gate, ntok)  # the pointers below stay valid while these live
-        self._fn = load().aligner_apply
+        self._fn = (lib or load()).aligner_apply
         self._layers = [(k[l].data_ptr(), v[l].data_ptr(), gate[l].data_ptr()) for l in range(L)]
         self._ntok = ntok.ctypes.data
         self._scale = scale
@@ -214,6 +224,7 @@ def aligner_apply(
     ntok: np.ndarray,  # [S] int64
     scale: float,
     max_tokens: int,
+    lib: ctypes.CDLL | None = None,
 ) -> None:
     """out += the Aligner term for one layer's tensors (a one-layer `BoundKernel`)."""
-    BoundKernel(k[None], v[None], gate[None], ntok, scale)(out, q, tok_slot, 0, max_tokens)
+    BoundKernel(k[None], v[None], gate[None], ntok, scale, lib)(out, q, tok_slot, 0, max_tokens)
