@@ -45,6 +45,7 @@ def engine_options(settings: Settings, model_path: str, identity: str) -> Engine
         aligner=AlignerEngineConfig(max_slots=settings.max_resident_adapters, max_tokens=settings.max_adapter_tokens,
                                     cold_slots=settings.cold_resident_adapters, path=settings.kernel_path),  # fmt: skip
         extra_args=tuple(shlex.split(settings.engine_args)),
+        isolate_worker_cores=settings.isolate_worker_cores,
     )
 
 

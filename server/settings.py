@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE: whole GiB
     kernel_path: Literal["auto", "torch", "gather", "triton", "cpu"] = "auto"  # the Aligner op's paths (server/engine/op.py)
     engine_args: str = ""  # further `vllm serve` flags, shell-quoted
+    isolate_worker_cores: bool = True  # CPU: the API process and engine core stay off the workers' cores
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:

@@ -253,3 +253,23 @@ def test_a_freshly_trained_adapter_serves_like_the_reference(server, client, spe
     reference = tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
     assert served == reference, (served, reference)
     assert served != chat(client), "six steps should already move the greedy answer"
+
+
+def test_the_api_process_and_engine_core_stay_off_the_worker_core(server) -> None:
+    import os
+
+    import psutil
+
+    everything = os.sched_getaffinity(0)
+    if len(everything) < 2:
+        pytest.skip("one core: nothing to keep apart")
+    tree = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(recursive=True)]
+    workers = [p for p in tree if "Worker" in p.name()]
+    assert workers, [p.name() for p in tree]
+    worker_cores = set().union(*(p.cpu_affinity() for p in workers))
+    assert worker_cores < everything  # vLLM's CPU worker binds itself
+    others = [p for p in tree if p not in workers]
+    assert any("EngineCore" in p.name() for p in others), [p.name() for p in others]
+    for p in others:
+        for t in p.threads():
+            assert not os.sched_getaffinity(t.id) & worker_cores, (p.name(), t.id)

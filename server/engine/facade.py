@@ -49,6 +49,7 @@ class EngineOptions:
     routing: str = "auto"  # "v1" (logits-processor tracker), "v2" (ModelState), "auto" by platform
     extra_args: tuple[str, ...] = ()  # any further `vllm serve` flags
     aligner_enabled: bool = True  # False: the stock engine, for baselines and equivalence tests
+    isolate_worker_cores: bool = True  # CPU: keep the API process and engine core off the workers' cores
 
     def argv(self) -> list[str]:
         from server.engine.vllm_glue import json_flag
@@ -113,12 +114,13 @@ class AlignerEngine:
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU order: oldest first
         self._lock = asyncio.Lock()
         self.leases = 0  # requests currently holding an adapter (in flight, preempted ones included)
+        self._cores: set[int] | None = None  # this process's cores before the workers got theirs alone
 
     # ---- lifecycle ----
     async def start(self) -> None:
         from contextlib import AsyncExitStack
 
-        from server.engine import vllm_glue
+        from server.engine import placement, vllm_glue
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.options.kv_cache_gib))
         args = vllm_glue.engine_args(self.options.argv())
@@ -126,6 +128,9 @@ class AlignerEngine:
         try:
             self.client = await self._stack.enter_async_context(vllm_glue.open_engine(args))
             self.serving = await vllm_glue.serving_state(self.client, args)
+            if self.options.isolate_worker_cores:
+                self._cores = os.sched_getaffinity(0)
+                placement.isolate_worker_cores()
         except BaseException:
             await self._stack.aclose()
             raise
@@ -134,6 +139,11 @@ class AlignerEngine:
         if self._stack is not None:
             await self._stack.aclose()
             self._stack, self.client, self.serving = None, None, None
+        if self._cores is not None:
+            from server.engine import placement
+
+            placement.restore_cores(self._cores)
+            self._cores = None
 
     async def check_health(self) -> None:
         if self.client is None:
