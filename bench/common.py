@@ -48,8 +48,8 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
 
 
-def prompts(n: int) -> list[str]:
-    return [f"Write a short paragraph about the {WORDS[i % len(WORDS)]} number {i}, in plain words." for i in range(n)]
+def prompts(n: int, first: int = 0) -> list[str]:
+    return [f"Write a short paragraph about the {WORDS[i % len(WORDS)]} number {i}, in plain words." for i in range(first, first + n)]
 
 
 def chat_ids(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -61,14 +61,15 @@ def chat_ids(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 async def run_workload(engine, tokenizer, *, keys: list[str | None], max_tokens: int, label: str,
-                       lora: list | None = None, tokens: int = 0) -> RunStats:  # fmt: skip
-    """Submit every request at once; per request, record time to first token and inter-token latency."""
+                       lora: list | None = None, tokens: int = 0, first_prompt: int = 0) -> RunStats:  # fmt: skip
+    """Submit every request at once; per request, record time to first token and inter-token latency.
+    Request i asks prompt `first_prompt + i`."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from server.engine.facade import cache_salt
 
-    ids = chat_ids(tokenizer, prompts(len(keys)))
+    ids = chat_ids(tokenizer, prompts(len(keys), first_prompt))
     ttft: list[float] = []
     itl: list[float] = []
     counts: list[int] = []

@@ -90,12 +90,40 @@ def grid(args) -> dict:
                 after = workload([None] * requests, 0, "base")
                 pair(rnd, n, k, requests, _mean(before, after), ours)
                 before = after
+        latency = [ttft_one_at_a_time(runner, tok, keys_by[(n, k)], n, args.latency_pairs) for n in args.tokens]
         stats = runner.run(eng.stats())
     finally:
         runner.close()
     stats.pop("keys", None)
-    return {"rows": rows, "engine_start_s": start_s, "load_ms_p50": statistics.median(load_ms),
+    return {"rows": rows, "latency": latency, "engine_start_s": start_s, "load_ms_p50": statistics.median(load_ms),
             "load_ms_p99": percentile(load_ms, 0.99), "table": stats}  # fmt: skip
+
+
+def ttft_one_at_a_time(runner, tok, keys: list[str], n: int, pairs: int) -> dict:
+    """Time to first token of single requests on an idle engine: pairs of the same prompt without and with
+    an adapter (a different adapter each pair, order alternating), each prompt new to the prefix cache.
+
+    Under the burst of the throughput runs, first tokens arrive in two or three clusters hundreds of ms
+    apart (one per prefill step), and which cluster holds the median request depends on how many
+    requests reached the engine before its first step: the burst's TTFT p50 jumps by a whole step from
+    run to run. One request at a time has no such jump, and adjacent pairs cancel the machine's drift."""
+    eng = runner.engine
+    base_ms, ours_ms, ratios = [], [], []
+    for i in range(pairs):
+        prompt = 10_000 * n + i  # never asked before: no prefix-cache hit for either request
+        order = [None, keys[i % len(keys)]] if i % 2 == 0 else [keys[i % len(keys)], None]
+        got = {}
+        for key in order:
+            run = runner.run(run_workload(eng, tok, keys=[key], max_tokens=1, label="ttft", tokens=n, first_prompt=prompt))
+            got[key is not None] = run.ttft_p50_ms
+        base_ms.append(got[False])
+        ours_ms.append(got[True])
+        ratios.append(got[True] / got[False])
+    row = {"N": n, "K": len(keys), "pairs": pairs, "base_ttft_p50_ms": statistics.median(base_ms),
+           "aligner_ttft_p50_ms": statistics.median(ours_ms), "ratio_median": statistics.median(ratios)}  # fmt: skip
+    print(f"TTFT one request at a time, N={n:2d}: base {row['base_ttft_p50_ms']:.1f} ms, aligner "
+          f"{row['aligner_ttft_p50_ms']:.1f} ms, median ratio {row['ratio_median']:.3f} over {pairs} pairs", flush=True)  # fmt: skip
+    return row
 
 
 def _mean(a: dict, b: dict) -> dict:
@@ -147,10 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=5, help="pairs per N at the target K")
     p.add_argument("--target-k", type=int, default=64)
+    p.add_argument("--latency-pairs", type=int, default=40, help="single-request TTFT pairs per N at the target K")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.quick:
-        args.adapters, args.target_k, args.requests, args.max_tokens, args.reps = [32], 32, 32, 32, 1
+        args.adapters, args.target_k, args.requests, args.max_tokens, args.reps, args.latency_pairs = [32], 32, 32, 32, 1, 8
     result = grid(args)
     table = summarise(result["rows"])
     name = "throughput-quick" if args.quick else "throughput"
