@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.engine import placement
 from server.engine.config import AlignerEngineConfig
 from server.engine.plugin import aligner_architecture
 
@@ -120,7 +121,7 @@ class AlignerEngine:
     async def start(self) -> None:
         from contextlib import AsyncExitStack
 
-        from server.engine import placement, vllm_glue
+        from server.engine import vllm_glue
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.options.kv_cache_gib))
         args = vllm_glue.engine_args(self.options.argv())
@@ -140,8 +141,6 @@ class AlignerEngine:
             await self._stack.aclose()
             self._stack, self.client, self.serving = None, None, None
         if self._cores is not None:
-            from server.engine import placement
-
             placement.restore_cores(self._cores)
             self._cores = None
 
