@@ -114,10 +114,16 @@ DEFINE_KERNEL(bf16_any, uint16_t, bf16_to_f32, ADD_BF16, 0)
 
 #if defined(__AVX512F__) && !defined(ALIGNER_PORTABLE)
 /* The same computation with AVX-512 intrinsics, 16 floats per register, for head_dim a multiple of 16
-   (64 and 128 in practice) and G <= MAX_G: the kv head's G query rows share each key and value load,
+   (64 and 128) and G <= VMAX_G: the kv head's G query rows share each key and value load,
    the scores of all keys sit in one register for the softmax, and bf16 rows convert 16 at a time. The
    portable loops above are its twin (tests build both and compare them with the torch reference). */
 #include <immintrin.h>
+
+/* The first token at or after t that has an adapter (T if none). */
+static inline int64_t next_adapted(const int64_t *tok_slot, int64_t t, int64_t T) {
+    while (t < T && tok_slot[t] == 0) t++;
+    return t;
+}
 
 /* Prefetch the rows a token will read: its n keys and values of every kv head, and its gates. */
 static inline __attribute__((always_inline)) void prefetch_token(
@@ -193,13 +199,10 @@ static inline void v_softmax_gated(float (*w)[MAX_N], int64_t G, int64_t n, cons
         const int64_t C = D / 16;                                                                        \
         __m512 qv[VMAX_G][VMAX_C];                                                                        \
         float w[VMAX_G][MAX_N];                                                                           \
-        int64_t next = 0;                                                                                \
-        while (next < T && tok_slot[next] == 0) next++;                                                  \
-        for (int64_t t = next; t < T; t = next) {                                                        \
+        for (int64_t t = next_adapted(tok_slot, 0, T), next; t < T; t = next) {                          \
             const int64_t s = tok_slot[t];                                                               \
             const int64_t n = ntok[s] < n_cap ? ntok[s] : n_cap;                                         \
-            next = t + 1;                                                                                \
-            while (next < T && tok_slot[next] == 0) next++;                                              \
+            next = next_adapted(tok_slot, t + 1, T);                                                     \
             if (next < T && tok_slot[next] != s) {                                                       \
                 const int64_t s2 = tok_slot[next];                                                       \
                 prefetch_token(k, v, gate, s2, ntok[s2] < n_cap ? ntok[s2] : n_cap, KVH, G, Nm, D);      \

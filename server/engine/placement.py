@@ -34,28 +34,28 @@ def isolate_worker_cores(root_pid: int | None = None) -> list[int] | None:
     if not rest:
         return None
     for p in tree:
-        if p in workers:
-            continue
-        try:
-            threads = p.threads()
-        except psutil.Error:
-            continue  # gone, or not ours
-        for t in threads:  # affinity is per thread; threads started later inherit their creator's
-            try:
-                os.sched_setaffinity(t.id, rest)
-            except OSError:
-                pass  # the thread ended meanwhile
+        if p not in workers:
+            _pin_threads(p, rest)
     log.info("engine workers run on cores %s; the API process and the engine core on %s", sorted(taken), rest)
     return rest
 
 
 def restore_cores(cores: set[int]) -> None:
     """Give every thread of this process `cores` again (the engine stopped; its workers are gone)."""
-    for t in psutil.Process().threads():
+    _pin_threads(psutil.Process(), cores)
+
+
+def _pin_threads(p: psutil.Process, cores) -> None:
+    """Affinity is per thread; threads started later inherit their creator's."""
+    try:
+        threads = p.threads()
+    except psutil.Error:
+        return  # gone, or not ours
+    for t in threads:
         try:
             os.sched_setaffinity(t.id, cores)
         except OSError:
-            pass
+            pass  # the thread ended meanwhile
 
 
 def _affinity(p: psutil.Process) -> set[int]:
