@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -386,6 +387,81 @@ def test_cpu_kernel_through_the_op_matches_the_reference(layers, names) -> None:
     assert (st.op_seconds > 0) == any(names)  # timed only when some token has an adapter
 
 
+def test_cpu_kernel_is_checked_once_per_forward_and_again_for_the_next(layers, monkeypatch) -> None:
+    """Within a forward (one vLLM forward context) the kernel checks the layout and slots at the first layer
+    only; the next forward, with other tokens and another T, is checked afresh and computed with its own."""
+    from server.engine import cpu_kernel, op, routing
+
+    forwards = [
+        [None, "a", "b", "b", "d", None, "c"],
+        ["d", "d", "d", None, "a"] * 5,  # another T and other slots
+        [None, "c", "a"],
+    ]
+    st, _ = kernel_state(layers, sorted({n for f in forwards for n in f if n}))
+    slot = {n: st.table.lookup(n) for n in "abcd"} | {None: 0}
+    begun = []
+    real_begin = cpu_kernel.BoundKernel.begin
+    monkeypatch.setattr(cpu_kernel.BoundKernel, "begin", lambda self, *a: begun.append(a[2].copy()) or real_begin(self, *a))
+    ctx = [None]
+    monkeypatch.setattr(routing, "_current_forward_context", lambda: ctx[0])
+    op.set_worker_state(st)
+    try:
+        for i, names in enumerate(forwards):
+            ctx[0] = object()  # a new forward
+            st.routing.set_v2_tokens(np.array([slot[n] for n in names]))
+            torch.manual_seed(i)
+            q = torch.randn(len(names), (H + 2 * KVH) * D)[:, : H * D]
+            base = torch.randn(len(names), H * D)
+            for l in range(SPEC.num_layers):
+                out = base.clone()
+                op.apply_term(out, q, l)
+                torch.testing.assert_close(out - base, reference(layers, l, q, names), atol=2e-5, rtol=1e-4, msg=f"forward {i} layer {l}")
+            assert len(begun) == i + 1  # one check per forward
+            assert begun[-1].tolist() == [slot[n] for n in names]
+    finally:
+        op.set_worker_state(None)
+
+
+def test_a_bfloat16_table_holds_a_bfloat16_models_projections_exactly(layers) -> None:
+    """K_p/V_p are projected in the model's dtype, so for a bfloat16 model a bfloat16 table (what the C
+    kernel reads, half the bytes) holds the very values of a float32 one, and the op's output is the same
+    bit for bit."""
+    import copy
+
+    from server.engine import op
+
+    bf = [dataclasses.replace(h, qkv_proj=copy.deepcopy(h.qkv_proj).bfloat16()) for h in layers]
+    shape = TableShape(num_layers=SPEC.num_layers, num_heads=H, num_kv_heads=KVH, head_dim=D, head_offset=0,
+                       max_slots=4, max_tokens=4)  # fmt: skip
+    tables = {kv: AdapterTable(shape, bf, device=torch.device("cpu"), dtype=torch.bfloat16, kv_dtype=kv) for kv in (torch.float32, torch.bfloat16)}
+    for t in tables.values():
+        for name in "abcd":
+            t.put(name, ADAPTERS[name])
+    t32, t16 = tables[torch.float32], tables[torch.bfloat16]
+    assert t16.k.dtype == torch.bfloat16 and t16.k.nbytes * 2 == t32.k.nbytes
+    for name in ("k", "v", "gate", "bias", "mask"):
+        assert torch.equal(getattr(t16, name).float(), getattr(t32, name)), name
+    names = [None, "a", "b", "b", "c", "d", None, "d"]
+    tokens = np.array([t32.lookup(n) if n else 0 for n in names])
+    q = torch.randn(len(names), (H + 2 * KVH) * D).bfloat16()[:, : H * D]
+    base = torch.randn(len(names), H * D).bfloat16()
+    outs = []
+    for t in (t32, t16):
+        st = WorkerState(table=t, routing=Routing(8, t.ntok, torch.device("cpu")), scale=1 / math.sqrt(D), path="cpu", use_cpu_kernel=True)
+        st.routing.set_v2_tokens(tokens)
+        op.set_worker_state(st)
+        try:
+            out = base.clone()
+            for l in range(SPEC.num_layers):
+                op.apply_term(out, q, l)
+        finally:
+            op.set_worker_state(None)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], base)
+    with pytest.raises(ValueError, match="float32 or the model's dtype"):
+        AdapterTable(shape, bf, device=torch.device("cpu"), dtype=torch.bfloat16, kv_dtype=torch.float16)
+
+
 def random_table(S: int, KVH: int, G: int, N: int, D: int, seed: int = 0):
     torch.manual_seed(seed)
     k, v = torch.randn(S, KVH, N, D), torch.randn(S, KVH, N, D)
@@ -417,16 +493,18 @@ def kernel_build(request, tmp_path_factory):
     return lib
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=["table-f32", "table-bf16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "D, G",
     [(64, 3), (128, 3), (80, 3), (64, 1), (128, 4), (64, 5)],  # unrolled and generic head sizes; G past the vector body's 4
 )
-def test_cpu_kernel_matches_the_general_path(kernel_build, dtype, D, G) -> None:
+def test_cpu_kernel_matches_the_general_path(kernel_build, dtype, kv_dtype, D, G) -> None:
     from server.engine import cpu_kernel
 
     S, KVH, N, T = 9, 3, 16, 53  # N up to 16
     k, v, gate, ntok, mask = random_table(S, KVH, G, N, D)
+    k, v = k.to(kv_dtype), v.to(kv_dtype)  # a bfloat16 table: what a bfloat16 model's projections give
     tok = np.random.default_rng(2).integers(0, S, T).astype(np.int64)
     tok[20:40] = 4  # a prefill-like run
     q = torch.randn(T, (KVH * G + 2 * KVH) * D).to(dtype)[:, : KVH * G * D]  # a view into fused qkv, as in vLLM
@@ -435,7 +513,7 @@ def test_cpu_kernel_matches_the_general_path(kernel_build, dtype, D, G) -> None:
     out = base.clone()
     cpu_kernel.aligner_apply(out, q, tok, k, v, gate, ntok, scale, N, kernel_build)
     ts = torch.from_numpy(tok)
-    delta = delta_general(q.float().view(T, KVH, G, D), k[ts], v[ts], mask[ts], gate[ts], scale).reshape(T, -1)
+    delta = delta_general(q.float().view(T, KVH, G, D), k.float()[ts], v.float()[ts], mask[ts], gate[ts], scale).reshape(T, -1)
     want = base.clone().add_(delta.to(dtype))  # what the torch paths write
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=8e-3)  # bf16: one ulp
     torch.testing.assert_close(out, want, **tol)
@@ -455,6 +533,32 @@ def test_cpu_kernel_refuses_a_slot_outside_the_table() -> None:
         cpu_kernel.aligner_apply(out, q, np.array([1, 2, 2], dtype=np.int32), k, v, gate, ntok, 0.25, 2)
     with pytest.raises(ValueError, match="dtype|float16"):
         cpu_kernel.aligner_apply(out.half(), q.half(), np.array([1, 2, 2]), k, v, gate, ntok, 0.25, 2)
+    with pytest.raises(ValueError, match="float32 or bfloat16 table"):
+        cpu_kernel.aligner_apply(out, q, np.array([1, 2, 2]), k.half(), v.half(), gate, ntok, 0.25, 2)
+
+
+def test_cpu_kernel_layer_calls_need_a_begun_step_and_a_real_layer() -> None:
+    """The per-layer call passes only addresses and a layer: the kernel itself refuses a step that was never
+    checked (or failed its check) and a layer outside the table, and writes nothing."""
+    from server.engine import cpu_kernel
+
+    k, v, gate, ntok, _ = random_table(4, 1, 2, 2, 16)
+    bound = cpu_kernel.BoundKernel(k[None].expand(3, -1, -1, -1, -1).contiguous(), v[None].expand(3, -1, -1, -1, -1).contiguous(),
+                                   gate[None].expand(3, -1, -1, -1).contiguous(), ntok, 0.25)  # fmt: skip
+    out, q = torch.zeros(3, 32), torch.randn(3, 32)
+    with pytest.raises(ValueError, match="no begun step"):
+        bound.layer(out, q, 0)
+    with pytest.raises(ValueError, match="outside the table"):
+        bound.begin(out, q, np.array([1, 9, 2], dtype=np.int64), 2)
+    with pytest.raises(ValueError, match="no begun step"):
+        bound.layer(out, q, 0)  # a failed check leaves no step behind
+    bound.begin(out, q, np.array([1, 3, 2], dtype=np.int64), 2)
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match=f"no layer {bad}"):
+            bound.layer(out, q, bad)
+    assert torch.equal(out, torch.zeros(3, 32))
+    bound.layer(out, q, 2)
+    assert out.abs().sum() > 0
 
 
 def test_cpu_kernel_is_built_once_into_its_cache(tmp_path, monkeypatch) -> None:

@@ -125,14 +125,25 @@ def load() -> ctypes.CDLL:
     return _lib
 
 
+class _Table(ctypes.Structure):  # aligner_table in cpu_kernel.c
+    _fields_ = [("k", _P), ("v", _P), ("gate", _P), ("ntok", _P)] + [(n, _I) for n in ("L", "S", "KVH", "G", "Nm", "D", "kv_dtype")] + [("scale", ctypes.c_float)]
+
+
+class _Step(ctypes.Structure):  # aligner_step
+    _fields_ = [("table", ctypes.POINTER(_Table)), ("tok_slot", _P)] + [(n, _I) for n in ("T", "n_cap", "q_row", "out_row", "dtype", "checked")]
+
+
 def open_library(path: Path) -> ctypes.CDLL:
     """A built kernel library with its functions typed."""
     # PyDLL keeps the GIL through each call: a call is tens of microseconds, and releasing the GIL
     # lets another worker thread take it, after which re-acquiring can wait a whole switch interval.
     lib = ctypes.PyDLL(str(path))
-    fn = lib.aligner_apply
-    fn.restype = ctypes.c_int
-    fn.argtypes = [_P, _P, _P, _P, _P, _P, _P, ctypes.c_float] + [_I] * 10
+    lib.aligner_begin.restype = ctypes.c_int
+    lib.aligner_begin.argtypes = [ctypes.POINTER(_Step)]
+    # Plain integers for the per-layer call: ctypes converts an int64 cheaper than a pointer or a float,
+    # and this call runs 30 times a forward with cold caches.
+    lib.aligner_layer.restype = ctypes.c_int
+    lib.aligner_layer.argtypes = [_I] * 4
     lib.aligner_simd_width.restype = ctypes.c_int
     lib.aligner_simd_width.argtypes = []
     return lib
@@ -152,21 +163,23 @@ def _beyond_limits(head_dim: int, max_tokens: int) -> str | None:
 
 
 class BoundKernel:
-    """The kernel bound to one adapter table: shapes are checked and layer pointers taken once, so a call
-    costs a few microseconds of Python (30 layers x every forward)."""
+    """The kernel bound to one adapter table. Shapes are checked and layer pointers taken once; a forward
+    is checked once in `begin`, then each layer's `layer` call passes four integers."""
 
     def __init__(
         self,
-        k: torch.Tensor,  # [L, S, KVH, Nm, D] float32, the table's K_p
-        v: torch.Tensor,  # [L, S, KVH, Nm, D] float32
+        k: torch.Tensor,  # [L, S, KVH, Nm, D] float32 or bfloat16, the table's K_p
+        v: torch.Tensor,  # [L, S, KVH, Nm, D], same dtype
         gate: torch.Tensor,  # [L, S, KVH, G] float32
         ntok: np.ndarray,  # [S] int64 N of each slot, updated in place by the table
         scale: float,
         lib: ctypes.CDLL | None = None,  # another build of the kernel (tests); default: `load()`
     ) -> None:
         L, S, KVH, Nm, D = k.shape
-        if k.device.type != "cpu" or not all(x.is_contiguous() and x.dtype == torch.float32 for x in (k, v, gate)):
-            raise ValueError("the CPU kernel needs a contiguous float32 table on the CPU")
+        if k.dtype not in DTYPES or v.dtype != k.dtype or gate.dtype != torch.float32:
+            raise ValueError(f"the CPU kernel takes a float32 or bfloat16 table with float32 gates, not {k.dtype}/{gate.dtype}")
+        if k.device.type != "cpu" or not all(x.is_contiguous() for x in (k, v, gate)):
+            raise ValueError("the CPU kernel needs a contiguous table on the CPU")
         if v.shape != k.shape or gate.shape[:3] != (L, S, KVH):
             raise ValueError(f"table shapes disagree: k {tuple(k.shape)}, v {tuple(v.shape)}, gate {tuple(gate.shape)}")
         if ntok.dtype != np.int64 or not ntok.flags.c_contiguous or ntok.shape != (S,):
@@ -174,51 +187,59 @@ class BoundKernel:
         why = _beyond_limits(D, Nm)
         if why:
             raise ValueError(why)
-        self._keep = (k, v, gate, ntok)  # the pointers below stay valid while these live
-        self._fn = (lib or load()).aligner_apply
-        self._layers = [(k[l].data_ptr(), v[l].data_ptr(), gate[l].data_ptr()) for l in range(L)]
-        self._ntok = ntok.ctypes.data
-        self._scale = scale
-        self._shape = (S, KVH, gate.shape[3], Nm, D)
+        lib = lib or load()
+        self._keep = (k, v, gate, ntok)  # the table's pointers stay valid while these live
+        self._table = _Table(k.data_ptr(), v.data_ptr(), gate.data_ptr(), ntok.ctypes.data, L, S, KVH, gate.shape[3], Nm, D, DTYPES[k.dtype], scale)
+        self._step = _Step(ctypes.pointer(self._table))
+        self._step_addr = ctypes.addressof(self._step)
+        self._begin, self._layer = lib.aligner_begin, lib.aligner_layer
+        self._tok: np.ndarray | None = None  # the begun step's token slots (the step points into it)
+        self.num_slots = S
         self.width = KVH * gate.shape[3] * D  # H*D
 
-    def __call__(
+    def begin(
         self,
-        out: torch.Tensor,  # [T, H*D] attention output (float32 or bfloat16), updated in place; rows may be strided
+        out: torch.Tensor,  # [T, H*D] attention output (float32 or bfloat16); rows may be strided
         q: torch.Tensor,  # [T, H*D] post-RoPE queries, same dtype (in vLLM a view into the fused qkv output)
-        tok_slot: np.ndarray,  # [T] int64 slot of each token (0 = no adapter)
-        layer: int,
+        tok_slot: np.ndarray,  # [T'] int64 slot of each token (0 = no adapter), T' >= T
         max_tokens: int,  # the step's largest N
     ) -> None:
-        """out += the Aligner term of `layer`."""
-        if tok_slot.dtype != np.int64 or not tok_slot.flags.c_contiguous or len(tok_slot) < out.shape[0]:
-            raise ValueError("tok_slot must be a contiguous int64 array with one entry per token")
-        self.apply(out, q, tok_slot.ctypes.data, layer, max_tokens)
-
-    def apply(self, out: torch.Tensor, q: torch.Tensor, tok_ptr: int, layer: int, max_tokens: int) -> None:
-        """`__call__` with the token slots given as the address of a contiguous int64 array of at least T
-        entries (the step plan holds it once for all layers): the per-layer call of the engine."""
-        T = out.shape[0]
+        """Check a forward's layout and token slots once; every `layer` call until the next `begin` must pass
+        tensors of this layout (in a forward, every attention layer's out and q have it)."""
+        self._step.checked = 0
         code = DTYPES.get(out.dtype)
-        if code is None or q.dtype != out.dtype or q.shape != out.shape or out.shape[1] != self.width:
+        if code is None or q.dtype != out.dtype or q.shape != out.shape or out.dim() != 2 or out.shape[1] != self.width:
             raise ValueError(f"the CPU kernel got out {tuple(out.shape)} {out.dtype}, q {tuple(q.shape)} {q.dtype}")
+        T = out.shape[0]
         if T and (out.stride(1) != 1 or q.stride(1) != 1):
             raise ValueError("the CPU kernel needs rows of dense [H*D] elements")
-        S, KVH, G, Nm, D = self._shape
-        kp, vp, gp = self._layers[layer]
-        rc = self._fn(out.data_ptr(), q.data_ptr(), tok_ptr, kp, vp, gp, self._ntok, self._scale,
-                      T, S, KVH, G, Nm, max_tokens, D, q.stride(0), out.stride(0), code)  # fmt: skip
+        if tok_slot.dtype != np.int64 or not tok_slot.flags.c_contiguous or len(tok_slot) < T:
+            raise ValueError("tok_slot must be a contiguous int64 array with one entry per token")
+        st = self._step
+        self._tok = tok_slot
+        st.tok_slot, st.T, st.n_cap, st.q_row, st.out_row, st.dtype = tok_slot.ctypes.data, T, max_tokens, q.stride(0), out.stride(0), code
+        rc = self._begin(st)
         if rc == -2:
-            raise ValueError(f"a token's slot is outside the table's {S} slots")
+            raise ValueError(f"a token's slot is outside the table's {self.num_slots} slots")
         if rc != 0:
-            raise ValueError(f"the CPU kernel refused head_dim {D}, N {Nm}")
+            raise ValueError(f"the CPU kernel refused this step (N {max_tokens}, {out.dtype})")
+
+    def layer(self, out: torch.Tensor, q: torch.Tensor, layer: int) -> None:
+        """out += the Aligner term of `layer`, for the begun step (the engine's per-layer call)."""
+        if self._layer(self._step_addr, out.data_ptr(), q.data_ptr(), layer) != 0:
+            raise ValueError(f"the CPU kernel has no begun step or no layer {layer}")
+
+    def __call__(self, out: torch.Tensor, q: torch.Tensor, tok_slot: np.ndarray, layer: int, max_tokens: int) -> None:
+        """out += the Aligner term of `layer` (begin and layer in one)."""
+        self.begin(out, q, tok_slot, max_tokens)
+        self.layer(out, q, layer)
 
 
 def aligner_apply(
     out: torch.Tensor,  # [T, H*D]
     q: torch.Tensor,  # [T, H*D]
     tok_slot: np.ndarray,  # [T] int64
-    k: torch.Tensor,  # [S, KVH, Nm, D] float32, one layer of a table
+    k: torch.Tensor,  # [S, KVH, Nm, D] float32 or bfloat16, one layer of a table
     v: torch.Tensor,  # [S, KVH, Nm, D]
     gate: torch.Tensor,  # [S, KVH, G]
     ntok: np.ndarray,  # [S] int64

@@ -81,12 +81,15 @@ def install(model: torch.nn.Module, vllm_config: VllmConfig) -> WorkerState:
         scratch=vllm_config.scheduler_config.max_num_seqs if cfg.cold_slots else 0,  # one per batch row
     )
     dtype = vllm_config.model_config.dtype
-    table = AdapterTable(shape, handles, device=param.device, dtype=dtype)
+    use_cpu_kernel = resolve_cpu_kernel(cfg.path, param.device, dtype, attn0.head_size, cfg.max_tokens)
+    # The C kernel reads a bfloat16 model's K_p/V_p in bfloat16 (exact: they are projected in it); the
+    # torch and Triton paths read float32.
+    kv_dtype = dtype if use_cpu_kernel and dtype == torch.bfloat16 else torch.float32
+    table = AdapterTable(shape, handles, device=param.device, dtype=dtype, kv_dtype=kv_dtype)
     stage = table.stage if cfg.cold_slots else None
     routing = Routing(vllm_config.scheduler_config.max_num_seqs, table.ntok, param.device, stage)
     state = WorkerState(table=table, routing=routing, scale=1.0 / math.sqrt(attn0.head_size), path=cfg.path,
-                        use_triton=resolve_triton(cfg.path, param.device),
-                        use_cpu_kernel=resolve_cpu_kernel(cfg.path, param.device, dtype, attn0.head_size, cfg.max_tokens))  # fmt: skip
+                        use_triton=resolve_triton(cfg.path, param.device), use_cpu_kernel=use_cpu_kernel)  # fmt: skip
     set_worker_state(state)
     return state
 

@@ -40,11 +40,17 @@ class WorkerState:
     use_cpu_kernel: bool = False  # likewise (`resolve_cpu_kernel`)
     op_seconds: float = 0.0  # host time spent computing the term (on CUDA: launching it), for benchmarks
     _cpu: cpu_kernel.BoundKernel | None = None
+    _cpu_plan: StepPlan | None = None  # the forward the kernel was begun for
 
-    def bound_cpu_kernel(self) -> cpu_kernel.BoundKernel:
+    def cpu_kernel_for(self, plan: StepPlan, out: torch.Tensor, q: torch.Tensor) -> cpu_kernel.BoundKernel:
+        """The C kernel bound to the table, begun for this forward: the layout and token slots are checked at
+        a forward's first layer only (its attention layers all give out and q the same layout)."""
         if self._cpu is None:
             t = self.table
             self._cpu = cpu_kernel.BoundKernel(t.k, t.v, t.gate, t.ntok, self.scale)
+        if plan is not self._cpu_plan:
+            self._cpu.begin(out, q, plan.tok_slot_host, plan.max_tokens)
+            self._cpu_plan = plan  # held, so its token slots (which the kernel reads) stay alive
         return self._cpu
 
     def kernel(self) -> str:
@@ -118,7 +124,7 @@ def apply_term(out: torch.Tensor, q: torch.Tensor, layer: int) -> None:
     if st.use_triton:
         triton_kernel.aligner_delta_triton(out, q, plan.tok_slot, t.k[layer], t.v[layer], t.mask, t.gate[layer], st.scale, plan.max_tokens)
     elif st.use_cpu_kernel:
-        st.bound_cpu_kernel().apply(out, q, plan.tok_slot_ptr, layer, plan.max_tokens)
+        st.cpu_kernel_for(plan, out, q).layer(out, q, layer)
     else:
         out.add_(aligner_delta(st, plan, q, layer).to(out.dtype))
     st.op_seconds += time.perf_counter() - t0

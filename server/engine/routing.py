@@ -8,7 +8,7 @@ the step's `query_start_loc`, once, and the result is cached for all layers of t
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -16,19 +16,41 @@ import torch
 from server.engine.aligner_math import chunk_layout, token_runs
 
 
-@dataclass
 class StepPlan:
-    """What the Aligner op needs to know about one forward."""
+    """What the Aligner op needs to know about one forward. The C kernel reads only the host token slots
+    and N; what the torch and Triton paths use besides is made on first use, once for all layers."""
 
-    tok_slot: torch.Tensor  # [T] long, on the model's device; 0 = no adapter
-    tok_slot_host: np.ndarray  # [T] the same on the host, contiguous int64
-    tok_slot_ptr: int  # its address, for the CPU kernel (taken once per forward, not per layer)
-    max_tokens: int  # largest N among the step's adapters
-    adapted: torch.Tensor | None  # [T_a] indices of adapted tokens when they are a minority, else None
-    num_adapted: int  # T_a
-    longest_run: int  # longest contiguous run of one adapter (a prefill chunk)
+    def __init__(self, tokens: np.ndarray, max_tokens: int, device: torch.device) -> None:
+        self.tok_slot_host = tokens  # [T] contiguous int64; 0 = no adapter
+        self.max_tokens = max_tokens  # largest N among the step's adapters
+        self._device = device
+        self._chunks: dict = {}
 
-    _chunks: dict = field(default_factory=dict, repr=False)
+    @cached_property
+    def tok_slot(self) -> torch.Tensor:
+        """[T] long, on the model's device."""
+        return torch.from_numpy(self.tok_slot_host).to(self._device)
+
+    @cached_property
+    def _adapted_host(self) -> np.ndarray:
+        return np.flatnonzero(self.tok_slot_host)
+
+    @property
+    def num_adapted(self) -> int:
+        return len(self._adapted_host)
+
+    @cached_property
+    def adapted(self) -> torch.Tensor | None:
+        """[T_a] indices of adapted tokens when they are a minority, else None."""
+        idx = self._adapted_host
+        return torch.from_numpy(idx).to(self._device) if 2 * len(idx) < len(self.tok_slot_host) else None
+
+    @cached_property
+    def longest_run(self) -> int:
+        """The longest contiguous run of one adapter (a prefill chunk)."""
+        tokens = self.tok_slot_host
+        bounds = np.concatenate([[0], np.flatnonzero(np.diff(tokens)) + 1, [len(tokens)]])
+        return int(np.diff(bounds).max())
 
     def runs(self) -> list[tuple[int, int, int]]:
         return token_runs(self.tok_slot_host.tolist())
@@ -38,7 +60,7 @@ class StepPlan:
         per forward for all layers."""
         got = self._chunks.get(size)
         if got is None:
-            dev = self.tok_slot.device
+            dev = self._device
             got = self._chunks[size] = tuple(torch.from_numpy(x).to(dev) for x in chunk_layout(self.tok_slot_host, size))
         return got
 
@@ -129,18 +151,7 @@ class Routing:
         if len(tokens) < num_tokens:  # padding tokens carry no adapter
             tokens = np.concatenate([tokens, np.zeros(num_tokens - len(tokens), dtype=tokens.dtype)])
         tokens = np.ascontiguousarray(tokens, dtype=np.int64)  # the CPU kernel reads it as int64
-        adapted = np.flatnonzero(tokens)
-        changes = np.flatnonzero(np.diff(tokens)) + 1
-        bounds = np.concatenate([[0], changes, [len(tokens)]])
-        return StepPlan(
-            tok_slot=torch.from_numpy(tokens).to(self._device),
-            tok_slot_host=tokens,
-            tok_slot_ptr=tokens.ctypes.data,
-            max_tokens=int(self._ntok[np.unique(tokens[adapted])].max()),
-            adapted=torch.from_numpy(adapted).to(self._device) if 2 * len(adapted) < len(tokens) else None,
-            num_adapted=len(adapted),
-            longest_run=int(np.diff(bounds).max()),
-        )
+        return StepPlan(tokens, int(self._ntok[tokens].max()), self._device)
 
 
 _context_fns: tuple | None = None  # vLLM's (is_forward_context_available, get_forward_context), imported once

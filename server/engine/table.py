@@ -57,18 +57,23 @@ class TableShape:
 class AdapterTable:
     """`put / lookup / evict / stage`, plus the tensors the Aligner op reads."""
 
-    def __init__(self, shape: TableShape, layers: list[LayerHandle], *, device: torch.device, dtype: torch.dtype):
+    def __init__(self, shape: TableShape, layers: list[LayerHandle], *, device: torch.device, dtype: torch.dtype,
+                 kv_dtype: torch.dtype = torch.float32):  # fmt: skip
         if shape.cold_slots and shape.scratch < 1:
             raise ValueError("a cold tier needs scratch slots to stage its adapters")
         self.shape = shape
         self.layers = layers
         self.dtype = dtype  # the model's dtype: P is projected in it, like a real token
+        # K_p/V_p are projected in the model's dtype, so a table in that dtype holds them exactly; float32
+        # serves every path, bfloat16 (for a bfloat16 model) only the CPU kernel, which reads half the bytes.
+        if kv_dtype not in (torch.float32, dtype):
+            raise ValueError(f"the table holds K_p/V_p in float32 or the model's dtype ({dtype}), not {kv_dtype}")
         L, KVH, N, D = shape.num_layers, shape.num_kv_heads, shape.max_tokens, shape.head_dim
         S = shape.max_slots + 1 + shape.scratch
         G = shape.num_heads // KVH
         f32 = dict(device=device, dtype=torch.float32)
-        self.k = torch.zeros(L, S, KVH, N, D, **f32)  # K_p per layer and slot
-        self.v = torch.zeros(L, S, KVH, N, D, **f32)  # V_p
+        self.k = torch.zeros(L, S, KVH, N, D, device=device, dtype=kv_dtype)  # K_p per layer and slot
+        self.v = torch.zeros(L, S, KVH, N, D, device=device, dtype=kv_dtype)  # V_p
         self.gate = torch.zeros(L, S, KVH, G, **f32)  # gate after activation, grouped like q
         self.bias = torch.zeros(L, S, shape.num_heads * D, **f32)  # g * V_p, used when N == 1
         self.mask = torch.full((S, N), float("-inf"), **f32)  # 0 for real prefix tokens
@@ -200,11 +205,11 @@ class AdapterTable:
                 if layer.k_norm is not None:
                     kp = layer.k_norm(kp)
                 l = layer.index
-                self.k[l, idx, :, :n] = kp.reshape(U, n, KVH, D).transpose(1, 2).float()  # [U, KVH, N, D]
-                self.v[l, idx, :, :n] = vp.reshape(U, n, KVH, D).transpose(1, 2).float()
+                self.k[l, idx, :, :n] = kp.reshape(U, n, KVH, D).transpose(1, 2).to(self.k.dtype)  # [U, KVH, N, D]
+                self.v[l, idx, :, :n] = vp.reshape(U, n, KVH, D).transpose(1, 2).to(self.v.dtype)
                 self.gate[l, idx] = gates[:, l].reshape(U, KVH, G).to(self.gate.device)
                 if n == 1:
-                    self.bias[l, idx] = single_token_bias(self.v[l, idx, :, :1], self.gate[l, idx])  # [U, H*D]
+                    self.bias[l, idx] = single_token_bias(self.v[l, idx, :, :1].float(), self.gate[l, idx])  # [U, H*D]
             self.mask[idx, :n] = 0.0
             self.ntok[idx.cpu().numpy()] = n
 

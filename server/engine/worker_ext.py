@@ -34,7 +34,7 @@ class AlignerWorkerExtension:
 
     def aligner_stats(self) -> dict:
         st = _state()
-        return {**st.table.stats(), "kernel": st.kernel(), "op_seconds": st.op_seconds, "unknown_key_events": st.routing.unknown_key_events,
+        return {**st.table.stats(), "kernel": st.kernel(), "kv_dtype": str(st.table.k.dtype).removeprefix("torch."), "op_seconds": st.op_seconds, "unknown_key_events": st.routing.unknown_key_events,
                 "keys": st.table.keys()}  # fmt: skip
 
 
