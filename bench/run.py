@@ -68,8 +68,8 @@ def targets(out: Path, quick: bool) -> list[dict]:
             worst["ratio_median"] <= 1.05, f"N={worst['N']}: {worst['aligner_ttft_p50_ms']:.1f} vs {worst['base_ttft_p50_ms']:.1f} ms, "
             f"median of {worst['pairs']} pairs; all N: " + ", ".join(f"{r['ratio_median']:.3f}" for r in single))  # fmt: skip
     ttfts = [summary[(n, k)]["ttft_ratio_median"] for n in (1, 4, 16) if (n, k) in summary]
-    add(f"TTFT p50 under a burst of {k} requests / base (worst N)", "(reported)", max(ttfts) if ttfts else None, None,
-        "first tokens come in clusters a prefill step apart; the p50 moves by a step from run to run (bench/README)")
+    add(f"TTFT p50 under a burst of {k} requests / base (worst N)", "<= 1.05", max(ttfts) if ttfts else None,
+        ttfts and max(ttfts) <= 1.05, "every request queued before the engine's first step; median of the rounds' pairs")
     ours = summary.get((1, k)) or next((summary[key] for key in sorted(summary) if key[0] == 1), None)
     for cfg in (lora or {}).get("configs", []):
         mine = next((r for r in cfg["rows"] if ours and r["K"] == ours["K"]), None)

@@ -7,7 +7,7 @@ it (slow drift of the machine cancels). The summary reports the median ratio ove
 adapter i mod K; K > R uses R = K requests (against a base run of the same size).
 
     python bench/throughput.py --quick
-    python bench/throughput.py            # K in {1, 8, 64, 256}, N in {1, 4, 16}, 5 pairs at K = 64
+    python bench/throughput.py            # K in {1, 8, 64, 256}, N in {1, 4, 16}, 9 pairs at K = 64
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--reps", type=int, default=5, help="pairs per N at the target K")
+    p.add_argument("--reps", type=int, default=9, help="pairs per N at the target K")
     p.add_argument("--target-k", type=int, default=64)
     p.add_argument("--latency-pairs", type=int, default=40, help="single-request TTFT pairs per N at the target K")
     p.add_argument("--out", type=Path, default=None)
