@@ -343,6 +343,14 @@ int aligner_begin(aligner_step *st) {
     FN((TYPE *)out, (const TYPE *)q, st->tok_slot, (const KTYPE *)k, (const KTYPE *)v, gate, tb->ntok,   \
        tb->scale, st->T, tb->KVH, tb->G, tb->Nm, st->n_cap, tb->D, st->q_row, st->out_row)
 
+/* The AVX-512 body where it takes the layout, else the portable loops. */
+#ifdef HAVE_VKERNEL
+#define RUN(VEC, PORTABLE, TYPE, KTYPE) \
+    if (CALL(VEC, TYPE, KTYPE) != 0) CALL(PORTABLE, TYPE, KTYPE)
+#else
+#define RUN(VEC, PORTABLE, TYPE, KTYPE) CALL(PORTABLE, TYPE, KTYPE)
+#endif
+
 /* out += the Aligner term of `layer`, for a step aligner_begin accepted. Returns 0; -3 when the step was
    not checked or the layer is outside the table (nothing is written then). */
 int aligner_layer(const aligner_step *st, void *out, const void *q, int64_t layer) {
@@ -351,17 +359,11 @@ int aligner_layer(const aligner_step *st, void *out, const void *q, int64_t laye
     const int64_t es = tb->kv_dtype ? 2 : 4, per_layer = tb->S * tb->KVH * tb->Nm * tb->D * es;
     const void *k = (const char *)tb->k + layer * per_layer, *v = (const char *)tb->v + layer * per_layer;
     const float *gate = tb->gate + layer * tb->S * tb->KVH * tb->G;
-    const int which = (int)(st->dtype * 2 + tb->kv_dtype); /* activations, table */
-#ifdef HAVE_VKERNEL
-    if ((which == 0 && CALL(v_f32_f32, float, float) == 0) || (which == 1 && CALL(v_f32_bf16, float, uint16_t) == 0) ||
-        (which == 2 && CALL(v_bf16_f32, uint16_t, float) == 0) || (which == 3 && CALL(v_bf16_bf16, uint16_t, uint16_t) == 0))
-        return 0;
-#endif
-    switch (which) {
-    case 0: CALL(p_f32_f32, float, float); break;
-    case 1: CALL(p_f32_bf16, float, uint16_t); break;
-    case 2: CALL(p_bf16_f32, uint16_t, float); break;
-    default: CALL(p_bf16_bf16, uint16_t, uint16_t); break;
+    switch (st->dtype * 2 + tb->kv_dtype) { /* activations, table */
+    case 0: RUN(v_f32_f32, p_f32_f32, float, float); break;
+    case 1: RUN(v_f32_bf16, p_f32_bf16, float, uint16_t); break;
+    case 2: RUN(v_bf16_f32, p_bf16_f32, uint16_t, float); break;
+    default: RUN(v_bf16_bf16, p_bf16_bf16, uint16_t, uint16_t); break;
     }
     return 0;
 }
