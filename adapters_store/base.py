@@ -21,7 +21,8 @@ Quotas: ``create_adapter`` checks the owner's ``max_adapters`` (owned
 versions, the new one included) and ``max_adapter_bytes`` (total blob bytes,
 the new blob included) under the same lock/transaction as the insert, so
 concurrent creates can never overshoot a limit; a refused create raises
-``QuotaExceeded`` and writes nothing.
+``QuotaExceeded`` and writes nothing. The other quotas (request rate and the
+limits on in-flight generation) are only stored: the server enforces them.
 
 API keys are stored only as hashes chosen by the caller; the store never sees
 a plain key. ``find_api_key`` is an indexed lookup by hash.

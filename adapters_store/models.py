@@ -18,16 +18,31 @@ PUBLIC_TENANT_NAME = "__public__"
 
 @dataclass(frozen=True)
 class Quotas:
-    """Per-tenant limits; ``None`` means unlimited.
+    """Per-tenant limits; ``None`` means unlimited, 0 forbids any use.
 
     ``max_adapters`` counts owned adapter versions and ``max_adapter_bytes``
     their total blob size; the store enforces both in ``create_adapter``.
-    ``requests_per_minute`` is only stored: rate limiting is the server's job.
+
+    The rest are only stored: the server enforces them on generation requests.
+
+    * ``requests_per_minute``: requests admitted per minute (rate limiting).
+    * ``max_concurrent_requests``: requests the tenant may have in flight at once.
+    * ``max_n``: the largest ``n`` (and ``best_of``) of one request.
+    * ``max_tokens_in_flight``: the sum over the tenant's in-flight requests of
+      ``n * (prompt tokens + max_tokens)``.
+    * ``max_active_adapters``: distinct adapters the tenant's in-flight requests
+      may use at once (its share of the engine's hot adapter slots).
+
+    Each field is a column of the same name in the backends' ``tenants`` table.
     """
 
     max_adapters: int | None = None
     max_adapter_bytes: int | None = None
     requests_per_minute: int | None = None
+    max_concurrent_requests: int | None = None
+    max_n: int | None = None
+    max_tokens_in_flight: int | None = None
+    max_active_adapters: int | None = None
 
 
 @dataclass(frozen=True)

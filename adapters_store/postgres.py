@@ -45,11 +45,19 @@ import asyncpg
 from .base import ChangeCallback, Store
 from .changes import ChangeFeed
 from .common import (
+    ADAPTER_COLUMNS,
+    API_KEY_COLUMNS,
     API_KEY_NOT_FOUND,
+    TENANT_COLUMNS,
     adapter_not_found,
     check_quotas,
+    find_api_key_sql,
+    insert_tenant_sql,
     new_id,
     now,
+    quota_values,
+    quotas_from_row,
+    set_quotas_sql,
     validate_api_key,
     validate_new_adapter,
     validate_quotas,
@@ -149,30 +157,33 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX api_keys_by_tenant ON api_keys (tenant_id, created_at)",
         ),
     ),
+    Migration(
+        version=3,
+        description="tenant quotas on generation requests",
+        statements=(
+            # Existing tenants get NULL everywhere: unlimited.
+            "ALTER TABLE tenants"
+            " ADD COLUMN max_concurrent_requests BIGINT CHECK (max_concurrent_requests >= 0),"
+            " ADD COLUMN max_n BIGINT CHECK (max_n >= 0),"
+            " ADD COLUMN max_tokens_in_flight BIGINT CHECK (max_tokens_in_flight >= 0),"
+            " ADD COLUMN max_active_adapters BIGINT CHECK (max_active_adapters >= 0)",
+        ),
+    ),
 )
 
-_ADAPTER_COLUMNS = (
-    "id, tenant_id, name, version, tokens, params, bytes, sha256, base_model, public, created_at"
-)
-_TENANT_COLUMNS = "id, name, created_at, max_adapters, max_adapter_bytes, requests_per_minute"
-_API_KEY_COLUMNS = "id, tenant_id, prefix, created_at, revoked_at"
+_INSERT_TENANT = insert_tenant_sql("$")
+_SET_QUOTAS = set_quotas_sql("$")
 
 #: The key lookup on every authenticated request; served by api_keys_by_hash
 #: (tests/store_contract/test_postgres.py checks the plan).
-FIND_API_KEY_SQL = (
-    "SELECT k.id AS key_id, k.tenant_id, k.prefix, k.created_at AS key_created_at,"
-    " k.revoked_at, t.id, t.name, t.created_at, t.max_adapters, t.max_adapter_bytes,"
-    " t.requests_per_minute"
-    " FROM api_keys AS k JOIN tenants AS t ON t.id = k.tenant_id"
-    " WHERE k.key_hash = $1 AND k.revoked_at IS NULL"
-)
+FIND_API_KEY_SQL = find_api_key_sql("$")
 
 # Same ranking as the SQLite backend: rank 1 is the newest version of the
 # owner the name resolves to (the caller itself first, else the earliest
 # publisher). $1 is the caller's tenant id.
 _RANKED_CTE = f"""
 WITH candidates AS (
-    SELECT {_ADAPTER_COLUMNS},
+    SELECT {ADAPTER_COLUMNS},
            CASE WHEN tenant_id = $1 THEN 0 ELSE 1 END AS foreign_owner,
            MIN(created_at) OVER (PARTITION BY name, tenant_id) AS owner_since
     FROM adapters
@@ -192,7 +203,7 @@ ranked AS (
 _RESOLVED_VERSIONS = (
     _RANKED_CTE.format(name_filter="name = $2")
     + f"""
-SELECT {_ADAPTER_COLUMNS} FROM ranked
+SELECT {ADAPTER_COLUMNS} FROM ranked
 WHERE tenant_id = (SELECT tenant_id FROM ranked WHERE rank = 1)
   AND ($3::integer IS NULL OR version = $3::integer)
 ORDER BY version
@@ -203,7 +214,7 @@ ORDER BY version
 _LIST_NEWEST = (
     _RANKED_CTE.format(name_filter="($2::text IS NULL OR name > $2::text)")
     + f"""
-SELECT {_ADAPTER_COLUMNS} FROM ranked
+SELECT {ADAPTER_COLUMNS} FROM ranked
 WHERE rank = 1
 ORDER BY name
 LIMIT $3
@@ -366,7 +377,7 @@ class PostgresStore(Store):
                 now(),
             )
             row = await conn.fetchrow(
-                f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE name = $1", name
+                f"SELECT {TENANT_COLUMNS} FROM tenants WHERE name = $1", name
             )
         return _tenant(row)
 
@@ -376,15 +387,7 @@ class PostgresStore(Store):
         validate_quotas(quotas)
         async with self._connection() as conn:
             row = await conn.fetchrow(
-                "INSERT INTO tenants (id, name, created_at, max_adapters, max_adapter_bytes,"
-                " requests_per_minute) VALUES ($1, $2, $3, $4, $5, $6)"
-                f" ON CONFLICT (name) DO NOTHING RETURNING {_TENANT_COLUMNS}",
-                new_id("ten_"),
-                name,
-                now(),
-                quotas.max_adapters,
-                quotas.max_adapter_bytes,
-                quotas.requests_per_minute,
+                _INSERT_TENANT, new_id("ten_"), name, now(), *quota_values(quotas)
             )
         if row is None:
             raise Conflict(f"tenant {name!r} already exists")
@@ -395,14 +398,7 @@ class PostgresStore(Store):
         async with self._connection() as conn:
             # The row lock this takes waits for creates holding the tenant row
             # (see create_adapter), so a limit applies from the next create on.
-            row = await conn.fetchrow(
-                "UPDATE tenants SET max_adapters = $1, max_adapter_bytes = $2,"
-                f" requests_per_minute = $3 WHERE id = $4 RETURNING {_TENANT_COLUMNS}",
-                quotas.max_adapters,
-                quotas.max_adapter_bytes,
-                quotas.requests_per_minute,
-                tenant_id,
-            )
+            row = await conn.fetchrow(_SET_QUOTAS, *quota_values(quotas), tenant_id)
         if row is None:
             raise NotFound(f"tenant {tenant_id!r} not found")
         return _tenant(row)
@@ -410,7 +406,7 @@ class PostgresStore(Store):
     async def get_tenant(self, tenant_id: str) -> Tenant:
         async with self._connection() as conn:
             row = await conn.fetchrow(
-                f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE id = $1", tenant_id
+                f"SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1", tenant_id
             )
         if row is None:
             raise NotFound(f"tenant {tenant_id!r} not found")
@@ -419,7 +415,7 @@ class PostgresStore(Store):
     async def list_tenants(self) -> list[Tenant]:
         async with self._connection() as conn:
             rows = await conn.fetch(
-                f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE name <> $1 ORDER BY name",
+                f"SELECT {TENANT_COLUMNS} FROM tenants WHERE name <> $1 ORDER BY name",
                 PUBLIC_TENANT_NAME,
             )
         return [_tenant(row) for row in rows]
@@ -439,7 +435,7 @@ class PostgresStore(Store):
             row = await conn.fetchrow(
                 "INSERT INTO api_keys (id, tenant_id, key_hash, prefix, created_at)"
                 " VALUES ($1, $2, $3, $4, $5)"
-                f" ON CONFLICT (key_hash) DO NOTHING RETURNING {_API_KEY_COLUMNS}",
+                f" ON CONFLICT (key_hash) DO NOTHING RETURNING {API_KEY_COLUMNS}",
                 new_id("key_"),
                 tenant_id,
                 key_hash,
@@ -469,7 +465,7 @@ class PostgresStore(Store):
             if await conn.fetchval("SELECT 1 FROM tenants WHERE id = $1", tenant_id) is None:
                 raise NotFound(f"tenant {tenant_id!r} not found")
             rows = await conn.fetch(
-                f"SELECT {_API_KEY_COLUMNS} FROM api_keys WHERE tenant_id = $1"
+                f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE tenant_id = $1"
                 " ORDER BY created_at, id",
                 tenant_id,
             )
@@ -480,7 +476,7 @@ class PostgresStore(Store):
             # COALESCE keeps the first revocation time: revoking again changes nothing.
             row = await conn.fetchrow(
                 "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $1)"
-                f" WHERE id = $2 RETURNING {_API_KEY_COLUMNS}",
+                f" WHERE id = $2 RETURNING {API_KEY_COLUMNS}",
                 now(),
                 key_id,
             )
@@ -499,7 +495,7 @@ class PostgresStore(Store):
             # NO KEY UPDATE does not block the FOR KEY SHARE that foreign key
             # checks take, and set_quotas waits for us (and we for it).
             tenant_row = await conn.fetchrow(
-                f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE id = $1 FOR NO KEY UPDATE",
+                f"SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1 FOR NO KEY UPDATE",
                 tenant_id,
             )
             if tenant_row is None:
@@ -539,7 +535,7 @@ class PostgresStore(Store):
                 created_at=now(),
             )
             await conn.execute(
-                f"INSERT INTO adapters ({_ADAPTER_COLUMNS})"
+                f"INSERT INTO adapters ({ADAPTER_COLUMNS})"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                 record.id,
                 record.tenant_id,
@@ -603,7 +599,7 @@ class PostgresStore(Store):
             rows = await conn.fetch(
                 "DELETE FROM adapters WHERE tenant_id = $1 AND name = $2"
                 " AND ($3::integer IS NULL OR version = $3::integer)"
-                f" RETURNING {_ADAPTER_COLUMNS}",
+                f" RETURNING {ADAPTER_COLUMNS}",
                 tenant_id,
                 name,
                 version,
@@ -786,11 +782,7 @@ def _tenant(row: asyncpg.Record) -> Tenant:
         id=row["id"],
         name=row["name"],
         created_at=row["created_at"],
-        quotas=Quotas(
-            max_adapters=row["max_adapters"],
-            max_adapter_bytes=row["max_adapter_bytes"],
-            requests_per_minute=row["requests_per_minute"],
-        ),
+        quotas=quotas_from_row(row),
     )
 
 

@@ -30,11 +30,19 @@ from typing import TypeVar
 
 from .base import ChangeCallback, Store
 from .changes import ChangeFeed, threadsafe_publisher
+from .common import ADAPTER_COLUMNS as _ADAPTER_COLUMNS
+from .common import API_KEY_COLUMNS as _API_KEY_COLUMNS
 from .common import API_KEY_NOT_FOUND
+from .common import TENANT_COLUMNS as _TENANT_COLUMNS
 from .common import adapter_not_found as _adapter_not_found
 from .common import check_quotas as _check_quotas
+from .common import find_api_key_sql as _find_api_key_sql
+from .common import insert_tenant_sql as _insert_tenant_sql
 from .common import new_id as _new_id
 from .common import now as _now
+from .common import quota_values as _quota_values
+from .common import quotas_from_row as _quotas_from_row
+from .common import set_quotas_sql as _set_quotas_sql
 from .common import validate_api_key as _validate_api_key
 from .common import validate_new_adapter as _validate_new_adapter
 from .common import validate_quotas as _validate_quotas
@@ -123,25 +131,29 @@ SQLITE_MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX api_keys_by_tenant ON api_keys (tenant_id, created_at)",
         ),
     ),
+    Migration(
+        version=3,
+        description="tenant quotas on generation requests",
+        statements=(
+            # Existing tenants get NULL everywhere: unlimited.
+            "ALTER TABLE tenants ADD COLUMN max_concurrent_requests INTEGER"
+            " CHECK (max_concurrent_requests IS NULL OR max_concurrent_requests >= 0)",
+            "ALTER TABLE tenants ADD COLUMN max_n INTEGER"
+            " CHECK (max_n IS NULL OR max_n >= 0)",
+            "ALTER TABLE tenants ADD COLUMN max_tokens_in_flight INTEGER"
+            " CHECK (max_tokens_in_flight IS NULL OR max_tokens_in_flight >= 0)",
+            "ALTER TABLE tenants ADD COLUMN max_active_adapters INTEGER"
+            " CHECK (max_active_adapters IS NULL OR max_active_adapters >= 0)",
+        ),
+    ),
 )
 
-_ADAPTER_COLUMNS = (
-    "id, tenant_id, name, version, tokens, params, bytes, sha256, base_model, public, created_at"
-)
-_TENANT_COLUMNS = (
-    "id, name, created_at, max_adapters, max_adapter_bytes, requests_per_minute"
-)
-_API_KEY_COLUMNS = "id, tenant_id, prefix, created_at, revoked_at"
+_INSERT_TENANT = _insert_tenant_sql("?")
+_SET_QUOTAS = _set_quotas_sql("?")
 
 #: The key lookup on every authenticated request; served by api_keys_by_hash
 #: (tests/test_store_sqlite.py checks the plan).
-FIND_API_KEY_SQL = (
-    "SELECT k.id AS key_id, k.tenant_id, k.prefix, k.created_at AS key_created_at,"
-    " k.revoked_at, t.id, t.name, t.created_at, t.max_adapters, t.max_adapter_bytes,"
-    " t.requests_per_minute"
-    " FROM api_keys AS k JOIN tenants AS t ON t.id = k.tenant_id"
-    " WHERE k.key_hash = ? AND k.revoked_at IS NULL"
-)
+FIND_API_KEY_SQL = _find_api_key_sql("?")
 
 # Visible adapters, ranked per name: rank 1 is the newest version of the owner
 # the name resolves to (the caller itself first, else the earliest publisher).
@@ -396,11 +408,7 @@ def _tenant(row: sqlite3.Row) -> Tenant:
         id=row["id"],
         name=row["name"],
         created_at=_from_text(row["created_at"]),
-        quotas=Quotas(
-            max_adapters=row["max_adapters"],
-            max_adapter_bytes=row["max_adapter_bytes"],
-            requests_per_minute=row["requests_per_minute"],
-        ),
+        quotas=_quotas_from_row(row),
     )
 
 
@@ -511,17 +519,7 @@ def _ensure_tenant(conn: sqlite3.Connection, name: str) -> Tenant:
 def _create_tenant(conn: sqlite3.Connection, name: str, quotas: Quotas) -> Tenant:
     with _transaction(conn):
         row = conn.execute(
-            "INSERT INTO tenants (id, name, created_at, max_adapters, max_adapter_bytes,"
-            " requests_per_minute) VALUES (?, ?, ?, ?, ?, ?)"
-            f" ON CONFLICT (name) DO NOTHING RETURNING {_TENANT_COLUMNS}",
-            (
-                _new_id("ten_"),
-                name,
-                _to_text(_now()),
-                quotas.max_adapters,
-                quotas.max_adapter_bytes,
-                quotas.requests_per_minute,
-            ),
+            _INSERT_TENANT, (_new_id("ten_"), name, _to_text(_now()), *_quota_values(quotas))
         ).fetchone()
         if row is None:
             raise Conflict(f"tenant {name!r} already exists")
@@ -530,11 +528,7 @@ def _create_tenant(conn: sqlite3.Connection, name: str, quotas: Quotas) -> Tenan
 
 def _set_quotas(conn: sqlite3.Connection, tenant_id: str, quotas: Quotas) -> Tenant:
     with _transaction(conn):
-        row = conn.execute(
-            "UPDATE tenants SET max_adapters = ?, max_adapter_bytes = ?, requests_per_minute = ?"
-            f" WHERE id = ? RETURNING {_TENANT_COLUMNS}",
-            (quotas.max_adapters, quotas.max_adapter_bytes, quotas.requests_per_minute, tenant_id),
-        ).fetchone()
+        row = conn.execute(_SET_QUOTAS, (*_quota_values(quotas), tenant_id)).fetchone()
         if row is None:
             raise NotFound(f"tenant {tenant_id!r} not found")
     return _tenant(row)

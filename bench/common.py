@@ -88,7 +88,7 @@ async def run_workload(engine, tokenizer, *, keys: list[str | None], max_tokens:
         key = keys[i]
         prompt = TokensPrompt(prompt_token_ids=ids[i])
         if key:
-            prompt["cache_salt"] = cache_salt(key)
+            prompt["cache_salt"] = cache_salt(None, key)
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
                                 extra_args={"aligner": key} if key else None)  # fmt: skip
         kw = {"lora_request": lora[i]} if lora and lora[i] is not None else {}

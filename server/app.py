@@ -20,6 +20,7 @@ from aligner_core.model_spec import ModelSpec
 from server.engine.config import AlignerEngineConfig
 from server.engine.facade import AlignerEngine, EngineOptions
 from server.errors import install_error_handlers
+from server.fair_share import watch_revocations
 from server.limits import BodyLimitMiddleware
 from server.metrics import Metrics
 from server.resolver import AdapterResolver
@@ -46,6 +47,7 @@ def engine_options(settings: Settings, model_path: str, identity: str) -> Engine
                                     cold_slots=settings.cold_resident_adapters, path=settings.kernel_path),  # fmt: skip
         extra_args=tuple(shlex.split(settings.engine_args)),
         isolate_worker_cores=settings.isolate_worker_cores,
+        priority_scheduling=settings.fair_priority,
     )
 
 
@@ -78,6 +80,17 @@ async def exit_when_engine_dies(engine: AlignerEngine, interval_s: float = 0.5) 
             os._exit(3)
 
 
+def key_is_valid(store: Store):
+    async def valid(key_hash: str) -> bool:
+        try:
+            await store.find_api_key(key_hash)
+        except NotFound:
+            return False
+        return True
+
+    return valid
+
+
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -97,9 +110,12 @@ def create_app(settings: Settings) -> FastAPI:
             await store.subscribe(resolver.on_change)
             await engine.start()
             app.state.services = Services(settings, prepared.spec, store, engine, metrics, resolver, open_tenant, public)
-            watchdog = asyncio.create_task(exit_when_engine_dies(engine))
+            services = app.state.services
+            watchers = [asyncio.create_task(exit_when_engine_dies(engine)),
+                        asyncio.create_task(watch_revocations(services.fair, key_is_valid(store)))]  # fmt: skip
             yield
-            watchdog.cancel()
+            for task in watchers:
+                task.cancel()
         finally:
             await engine.stop()
             await store.close()

@@ -35,6 +35,7 @@ async def current_tenant(request: Request, svc: ServicesDep) -> Tenant:
         _, tenant = await svc.store.find_api_key(hash_key(token))
     except NotFound:
         raise Unauthorized("Incorrect API key provided.") from None
+    request.state.key_hash = hash_key(token)  # requests in flight end when this key is revoked
     return tenant
 
 
@@ -50,6 +51,20 @@ async def rate_limited_tenant(svc: ServicesDep, tenant: TenantDep) -> Tenant:
 
 
 GenerationTenantDep = Annotated[Tenant, Depends(rate_limited_tenant)]
+
+
+async def management_tenant(svc: ServicesDep, tenant: TenantDep) -> Tenant:
+    """The tenant, counted against the per-minute limit of adapter uploads, deletes and listings
+    (`ALIGNER_TENANT_MANAGEMENT_PER_MINUTE`, multi-tenant mode)."""
+    limit = svc.settings.tenant_management_per_minute if svc.multi_tenant else None
+    wait = svc.management_limiter.retry_after(tenant.id, limit)
+    if wait is not None:
+        raise RateLimited(f"Rate limit of {limit} adapter uploads, deletes and listings per minute reached "
+                          "(ALIGNER_TENANT_MANAGEMENT_PER_MINUTE).", retry_after=wait)  # fmt: skip
+    return tenant
+
+
+ManagedTenantDep = Annotated[Tenant, Depends(management_tenant)]
 
 
 async def require_admin(request: Request, svc: ServicesDep) -> None:
@@ -74,8 +89,27 @@ async def resolve_adapter(svc: Services, tenant: Tenant, ref: AdapterRef) -> Ada
         raise AdapterNotFound.named(str(ref)) from None
 
 
-async def path_adapter(svc: ServicesDep, tenant: TenantDep, name: Annotated[str, Path()]) -> AdapterRecord:
+async def path_adapter(svc: ServicesDep, tenant: ManagedTenantDep, name: Annotated[str, Path()]) -> AdapterRecord:
     return await resolve_adapter(svc, tenant, AdapterRef.parse(name, param="name"))
 
 
 AdapterDep = Annotated[AdapterRecord, Depends(path_adapter)]
+
+
+async def require_metrics_reader(request: Request, svc: ServicesDep) -> None:
+    """/metrics: open in open mode; in multi-tenant mode the admin key or ALIGNER_METRICS_TOKEN (Prometheus's).
+
+    Tenant keys never read it: the metrics are labelled by tenant, so they would show every tenant's traffic.
+    """
+    admin_key = svc.settings.admin_key
+    if admin_key is None:
+        return
+    token = bearer_token(request)
+    if token is None:
+        raise Unauthorized("Missing credential: send 'Authorization: Bearer <admin key or metrics token>'.")
+    readers = [s.get_secret_value() for s in (admin_key, svc.settings.metrics_token) if s is not None]
+    if not any([same_secret(token, secret) for secret in readers]):  # a list: both compared, whichever matches
+        raise Unauthorized("Incorrect metrics credential provided.")
+
+
+MetricsReaderDep = Depends(require_metrics_reader)

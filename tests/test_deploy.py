@@ -3,10 +3,11 @@
 There is no Docker engine or Kubernetes cluster here, so the fast tests read the files and check them
 against the code they deploy: a small Dockerfile parser (instructions, stages, COPY sources, user,
 health check, start command, ENV), the compose/k8s/Prometheus/Grafana YAML and JSON, the metric names the
-server really exports, and the real `Settings` fields. The one slow test (`server` marker) runs the image's
-steps outside Docker: it builds the project wheel from the build context as `.dockerignore` filters it,
-installs it into a fresh virtualenv, runs the Dockerfile's model pre-conversion step and then its CMD with
-its ENV (container paths mapped into a temporary folder), and waits for /health.
+server really exports, the real `Settings` fields, and `kubectl kustomize` where kubectl is installed. The
+one slow test (`server` marker) runs the image's steps outside Docker: it builds the project wheel from the
+build context as `.dockerignore` filters it, installs it into a fresh virtualenv, runs the Dockerfile's model
+pre-conversion step and then its CMD with its ENV (container paths mapped into a temporary folder), and waits
+for /health.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from support import free_port
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
+K8S_MONITORING = K8S / "prometheus-operator"  # an opt-in kustomize Component: the ServiceMonitor
 DOCKERFILE = REPO / "Dockerfile"
 COMPOSE_FILES = [DEPLOY / "compose.yaml", DEPLOY / "compose.cuda.yaml"]
 
@@ -514,6 +516,8 @@ def test_compose_services_and_referenced_files() -> None:
                     assert (path.parent / src).exists(), f"{path.name}: {name} mounts missing {src}"
                 else:
                     assert src in (base.get("volumes") or {}), f"{name}: named volume {src} is not declared"
+            for secret in _compose_secret_mounts(svc).values():
+                assert secret in (base.get("secrets") or {}), f"{name}: secret {secret} is not declared"
     pg = services["postgres"]
     assert pg["image"].split(":")[0] == "postgres" and "healthcheck" in pg
     assert any(v.split(":")[1].startswith("/var/lib/postgresql") for v in pg["volumes"])
@@ -532,22 +536,61 @@ def _server_port() -> int:
     return int(env["ALIGNER_PORT"])
 
 
+def _compose_secret_mounts(svc: dict) -> dict[str, str]:
+    """A compose service's secrets: container path -> secret name (short form: /run/secrets/<name>)."""
+    out = {}
+    for entry in svc.get("secrets", []):
+        name, target = (entry, entry) if isinstance(entry, str) else (entry["source"], entry.get("target", entry["source"]))
+        out[target if target.startswith("/") else f"/run/secrets/{target}"] = name
+    return out
+
+
+def _interpolated_variable(value: str) -> str | None:
+    """The host variable a compose value is, whole: `${VAR}`, `${VAR:?message}`, `${VAR:-default}`, ..."""
+    m = re.fullmatch(r"\$\{(\w+)(?::?[-?+][^}]*)?\}", str(value))
+    return m[1] if m else None
+
+
+def _aligner_scrape_job() -> dict:
+    """Prometheus's (compose) scrape job on the server's /metrics."""
+    prom = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    jobs = prom["scrape_configs"]
+    port = _server_port()
+    targets = {t for job in jobs for sc in job.get("static_configs", []) for t in sc["targets"]}
+    assert f"aligner:{port}" in targets, targets
+    return next(j for j in jobs if any(f"aligner:{port}" in sc["targets"] for sc in j["static_configs"]))
+
+
 def test_prometheus_scrapes_the_server_metrics_endpoint() -> None:
     from server.routes import ops
 
     services = compose()["services"]
-    prom = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
-    jobs = prom["scrape_configs"]
     port = _server_port()
     assert any(p.split(":")[-1] == str(port) for p in services["aligner"]["ports"])
-    targets = {t for job in jobs for sc in job.get("static_configs", []) for t in sc["targets"]}
-    assert f"aligner:{port}" in targets, targets
-    job = next(j for j in jobs if any(f"aligner:{port}" in sc["targets"] for sc in j["static_configs"]))
+    job = _aligner_scrape_job()
     assert job.get("metrics_path", "/metrics") == "/metrics"
     assert "/metrics" in {r.path for r in ops.router.routes} and "/health" in {r.path for r in ops.router.routes}
     mounted = {v.split(":")[1]: v.split(":")[0] for v in services["prometheus"]["volumes"]}
     config = next(a.split("=", 1)[1] for a in services["prometheus"]["command"] if a.startswith("--config.file="))
     assert (DEPLOY / mounted[config]).resolve() == (DEPLOY / "prometheus/prometheus.yml").resolve()
+
+
+def test_prometheus_scrapes_with_the_metrics_token() -> None:
+    """Multi-tenant /metrics wants a Bearer credential: Prometheus reads ALIGNER_METRICS_TOKEN from a compose
+    secret, made from the same host variable the server gets as ALIGNER_METRICS_TOKEN."""
+    doc = compose()
+    services = doc["services"]
+    auth = _aligner_scrape_job().get("authorization")
+    assert auth, "the scrape job sends no credential: multi-tenant /metrics answers it 401"
+    assert auth.get("type", "Bearer") == "Bearer" and "credentials" not in auth, "a token file, never the token inline"
+    secrets = _compose_secret_mounts(services["prometheus"])
+    assert auth["credentials_file"] in secrets, f"{auth['credentials_file']} is not a secret mounted in prometheus: {secrets}"
+    source = doc["secrets"][secrets[auth["credentials_file"]]]
+    assert set(source) == {"environment"}, f"the secret must come from the host variable the server reads too: {source}"
+    server_env = services["aligner"]["environment"]
+    assert "ALIGNER_METRICS_TOKEN" in settings_env_names()
+    assert _interpolated_variable(server_env.get("ALIGNER_METRICS_TOKEN", "")) == source["environment"], server_env
+    assert _interpolated_variable("${X:?set X}") == "X" and _interpolated_variable("prefix-${X}") is None
 
 
 def test_grafana_provisioning_points_at_prometheus_and_the_dashboards() -> None:
@@ -676,6 +719,54 @@ def test_k8s_objects_reference_each_other() -> None:
     assert re.search(rf"@{sts['spec']['serviceName']}:{pg_port}/", store), store
 
 
+def test_k8s_servicemonitor_scrapes_with_the_metrics_token() -> None:
+    """The opt-in Prometheus Operator Component: a ServiceMonitor on the server Service's port that sends the
+    Secret key the Deployment hands the server as ALIGNER_METRICS_TOKEN; no credential-less scrape annotations."""
+    from server.routes import ops
+
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    component = yaml.safe_load((K8S_MONITORING / "kustomization.yaml").read_text())
+    assert component["kind"] == "Component" and K8S_MONITORING.name in (K8S / "kustomization.yaml").read_text()
+    (monitor,) = [d for f in component["resources"] for d in load_yaml_docs(K8S_MONITORING / f)]
+    assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "ServiceMonitor")
+    assert monitor["metadata"].get("namespace", kust["namespace"]) == kust["namespace"], "the Operator reads the Secret there"
+    deploy = k8s_one("Deployment")
+    pod = deploy["spec"]["template"]["metadata"]
+    assert "prometheus.io/scrape" not in pod.get("annotations", {}), "annotation scrapes carry no token: 401"
+    wanted = monitor["spec"]["selector"]["matchLabels"].items()
+    (service,) = [o for o in k8s_objects() if o["kind"] == "Service" and wanted <= o["metadata"].get("labels", {}).items()]
+    assert service["spec"]["selector"].items() <= pod["labels"].items(), "the monitored Service is the server's"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert endpoint.get("path", "/metrics") == "/metrics" and "/metrics" in {r.path for r in ops.router.routes}
+    auth = endpoint.get("authorization")
+    assert auth and auth.get("type", "Bearer") == "Bearer", "no credential: multi-tenant /metrics answers 401"
+    ref = auth["credentials"]
+    secret = k8s_one("Secret", ref["name"])
+    assert ref["key"] in secret.get("stringData", {}) | secret.get("data", {}), f"secret {ref['name']} has no key {ref['key']}"
+    env = {e["name"]: e for e in _container(deploy)["env"]}
+    assert env["ALIGNER_METRICS_TOKEN"]["valueFrom"]["secretKeyRef"] == ref, "the server must get the token Prometheus sends"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) is not installed")
+def test_k8s_kustomization_builds_with_and_without_the_servicemonitor(tmp_path) -> None:
+    def build(root: Path) -> list[dict]:
+        out = subprocess.run(["kubectl", "kustomize", root], check=True, capture_output=True, text=True, timeout=60).stdout
+        return [d for d in yaml.safe_load_all(out) if d is not None]
+
+    base = build(K8S)
+    assert sorted(o["kind"] for o in base) == sorted(o["kind"] for o in k8s_objects())
+    assert "ServiceMonitor" not in {o["kind"] for o in base}, "opt-in: without the Operator's CRDs `kubectl apply` fails"
+    overlay = tmp_path / "overlay"  # what a user with the Prometheus Operator writes (or uncomments)
+    overlay.mkdir()
+    rel = os.path.relpath(K8S, overlay)
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({"resources": [rel], "components": [f"{rel}/{K8S_MONITORING.name}"]}))
+    monitored = build(overlay)
+    assert sorted(o["kind"] for o in monitored) == sorted([o["kind"] for o in base] + ["ServiceMonitor"])
+    namespace = yaml.safe_load((K8S / "kustomization.yaml").read_text())["namespace"]
+    assert {o["metadata"].get("namespace") for o in monitored if o["kind"] != "Namespace"} == {namespace}
+
+
 def test_env_var_names_are_real_settings_or_the_images_own() -> None:
     names: dict[str, str] = {}
     for path in COMPOSE_FILES:
@@ -683,6 +774,9 @@ def test_env_var_names_are_real_settings_or_the_images_own() -> None:
             env = svc.get("environment", {})
             for key in env if isinstance(env, dict) else [e.split("=", 1)[0] for e in env]:
                 names[key] = f"{path.name}:{svc_name}"
+        for secret_name, secret in (compose(path).get("secrets") or {}).items():
+            if "environment" in secret:
+                names[secret["environment"]] = f"{path.name}: secret {secret_name}"
     for o in k8s_objects():
         if o["kind"] in ("ConfigMap", "Secret"):
             for key in o.get("data", {}) | o.get("stringData", {}):
@@ -729,8 +823,8 @@ def test_image_build_steps_and_start_command_serve_health_and_models(tmp_path) -
       mapped under tmp_path, WORKDIR /app = a copy of the context's examples) plus ALIGNER_ADMIN_KEY (as compose
       and k8s pass it), `--port <free>` and `--enforce-eager` answers /health 200; in multi-tenant mode /v1 and
       /admin answer 401 without a key, the admin key creates a tenant and its key, which lists /v1/models (the
-      base model, and every examples/adapters/*.safetensors as a public adapter); /metrics answers without a
-      key (as Prometheus scrapes it); the SQLite store is in the /data folder; the HEALTHCHECK command passes,
+      base model, and every examples/adapters/*.safetensors as a public adapter); /metrics answers 401 without
+      a credential and 200 to ALIGNER_METRICS_TOKEN (passed like the admin key, as Prometheus scrapes it); the SQLite store is in the /data folder; the HEALTHCHECK command passes,
       SIGTERM to the main process shuts the app down gracefully (uvicorn then re-raises it: exit -15), and the HEALTHCHECK command then fails.
     Not verified: apt packages, the PyPI/PyTorch-index installs, the CUDA target, the non-root uid.
     """
@@ -782,9 +876,10 @@ def test_image_build_steps_and_start_command_serve_health_and_models(tmp_path) -
 
     port = free_port()
     argv = stage.last("CMD").exec_form() + ["--port", str(port), "--enforce-eager"]
-    key = "deploy-test-admin-key"
+    key, metrics_token = "deploy-test-admin-key", "deploy-test-metrics-token"
     log = tmp_path / "server.log"
-    proc = subprocess.Popen(argv, env=env | {"ALIGNER_ADMIN_KEY": key}, cwd=app, stdout=log.open("wb"),
+    secrets = {"ALIGNER_ADMIN_KEY": key, "ALIGNER_METRICS_TOKEN": metrics_token}
+    proc = subprocess.Popen(argv, env=env | secrets, cwd=app, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
@@ -813,7 +908,8 @@ def test_image_build_steps_and_start_command_serve_health_and_models(tmp_path) -
         assert ids and ids[0].startswith("SmolLM2-135M-Instruct"), ids
         for seeded in sorted((app / "examples/adapters").glob("*.safetensors")):
             assert seeded.stem in ids, f"examples/adapters/{seeded.name} was not published: {ids}"
-        metrics = httpx.get(base + "/metrics", timeout=10)
+        assert httpx.get(base + "/metrics", timeout=10).status_code == 401
+        metrics = httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {metrics_token}"}, timeout=10)
         assert metrics.status_code == 200 and "aligner_adapters_resident" in metrics.text
         assert (root / "data/aligner.db").is_file(), "the SQLite store must live in the /data volume"
         assert {p.name: p.stat().st_mtime_ns for p in model_dir.iterdir()} == before, "the model was converted again"

@@ -571,7 +571,8 @@ def test_admin_tenants_keys_quotas_public(mt_server, spec) -> None:
     assert e.value.code == "invalid_api_key"
 
     t = admin.admin.tenants.create("sdk-acme", max_adapters=1)
-    assert t.id and t.name == "sdk-acme" and t.quotas.max_adapters == 1 and t.quotas.requests_per_minute is None
+    # quotas left out get the server's defaults (ALIGNER_TENANT_*): a new tenant is never unlimited
+    assert t.id and t.name == "sdk-acme" and t.quotas.max_adapters == 1 and t.quotas.requests_per_minute == 600
     assert t.id in [x.id for x in admin.admin.tenants.list()]
     k = admin.admin.keys.create(t.id)
     assert k.key and k.key.startswith("ak-") and k.tenant_id == t.id and not k.revoked
@@ -585,7 +586,7 @@ def test_admin_tenants_keys_quotas_public(mt_server, spec) -> None:
         tenant.adapters.upload("mine", _adapter_bytes(spec, seed=6)[0])
     assert e.value.code == "quota_exceeded" and e.value.retry_after is not None and sleeps == []
     t2 = admin.admin.tenants.set_quotas(t.id, max_adapters=5)
-    assert t2.quotas.max_adapters == 5
+    assert t2.quotas.max_adapters == 5 and t2.quotas.requests_per_minute == 600  # the others are kept
     assert tenant.adapters.upload("mine", _adapter_bytes(spec, seed=6)[0]).version == 2
 
     pub = admin.admin.adapters.upload("sdk-house", _adapter_bytes(spec, seed=7)[0])
@@ -629,8 +630,10 @@ def test_cli_admin_json(mt_server, spec, tmp_path, capsys, monkeypatch) -> None:
         return json.loads(capsys.readouterr().out)
 
     t = run("tenants", "create", "sdk-cli", "--max-adapters", "3", "--requests-per-minute", "100")
-    assert t["name"] == "sdk-cli" and t["quotas"] == {"max_adapters": 3, "max_adapter_bytes": None,
-                                                      "requests_per_minute": 100}  # fmt: skip
+    assert t["name"] == "sdk-cli" and t["quotas"] == {"max_adapters": 3, "max_adapter_bytes": 256 << 20,
+                                                      "requests_per_minute": 100, "max_concurrent_requests": 16,
+                                                      "max_n": 8, "max_tokens_in_flight": 32768,
+                                                      "max_active_adapters": 16}  # fmt: skip
     assert "sdk-cli" in [x["name"] for x in run("tenants", "list")]
     assert run("tenants", "set-quotas", t["id"], "--max-adapters", "4")["quotas"]["max_adapters"] == 4
     k = run("keys", "create", t["id"])

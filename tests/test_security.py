@@ -374,7 +374,9 @@ def test_quota_values_past_64_bits_are_refused(world: World) -> None:
         assert_error_shape(call(world.server, "PATCH", f"/admin/tenants/{world.b.id}", ADMIN, json=quotas), 400)
     r = call(world.server, "PATCH", f"/admin/tenants/{world.b.id}", ADMIN, json={"max_adapter_bytes": 2**63 - 1})
     assert r.status_code == 200 and r.json()["quotas"]["max_adapter_bytes"] == 2**63 - 1, r.text
-    assert call(world.server, "PATCH", f"/admin/tenants/{world.b.id}", ADMIN, json={}).json()["quotas"]["max_adapter_bytes"] is None
+    # PATCH changes only what it names; null is unlimited
+    assert call(world.server, "PATCH", f"/admin/tenants/{world.b.id}", ADMIN, json={}).json()["quotas"]["max_adapter_bytes"] == 2**63 - 1
+    assert call(world.server, "PATCH", f"/admin/tenants/{world.b.id}", ADMIN, json={"max_adapter_bytes": None}).json()["quotas"]["max_adapter_bytes"] is None
     assert "big" not in [t["name"] for t in call(world.server, "GET", "/admin/tenants", ADMIN).json()["data"]]
 
 
@@ -487,3 +489,165 @@ def test_longest_valid_name_is_accepted(world: World) -> None:
         r = upload(world.server, world.b.key, name, encode(Adapter.random(world.spec, seed=111)))
         assert r.status_code == 201 and r.json()["name"] == name, r.text
         assert call(world.server, "DELETE", f"/v1/adapters/{name}", world.b.key).status_code == 200
+
+
+# --- numbers from the client: ASCII digits only (str.isdigit() and int() also take "¹", "١", "０") ---
+
+BAD_VERSIONS = ["¹", "١", "０", "+1", " 1", "1_0", "-1", "0", "", "1.0", "2147483648", "9" * 30, "1" * 5000]
+
+
+def assert_still_serving(w: World) -> None:
+    assert call(w.server, "GET", "/health").status_code == 200
+    ok = _generate(w, "chat/completions", "Say hi.", max_tokens=2)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] is not None, ok.text
+
+
+def test_adapter_versions_must_be_ascii_digits(world: World) -> None:
+    """Found by fuzzing: `x@¹` passed `str.isdigit()`, then `int()` raised: a 500. A version past the
+    stores' 32-bit INTEGER (or 4300 digits, int()'s limit) was one too."""
+    w = world
+    for v in BAD_VERSIONS:
+        for method, path in (("GET", f"/v1/adapters/secret@{quote(v)}"), ("GET", f"/v1/adapters/secret@{quote(v)}/versions"),
+                             ("DELETE", f"/v1/adapters/secret@{quote(v)}")):  # fmt: skip
+            err = assert_error_shape(call(w.server, method, path, w.a.key), 400)
+            assert err["type"] == "invalid_request_error" and err["param"] == "name" and "ASCII digits" in err["message"], (v, err)
+        for field in ("adapter", "model"):
+            err = assert_error_shape(_generate(w, "chat/completions", "Say hi.", max_tokens=1, **{field: f"secret@{v}"}), 400)
+            assert err["type"] == "invalid_request_error" and err["param"] == field, (v, err)
+    assert_a_intact(w)  # the DELETEs above removed nothing
+    for v in ("1", "01"):  # positive control: ASCII digits name the version
+        assert call(w.server, "GET", f"/v1/adapters/secret@{v}", w.a.key).json()["version"] == 1
+    assert_still_serving(w)
+
+
+def test_malformed_content_length_is_a_400_not_a_crash(world: World) -> None:
+    """Over a socket, uvicorn's HTTP parser refuses these itself (400, before our app); the app refuses
+    them too, so another server or transport cannot reach `int()` with them."""
+    import asyncio
+    import json
+    import socket
+
+    from server.limits import BodyLimitMiddleware
+
+    bad = ["¹".encode(), b"\xb9", "١".encode(), "０".encode(), b"1_0", b"+2", b"-2", b"0x2", b"9" * 5000]
+    host, port = world.server.base.removeprefix("http://").split(":")
+    for value in bad:
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(b"POST /v1/adapters HTTP/1.1\r\nhost: x\r\ncontent-length: " + value + b"\r\n\r\n{}")
+            status = s.recv(4096).split(b"\r\n", 1)[0]
+        assert status.startswith(b"HTTP/1.1 400"), (value, status)
+
+    async def through_middleware(value: bytes) -> tuple[list[dict], bool]:
+        reached = False
+
+        async def app(scope, receive, send) -> None:
+            nonlocal reached
+            reached = True
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/adapters", "headers": [(b"content-length", value)]}
+        await BodyLimitMiddleware(app, max_bytes=1024)(scope, receive, send)
+        return sent, reached
+
+    for value in bad + [b" 2", b"2 ", b""]:  # a server strips the spaces; ASGI does not promise it
+        sent, reached = asyncio.run(through_middleware(value))
+        assert not reached and sent[0]["status"] == 400, (value, sent)
+        error = json.loads(sent[1]["body"])["error"]
+        assert set(error) == ERROR_KEYS and error["type"] == "invalid_request_error" and "Content-Length" in error["message"]
+    sent, reached = asyncio.run(through_middleware(b"2"))  # positive control
+    assert reached and sent[0]["status"] == 200
+    assert asyncio.run(through_middleware(b"4096"))[0][0]["status"] == 413
+    assert_still_serving(world)
+
+
+# --- structured outputs: a constraint the grammar compiler refuses, or that admits no output, is a 400 ---
+
+SELF_REFERENCING = {  # JSON schemas whose recursion has no way out: no finite JSON value satisfies them
+    "ref-root": {"$ref": "#"},
+    "anyOf-self": {"anyOf": [{"$ref": "#"}]},
+    "allOf-self": {"allOf": [{"$ref": "#"}]},
+    "defs-cycle": {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+    "required-self": {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]},
+    "nonempty-array-of-self": {"type": "array", "items": {"$ref": "#"}, "minItems": 1},
+}
+LINKED_LIST = {  # recursive with a base case: accepted, and it must constrain the output
+    "type": "object",
+    "properties": {"value": {"type": "integer"}, "next": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}},
+    "required": ["value", "next"],
+    "additionalProperties": False,
+}
+
+
+def _constrained(w: World, endpoint: str, carrier: str, *, schema: dict | None = None, text: str = "Say hi.",
+                 max_tokens: int = 4, **constraint) -> httpx.Response:  # fmt: skip
+    """A generation constrained by `schema` (via `carrier`), or by other `structured_outputs` fields."""
+    if schema is not None and carrier == "response_format":
+        constraint = {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+    elif schema is not None:
+        constraint = {"structured_outputs": {"json": schema}}
+    else:
+        constraint = {"structured_outputs": constraint}
+    return _generate(w, endpoint, text, max_tokens=max_tokens, temperature=0, **constraint)
+
+
+@pytest.mark.parametrize("carrier", ["response_format", "structured_outputs"])
+@pytest.mark.parametrize("endpoint", ["chat/completions", "completions"])
+def test_self_referencing_json_schema_is_refused(world: World, endpoint: str, carrier: str) -> None:
+    """Found by fuzzing: {"$ref": "#"} compiled, then the engine's grammar rejected the first token: a 500.
+    A required property of itself compiled too, and generation could never end."""
+    for label, schema in SELF_REFERENCING.items():
+        err = assert_error_shape(_constrained(world, endpoint, carrier, schema=schema), 400)
+        assert err["type"] == "invalid_request_error" and err["param"] == carrier, (label, err)
+        assert "admits no finite value" in err["message"], (label, err)
+    assert_still_serving(world)
+
+
+@pytest.mark.parametrize("carrier", ["response_format", "structured_outputs"])
+@pytest.mark.parametrize("endpoint", ["chat/completions", "completions"])
+def test_recursive_json_schema_with_a_base_case_constrains_the_output(world: World, endpoint: str, carrier: str) -> None:
+    """Positive control for the test above: recursion with a way out is accepted and honoured (the model,
+    asked to repeat strings, must write integers), not dropped."""
+    import json
+
+    def is_list(v) -> bool:
+        return isinstance(v, dict) and set(v) == {"value", "next"} and type(v["value"]) is int and (v["next"] is None or is_list(v["next"]))
+
+    text = 'Repeat exactly this JSON: {"value": "one", "next": {"value": "two", "next": null}}\n'
+    r = _constrained(world, endpoint, carrier, schema=LINKED_LIST, text=text, max_tokens=60)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop", choice
+    assert is_list(json.loads(choice.get("text") or choice["message"]["content"])), choice
+
+
+COMPILER_REFUSES = {  # label -> (carrier, constraint, a part of the compiler's reason)
+    "lookbehind-pattern": ("response_format", {"schema": {"type": "string", "pattern": "(?<=a)b"}}, "look-behind"),
+    "missing-ref": ("response_format", {"schema": {"$ref": "#/$defs/nope"}}, "/$defs/nope"),
+    "missing-ref-so": ("structured_outputs", {"schema": {"type": "object", "properties": {"a": {"$ref": "#/definitions/gone"}}}},
+                       "/definitions/gone"),  # fmt: skip
+    "bad-regex": ("structured_outputs", {"regex": "(ab"}, "unclosed group"),
+    "bad-grammar": ("structured_outputs", {"grammar": "root ::= (("}, "Expected ')'"),
+}
+
+
+@pytest.mark.parametrize("endpoint", ["chat/completions", "completions"])
+def test_constraints_the_grammar_compiler_refuses_are_400s(world: World, endpoint: str) -> None:
+    """vLLM's own 400 for these named no parameter: the field holding the constraint is named now."""
+    for label, (carrier, constraint, reason) in COMPILER_REFUSES.items():
+        if "schema" in constraint:
+            r = _constrained(world, endpoint, carrier, schema=constraint["schema"])
+        else:
+            r = _constrained(world, endpoint, carrier, **constraint)
+        err = assert_error_shape(r, 400)
+        assert err["type"] == "invalid_request_error" and err["param"] == carrier, (label, err)
+        assert reason in err["message"], (label, err)
+    assert_still_serving(world)

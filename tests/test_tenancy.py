@@ -18,6 +18,7 @@ from support import Server, real_model
 pytestmark = pytest.mark.server
 
 ADMIN = "admin-secret-for-tests"
+METRICS_TOKEN = "metrics-token-for-tests"  # ALIGNER_METRICS_TOKEN: what Prometheus sends
 QUESTION = [{"role": "user", "content": "Tell me a short story about a robot who learns to paint."}]
 
 
@@ -29,7 +30,7 @@ def server(request, tmp_path_factory):
             url = f"sqlite:///{tmp / 'store.db'}"
         else:
             url = stack.enter_context(throwaway_database(postgres_url_or_skip()))
-        srv = Server(url, tmp / "server.log", env={"ALIGNER_ADMIN_KEY": ADMIN})
+        srv = Server(url, tmp / "server.log", env={"ALIGNER_ADMIN_KEY": ADMIN, "ALIGNER_METRICS_TOKEN": METRICS_TOKEN})
         stack.callback(srv.stop)
         srv.start()
         yield srv
@@ -194,7 +195,7 @@ def test_hot_swap_while_streaming(server, tenants, spec) -> None:
 
 
 def _resident(server) -> float:
-    text = call(server, "GET", "/metrics").text
+    text = call(server, "GET", "/metrics", ADMIN).text
     return float(next(l.split()[-1] for l in text.splitlines() if l.startswith("aligner_adapters_resident ")))
 
 
@@ -214,6 +215,19 @@ def test_delete_while_streaming(server, tenants, spec) -> None:
 
 
 def test_metrics_by_tenant(server, tenants) -> None:
-    text = call(server, "GET", "/metrics").text
+    text = call(server, "GET", "/metrics", ADMIN).text
     assert 'tenant="alice"' in text and 'tenant="carol"' in text
     assert "secret" not in text and "house-style" not in text  # never labelled by adapter name
+
+
+def test_metrics_need_a_credential(server, tenants) -> None:
+    """Multi-tenant /metrics (every tenant's traffic): the admin key or the metrics token, never a tenant key."""
+    _, alice = tenants["alice"]
+    for key in (None, alice, "wrong-token"):
+        r = call(server, "GET", "/metrics", key)
+        assert r.status_code == 401, key
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"} and r.json()["error"]["code"] == "invalid_api_key"
+    for key in (ADMIN, METRICS_TOKEN):
+        r = call(server, "GET", "/metrics", key)
+        assert r.status_code == 200 and "aligner_requests" in r.text, r.text[:300]
+    assert call(server, "GET", "/health").status_code == 200  # probes stay open

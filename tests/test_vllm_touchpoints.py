@@ -87,7 +87,18 @@ def test_v2_model_state_hooks() -> None:
 def test_cache_salt_is_valid_for_vllm() -> None:
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
-    salt = cache_salt("a" * 64, "user/salt@x")
+    salt = cache_salt("ten_1", "a" * 64, "user/salt@x" * 20)
     assert len(salt) <= 128 and not any(c in salt for c in "@/\\\x00")
     ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], cache_salt=salt)  # vLLM accepts it
-    assert cache_salt("a" * 64) != cache_salt("b" * 64)
+
+
+def test_cache_salt_separates_tenants_adapters_and_client_salts() -> None:
+    """The server's salt of one (tenant, adapter content, client salt) is no other's: not another tenant's,
+    not another adapter's or the base model's, and no client salt reproduces any of them."""
+    a, b = "a" * 64, "b" * 64
+    salts = {cache_salt(t, k, u) for t in ("ten_1", "ten_2", None) for k in (a, b, None) for u in (None, "x", "y")}
+    assert len(salts) == 27
+    # the old format (the salt text itself, then the client's) cannot be forged through the client salt
+    for forged in (f"aligner-{a}", a, "base", "ten_2", '"ten_2"'):
+        assert cache_salt("ten_1", None, forged) not in {cache_salt("ten_2", None), cache_salt("ten_1", a), cache_salt(None, None)}
+    assert cache_salt("ten_1", a) == cache_salt("ten_1", a)  # stable: the cache keeps hitting within a tenant

@@ -8,8 +8,9 @@ token has been streamed. Unpinned keys are evicted least-recently-used when the 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -19,8 +20,6 @@ from typing import Any
 from server.engine import placement
 from server.engine.config import AlignerEngineConfig
 from server.engine.plugin import aligner_architecture
-
-_SALT_UNSAFE = re.compile(r"[@/\\\x00]")
 
 
 class EngineError(Exception):
@@ -51,6 +50,7 @@ class EngineOptions:
     extra_args: tuple[str, ...] = ()  # any further `vllm serve` flags
     aligner_enabled: bool = True  # False: the stock engine, for baselines and equivalence tests
     isolate_worker_cores: bool = True  # CPU: keep the API process and engine core off the workers' cores
+    priority_scheduling: bool = False  # vLLM's priority policy: each request's `priority` orders the queue
 
     def argv(self) -> list[str]:
         from server.engine.vllm_glue import json_flag
@@ -72,6 +72,8 @@ class EngineOptions:
             ]  # fmt: skip
         if self.aligner_enabled and self._routing() == "v1":
             argv += ["--logits-processors", "server.engine.routing_v1:AlignerRoutingLP"]
+        if self.priority_scheduling:
+            argv += ["--scheduling-policy", "priority"]
         if self.enforce_eager:
             argv.append("--enforce-eager")
         return argv + list(self.extra_args)
@@ -84,10 +86,16 @@ class EngineOptions:
         return "v1" if current_platform.is_cpu() or os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "0" else "v2"
 
 
-def cache_salt(key: str, user_salt: str | None = None) -> str:
-    """Prefix-cache salt from the adapter's content hash, so KV blocks are never shared across adapters."""
-    salt = f"aligner-{key[:64]}" + (f"-{user_salt}" if user_salt else "")
-    return _SALT_UNSAFE.sub("_", salt)[:128]
+def cache_salt(tenant: str | None, key: str | None, user_salt: str | None = None) -> str:
+    """The prefix-cache salt of a request, made only here, from what the server knows: the tenant (None:
+    shared by every tenant), the adapter's content hash (None: the base model) and the client's own salt.
+
+    vLLM reuses a KV block only under the same salt, so blocks are shared exactly within one (tenant,
+    adapter content, client salt). The fields are hashed as one JSON array: a client's salt can split its
+    own tenant's cache further, but no string it sends equals another tenant's or another adapter's salt.
+    """
+    fields = json.dumps([tenant, key or "base", user_salt], separators=(",", ":"))
+    return "aligner-" + hashlib.sha256(fields.encode()).hexdigest()
 
 
 @dataclass
@@ -234,6 +242,14 @@ class AlignerEngine:
     async def stats(self) -> dict:
         (first, *_) = await self._rpc("aligner_stats")
         return first
+
+    async def counters(self) -> dict[str, int]:
+        """Counters summed over the workers (unknown_key_events: rows that met a key no slot held)."""
+        total: dict[str, int] = {}
+        for part in await self._rpc("aligner_counters"):
+            for k, v in part.items():
+                total[k] = total.get(k, 0) + int(v)
+        return total
 
     async def _rpc(self, method: str, *args: Any) -> list[Any]:
         if self.client is None:

@@ -7,6 +7,8 @@ forward. Each row's adapter key (SamplingParams.extra_args["aligner"]) becomes i
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from vllm import SamplingParams
 from vllm.config import VllmConfig
@@ -15,6 +17,9 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 from server.engine.op import worker_state
 
 EXTRA_ARGS_KEY = "aligner"
+KEY_PREFIX_CHARS = 12  # enough of the sha256 key to find the adapter; names and tenants never reach the worker
+
+log = logging.getLogger(__name__)
 
 
 def adapter_key(params: SamplingParams | None) -> str | None:
@@ -44,6 +49,8 @@ class AlignerRoutingLP(LogitsProcessor):
             slot = st.table.lookup(key, routing.slots_in_use()) if key else 0
             if key and slot == 0:
                 routing.unknown_key_events += 1  # a logits processor cannot fail a request: run as base
+                log.error("unknown adapter key %s: batch row %d runs as the base model (the frontend's lease "
+                          "should have made it resident)", key[:KEY_PREFIX_CHARS], row)  # fmt: skip
             routing.set_row(row, slot)
         for row in batch_update.removed:
             routing.set_row(row, 0)

@@ -32,6 +32,10 @@ class AlignerWorkerExtension:
         st = _state()
         return st.table.evict(key, in_use=set() if force else st.routing.slots_in_use())
 
+    def aligner_counters(self) -> dict:
+        """The few counters the server's /metrics pulls on each scrape (cheap: no key list)."""
+        return {"unknown_key_events": _state().routing.unknown_key_events}
+
     def aligner_stats(self) -> dict:
         st = _state()
         return {**st.table.stats(), "kernel": st.kernel(), "kv_dtype": str(st.table.k.dtype).removeprefix("torch."), "op_seconds": st.op_seconds, "unknown_key_events": st.routing.unknown_key_events,

@@ -8,8 +8,9 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 
 from adapters_store import NewAdapter, NotFound
 from aligner_core.adapter_format import check_fits, decode, encode
-from server.deps import AdapterDep, ServicesDep, TenantDep
+from server.deps import AdapterDep, ManagedTenantDep, ServicesDep
 from server.errors import AdapterNotFound, PayloadTooLarge
+from server.limits import declared_length
 from server.schemas import AdapterDeleted, AdapterList, AdapterPublic, AdapterRef, check_name
 from server.services import Services
 
@@ -24,8 +25,8 @@ NameField = Annotated[str, Form(description="1-64 letters, digits, '.', '_' or '
 async def store_upload(svc: Services, request: Request, owner_id: str, name: str, file: UploadFile) -> AdapterPublic:
     """Validate an uploaded file against the served model and store it as the next version of `name`."""
     limit = svc.settings.max_adapter_bytes
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit + _MULTIPART_OVERHEAD:
+    declared = declared_length(request.scope)
+    if declared is not None and declared > limit + _MULTIPART_OVERHEAD:
         raise PayloadTooLarge(f"request of {declared} bytes exceeds the adapter limit of {limit} bytes", param="file")
     check_name(name)
     data = await file.read(limit + 1)
@@ -60,14 +61,14 @@ async def delete_owned(svc: Services, owner_id: str, name: str) -> AdapterDelete
 
 
 @router.post("", status_code=201)
-async def upload_adapter(request: Request, svc: ServicesDep, tenant: TenantDep, file: FileField, name: NameField) -> AdapterPublic:
+async def upload_adapter(request: Request, svc: ServicesDep, tenant: ManagedTenantDep, file: FileField, name: NameField) -> AdapterPublic:
     return await store_upload(svc, request, tenant.id, name, file)
 
 
 @router.get("")
 async def list_adapters(
     svc: ServicesDep,
-    tenant: TenantDep,
+    tenant: ManagedTenantDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: str | None = None,
 ) -> AdapterList:
@@ -83,11 +84,11 @@ async def get_adapter(record: AdapterDep) -> AdapterPublic:
 
 
 @router.get("/{name}/versions")
-async def list_versions(svc: ServicesDep, tenant: TenantDep, record: AdapterDep) -> AdapterList:
+async def list_versions(svc: ServicesDep, tenant: ManagedTenantDep, record: AdapterDep) -> AdapterList:
     versions = await svc.store.list_versions(tenant.id, record.name)
     return AdapterList(data=[AdapterPublic.of(r) for r in versions], has_more=False)
 
 
 @router.delete("/{name}")
-async def delete_adapter(svc: ServicesDep, tenant: TenantDep, name: str) -> AdapterDeleted:
+async def delete_adapter(svc: ServicesDep, tenant: ManagedTenantDep, name: str) -> AdapterDeleted:
     return await delete_owned(svc, tenant.id, name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, replace
 from datetime import datetime
 
 from fastapi import APIRouter, Request
@@ -10,6 +11,7 @@ from pydantic import BaseModel, Field
 from adapters_store import ApiKey, Quotas, Tenant
 from server.auth import issue_key
 from server.deps import AdminDep, ServicesDep
+from server.fair_share import default_quotas
 from server.routes.adapters import FileField, NameField, delete_owned, store_upload
 from server.schemas import AdapterDeleted, AdapterPublic
 
@@ -19,13 +21,29 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
 _MAX_QUOTA = 2**63 - 1  # what the stores hold (a signed 64-bit integer); beyond it the store refuses
 
 
-class QuotasBody(BaseModel):
-    max_adapters: int | None = Field(default=None, ge=0, le=_MAX_QUOTA)
-    max_adapter_bytes: int | None = Field(default=None, ge=0, le=_MAX_QUOTA)
-    requests_per_minute: int | None = Field(default=None, ge=0, le=_MAX_QUOTA)
+QuotaValue = int | None
+_QUOTA = Field(default=None, ge=0, le=_MAX_QUOTA)
 
-    def to_quotas(self) -> Quotas:
-        return Quotas(**self.model_dump())
+
+class QuotasBody(BaseModel):
+    """Per-tenant limits; null means unlimited. On create, a limit left out gets the server's default
+    (`ALIGNER_TENANT_*`); on PATCH, a limit left out keeps its value."""
+
+    max_adapters: QuotaValue = _QUOTA
+    max_adapter_bytes: QuotaValue = _QUOTA
+    requests_per_minute: QuotaValue = _QUOTA
+    max_concurrent_requests: QuotaValue = _QUOTA
+    max_n: QuotaValue = _QUOTA
+    max_tokens_in_flight: QuotaValue = _QUOTA
+    max_active_adapters: QuotaValue = _QUOTA
+
+    def over(self, base: Quotas) -> Quotas:
+        """`base` with the limits this body names replaced."""
+        return replace(base, **self.model_dump(include=self.model_fields_set))
+
+    @classmethod
+    def of(cls, q: Quotas) -> QuotasBody:
+        return cls(**asdict(q))
 
 
 class TenantCreate(BaseModel):
@@ -42,10 +60,7 @@ class TenantPublic(BaseModel):
 
     @classmethod
     def of(cls, t: Tenant) -> TenantPublic:
-        q = t.quotas
-        quotas = QuotasBody(max_adapters=q.max_adapters, max_adapter_bytes=q.max_adapter_bytes,
-                            requests_per_minute=q.requests_per_minute)  # fmt: skip
-        return cls(id=t.id, name=t.name, quotas=quotas, created_at=t.created_at)
+        return cls(id=t.id, name=t.name, quotas=QuotasBody.of(t.quotas), created_at=t.created_at)
 
 
 class TenantList(BaseModel):
@@ -74,7 +89,7 @@ class KeyList(BaseModel):
 
 @router.post("/tenants", status_code=201)
 async def create_tenant(svc: ServicesDep, body: TenantCreate) -> TenantPublic:
-    return TenantPublic.of(await svc.store.create_tenant(body.name, body.quotas.to_quotas()))
+    return TenantPublic.of(await svc.store.create_tenant(body.name, body.quotas.over(default_quotas(svc.settings))))
 
 
 @router.get("/tenants")
@@ -84,7 +99,8 @@ async def list_tenants(svc: ServicesDep) -> TenantList:
 
 @router.patch("/tenants/{tenant_id}")
 async def set_quotas(svc: ServicesDep, tenant_id: str, body: QuotasBody) -> TenantPublic:
-    return TenantPublic.of(await svc.store.set_quotas(tenant_id, body.to_quotas()))
+    tenant = await svc.store.get_tenant(tenant_id)
+    return TenantPublic.of(await svc.store.set_quotas(tenant_id, body.over(tenant.quotas)))
 
 
 @router.post("/tenants/{tenant_id}/keys", status_code=201)

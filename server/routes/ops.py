@@ -1,4 +1,4 @@
-"""Operations: health (engine and store) and Prometheus metrics."""
+"""Operations: health (engine and store, always open) and Prometheus metrics (a credential in multi-tenant mode)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.deps import ServicesDep
+from server.deps import MetricsReaderDep, ServicesDep
 from server.errors import ServiceUnavailable
 
 router = APIRouter(tags=["ops"])
@@ -21,6 +21,7 @@ async def health(svc: ServicesDep) -> JSONResponse:
     return JSONResponse({"status": "ok", "model": svc.spec.identity})
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=[MetricsReaderDep])
 async def metrics(svc: ServicesDep) -> Response:
+    await svc.metrics.refresh(svc.engine)  # what only the engine's workers count
     return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -13,11 +13,24 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from adapters_store import ChangeEvent, NewAdapter
+from adapters_store import ChangeEvent, NewAdapter, Quotas
 
 T = TypeVar("T")
 
 POSTGRES_URL_ENV = "ALIGNER_TEST_POSTGRES_URL"
+
+#: Every quota set, each to its own value (so swapped columns show), one at the largest allowed.
+EVERY_QUOTA = Quotas(
+    max_adapters=3,
+    max_adapter_bytes=5_000_000_000,
+    requests_per_minute=60,
+    max_concurrent_requests=8,
+    max_n=4,
+    max_tokens_in_flight=2**63 - 1,
+    max_active_adapters=2,
+)
+#: Every quota set again, to values unlike ``EVERY_QUOTA``'s (70, 60, ..., 10 in field order).
+OTHER_QUOTAS = Quotas(*range(70, 0, -10))
 
 
 def new_adapter(name: str, blob: bytes = b"weights", *, tokens: int = 4) -> NewAdapter:

@@ -21,7 +21,7 @@ import adapters_store.sqlite as sqlite_backend
 from adapters_store import NotFound, QuotaExceeded, Quotas, open_store
 from adapters_store.migrations import Migration
 
-from .support import new_adapter, postgres_url_or_skip, throwaway_database
+from .support import EVERY_QUOTA, new_adapter, postgres_url_or_skip, throwaway_database
 
 SQLITE_STEPS = sqlite_backend.SQLITE_MIGRATIONS
 POSTGRES_STEPS = postgres_backend.POSTGRES_MIGRATIONS
@@ -40,6 +40,15 @@ class Fresh:
             monkeypatch.setattr(sqlite_backend, "SQLITE_MIGRATIONS", SQLITE_STEPS[:count])
         else:
             monkeypatch.setattr(postgres_backend, "POSTGRES_MIGRATIONS", POSTGRES_STEPS[:count])
+
+    def open_once(self) -> None:
+        """Open a store on the database (applying the steps it knows) and close it again."""
+
+        async def main() -> None:
+            async with open_store(self.url):
+                pass
+
+        asyncio.run(main())
 
     def execute(self, *statements: tuple[str, tuple[object, ...]]) -> None:
         """Run ``(sql with ? placeholders, args)`` pairs in one transaction."""
@@ -105,8 +114,9 @@ def test_both_backends_have_the_same_steps() -> None:
     assert [(m.version, m.description) for m in SQLITE_STEPS] == [
         (m.version, m.description) for m in POSTGRES_STEPS
     ]
-    assert NEWEST >= 2
+    assert NEWEST >= 3
     assert SQLITE_STEPS[1].description == "tenant quotas and hashed api keys"
+    assert SQLITE_STEPS[2].description == "tenant quotas on generation requests"
     assert all(isinstance(m, Migration) for m in SQLITE_STEPS + POSTGRES_STEPS)
 
 
@@ -131,12 +141,7 @@ def test_upgrade_from_version_1_keeps_data_and_defaults_quotas(
 ) -> None:
     # 1. The previous release creates its schema (step 1 only)...
     fresh.patch_steps(monkeypatch, 1)
-
-    async def old_release() -> None:
-        async with open_store(fresh.url):
-            pass
-
-    asyncio.run(old_release())
+    fresh.open_once()
     assert fresh.query("SELECT version FROM schema_migrations") == [(1,)]
     assert fresh.query(
         "SELECT COUNT(*) FROM information_schema.tables WHERE table_name = 'api_keys'"
@@ -193,5 +198,72 @@ def test_upgrade_from_version_1_keeps_data_and_defaults_quotas(
 
     # 3. Opening again applies nothing more.
     before = fresh.query("SELECT version, applied_at FROM schema_migrations ORDER BY version")
-    asyncio.run(old_release())
+    fresh.open_once()
     assert fresh.query("SELECT version, applied_at FROM schema_migrations ORDER BY version") == before
+
+
+GENERATION_QUOTAS = ("max_concurrent_requests", "max_n", "max_tokens_in_flight", "max_active_adapters")
+
+
+def test_upgrade_from_version_2_keeps_quotas_and_adds_unlimited_generation_quotas(
+    fresh: Fresh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 1. The previous release creates its schema (steps 1 and 2)...
+    fresh.patch_steps(monkeypatch, 2)
+    fresh.open_once()
+    assert fresh.query("SELECT version FROM schema_migrations ORDER BY version") == [(1,), (2,)]
+    columns_sql = (
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'tenants'"
+        if fresh.kind == "postgresql"
+        else "SELECT name FROM pragma_table_info('tenants')"
+    )
+    assert not set(GENERATION_QUOTAS) & {row[0] for row in fresh.query(columns_sql)}
+
+    # ...and writes rows the way it did: one tenant with quotas and a key, one without.
+    created = datetime(2025, 3, 1, 9, 30, tzinfo=timezone.utc)
+    fresh.execute(
+        (
+            "INSERT INTO tenants (id, name, created_at, max_adapters, max_adapter_bytes,"
+            " requests_per_minute) VALUES (?, ?, ?, ?, ?, ?)",
+            ("ten_old", "acme", created, 1, 2**63 - 1, 30),
+        ),
+        ("INSERT INTO tenants (id, name, created_at) VALUES (?, ?, ?)", ("ten_two", "beta", created)),
+        (
+            "INSERT INTO api_keys (id, tenant_id, key_hash, prefix, created_at) VALUES (?, ?, ?, ?, ?)",
+            ("key_old", "ten_old", "h-old", "sk-old", created),
+        ),
+    )
+    old_quotas = Quotas(max_adapters=1, max_adapter_bytes=2**63 - 1, requests_per_minute=30)
+
+    # 2. This release opens the same database with every step.
+    monkeypatch.undo()
+
+    async def new_release():
+        async with open_store(fresh.url) as store:
+            tenants = await store.list_tenants()
+            acme = await store.get_tenant("ten_old")
+            key, key_tenant = await store.find_api_key("h-old")
+            await store.create_adapter(acme.id, new_adapter("one"))
+            with pytest.raises(QuotaExceeded):  # the old limit still holds
+                await store.create_adapter(acme.id, new_adapter("two"))
+            limited = await store.set_quotas("ten_two", EVERY_QUOTA)
+            return tenants, acme, key, key_tenant, limited, await store.get_tenant("ten_two")
+
+    tenants, acme, key, key_tenant, limited, limited_read = asyncio.run(new_release())
+    assert [(t.id, t.name, t.created_at, t.quotas) for t in tenants] == [
+        ("ten_old", "acme", created, old_quotas),
+        ("ten_two", "beta", created, Quotas()),
+    ]
+    assert all(getattr(t.quotas, name) is None for t in tenants for name in GENERATION_QUOTAS)
+    assert acme == key_tenant == tenants[0]
+    assert (key.id, key.tenant_id, key.prefix, key.created_at) == ("key_old", "ten_old", "sk-old", created)
+    assert limited.quotas == limited_read.quotas == EVERY_QUOTA
+    versions = [row[0] for row in fresh.query("SELECT version FROM schema_migrations ORDER BY version")]
+    assert versions == list(range(1, NEWEST + 1))
+
+    # 3. The new columns refuse negative values at the database too.
+    for name in GENERATION_QUOTAS:
+        with pytest.raises(Exception, match="(?i)check constraint"):
+            fresh.execute((f"UPDATE tenants SET {name} = ? WHERE id = ?", (-1, "ten_two")))
+    fresh.execute(("UPDATE tenants SET max_n = ? WHERE id = ?", (0, "ten_two")))
+    assert fresh.query("SELECT max_n FROM tenants WHERE id = 'ten_two'") == [(0,)]

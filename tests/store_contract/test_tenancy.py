@@ -22,7 +22,7 @@ from adapters_store import (
 )
 
 from .conftest import Backend
-from .support import new_adapter
+from .support import EVERY_QUOTA, OTHER_QUOTAS, new_adapter
 
 # Tenants and quotas
 
@@ -76,6 +76,28 @@ def test_quotas_default_to_unlimited_and_round_trip(backend: Backend) -> None:
         quotas.max_adapters = 9  # type: ignore[misc]
 
 
+def test_every_quota_round_trips_through_each_read(backend: Backend) -> None:
+    async def body(store: Store):
+        created = await store.create_tenant("acme", EVERY_QUOTA)
+        await store.create_api_key(created.id, key_hash="h", prefix="sk-h")
+        reads = [await store.get_tenant(created.id), (await store.find_api_key("h"))[1]]
+        reads += await store.list_tenants()
+        replaced = await store.set_quotas(created.id, OTHER_QUOTAS)
+        reads_after = [await store.get_tenant(created.id), (await store.find_api_key("h"))[1]]
+        reads_after += await store.list_tenants()
+        # set_quotas replaces all seven: a field left out goes back to unlimited.
+        narrowed = await store.set_quotas(created.id, Quotas(max_n=1, max_active_adapters=0))
+        return created, reads, replaced, reads_after, narrowed, await store.get_tenant(created.id)
+
+    created, reads, replaced, reads_after, narrowed, narrowed_read = backend.run(body)
+    assert created.quotas == EVERY_QUOTA
+    assert reads == [created] * 3
+    assert replaced.quotas == OTHER_QUOTAS
+    assert (replaced.id, replaced.name, replaced.created_at) == (created.id, "acme", created.created_at)
+    assert reads_after == [replaced] * 3
+    assert narrowed.quotas == narrowed_read.quotas == Quotas(max_n=1, max_active_adapters=0)
+
+
 def test_set_quotas_unknown_tenant_raises_not_found(backend: Backend) -> None:
     async def body(store: Store) -> None:
         await store.set_quotas("ten_missing", Quotas(max_adapters=1))
@@ -84,9 +106,26 @@ def test_set_quotas_unknown_tenant_raises_not_found(backend: Backend) -> None:
         backend.run(body)
 
 
+_TOO_LARGE = 2**63  # one past what a signed 64-bit column holds
+
+
 @pytest.mark.parametrize(
     "quotas",
-    [Quotas(max_adapters=-1), Quotas(max_adapter_bytes=-5), Quotas(requests_per_minute=1.5)],  # type: ignore[arg-type]
+    [
+        Quotas(max_adapters=-1),
+        Quotas(max_adapter_bytes=-5),
+        Quotas(requests_per_minute=1.5),  # type: ignore[arg-type]
+        Quotas(max_concurrent_requests=-1),
+        Quotas(max_concurrent_requests=_TOO_LARGE),
+        Quotas(max_n=-1),
+        Quotas(max_n=_TOO_LARGE),
+        Quotas(max_n=True),
+        Quotas(max_tokens_in_flight=-1),
+        Quotas(max_tokens_in_flight=_TOO_LARGE),
+        Quotas(max_active_adapters=-1),
+        Quotas(max_active_adapters=_TOO_LARGE),
+        Quotas(max_active_adapters="2"),  # type: ignore[arg-type]
+    ],
 )
 def test_invalid_quotas_are_rejected(backend: Backend, quotas: Quotas) -> None:
     async def body(store: Store):

@@ -209,14 +209,19 @@ def completion(prompt: str | list[Any], *, adapter: str | None = None, model: st
 # admin
 
 
-def _quotas(max_adapters: int | None, max_adapter_bytes: int | None, requests_per_minute: int | None) -> dict[str, int]:
-    q = {"max_adapters": max_adapters, "max_adapter_bytes": max_adapter_bytes, "requests_per_minute": requests_per_minute}
-    return {k: v for k, v in q.items() if v is not None}
+QUOTAS = tuple(m.Quotas.model_fields)  # the quota names, in the server's order
 
 
-def create_tenant(name: str, *, max_adapters: int | None = None, max_adapter_bytes: int | None = None,
-                  requests_per_minute: int | None = None) -> Call:  # fmt: skip
-    body = {"name": name, "quotas": _quotas(max_adapters, max_adapter_bytes, requests_per_minute)}
+def _quotas(quotas: dict[str, int | None]) -> dict[str, int]:
+    unknown = sorted(set(quotas) - set(QUOTAS))
+    if unknown:
+        raise TypeError(f"unknown quota {', '.join(unknown)}; one of {', '.join(QUOTAS)}")
+    return {k: v for k, v in quotas.items() if v is not None}
+
+
+def create_tenant(name: str, **quotas: int | None) -> Call:
+    """Quotas left out get the server's defaults."""
+    body = {"name": name, "quotas": _quotas(quotas)}
     return Call("POST", "/admin/tenants", json=body, admin=True, parse=m.Tenant.model_validate)
 
 
@@ -224,11 +229,9 @@ def list_tenants() -> Call:
     return Call("GET", "/admin/tenants", admin=True, parse=m.TenantList.model_validate)
 
 
-def set_quotas(tenant_id: str, *, max_adapters: int | None = None, max_adapter_bytes: int | None = None,
-               requests_per_minute: int | None = None) -> Call:  # fmt: skip
-    """Replaces all three quotas: one left out (None) becomes unlimited."""
-    body = _quotas(max_adapters, max_adapter_bytes, requests_per_minute)
-    return Call("PATCH", f"/admin/tenants/{_seg(tenant_id)}", json=body, admin=True, parse=m.Tenant.model_validate)
+def set_quotas(tenant_id: str, **quotas: int | None) -> Call:
+    """Changes the quotas given; the others keep their values."""
+    return Call("PATCH", f"/admin/tenants/{_seg(tenant_id)}", json=_quotas(quotas), admin=True, parse=m.Tenant.model_validate)
 
 
 def create_key(tenant_id: str) -> Call:

@@ -85,19 +85,17 @@ class Completions(_Resource):
 
 
 class Tenants(_Resource):
-    def create(self, name: str, *, max_adapters: int | None = None, max_adapter_bytes: int | None = None,
-               requests_per_minute: int | None = None) -> m.Tenant:  # fmt: skip
-        return self._c._drive(core.create_tenant(name, max_adapters=max_adapters, max_adapter_bytes=max_adapter_bytes,
-                                                 requests_per_minute=requests_per_minute))  # fmt: skip
+    def create(self, name: str, **quotas: int | None) -> m.Tenant:
+        """Quotas by name (`max_adapters`, `requests_per_minute`, ... see `Quotas`); those left out get the
+        server's defaults."""
+        return self._c._drive(core.create_tenant(name, **quotas))
 
     def list(self) -> m.TenantList:
         return self._c._drive(core.list_tenants())
 
-    def set_quotas(self, tenant_id: str, *, max_adapters: int | None = None, max_adapter_bytes: int | None = None,
-                   requests_per_minute: int | None = None) -> m.Tenant:  # fmt: skip
-        """Replace the tenant's quotas: a quota left out becomes unlimited."""
-        return self._c._drive(core.set_quotas(tenant_id, max_adapters=max_adapters, max_adapter_bytes=max_adapter_bytes,
-                                              requests_per_minute=requests_per_minute))  # fmt: skip
+    def set_quotas(self, tenant_id: str, **quotas: int | None) -> m.Tenant:
+        """Change the quotas given; the others keep their values."""
+        return self._c._drive(core.set_quotas(tenant_id, **quotas))
 
 
 class Keys(_Resource):

@@ -3,7 +3,7 @@
     aligner-client adapters upload NAME FILE | list | show NAME[@N] | versions NAME | delete NAME[@N]
     aligner-client models
     aligner-client chat [--adapter X] [--stream] [--max-tokens N] "prompt"
-    aligner-client admin tenants create NAME [--max-adapters N] [--max-adapter-bytes N] [--requests-per-minute N]
+    aligner-client admin tenants create NAME [--max-adapters N] [--requests-per-minute N] [--max-n N] [...]
     aligner-client admin tenants list | tenants set-quotas TENANT_ID [...]
     aligner-client admin keys create TENANT_ID | keys list TENANT_ID | keys revoke KEY_ID
     aligner-client admin publish NAME FILE | unpublish NAME[@N]
@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from aligner_client import _core as core
 from aligner_client import models as m
 from aligner_client._client import Client
 from aligner_client.errors import AlignerError, APIError
@@ -146,12 +147,11 @@ def _chat(c: Client, a: argparse.Namespace, out: TextIO) -> int:
 
 
 def _quota_kw(a: argparse.Namespace) -> dict[str, int | None]:
-    return {"max_adapters": a.max_adapters, "max_adapter_bytes": a.max_adapter_bytes,
-            "requests_per_minute": a.requests_per_minute}  # fmt: skip
+    return {name: getattr(a, name) for name in core.QUOTAS}
 
 
 def _admin(c: Client, a: argparse.Namespace, out: TextIO) -> int:
-    tenant_cols = ("id", "name", "max_adapters", "max_adapter_bytes", "requests_per_minute", "created_at")
+    tenant_cols = ("id", "name", *core.QUOTAS, "created_at")
     key_cols = ("id", "tenant_id", "prefix", "revoked", "created_at")
     if a.group == "tenants":
         if a.action == "list":
@@ -198,10 +198,18 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
     return p
 
 
+_QUOTA_HELP = {
+    "max_adapters": "adapter versions", "max_adapter_bytes": "total adapter bytes",
+    "requests_per_minute": "generation requests per minute", "max_concurrent_requests": "requests in flight at once",
+    "max_n": "sequences (n x prompts) of one request", "max_tokens_in_flight": "n x (prompt + max_tokens) in flight",
+    "max_active_adapters": "distinct adapters in flight at once",
+}  # fmt: skip
+
+
 def _quota_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-adapters", type=int, help="adapter versions (default: unlimited)")
-    p.add_argument("--max-adapter-bytes", type=int, help="total adapter bytes (default: unlimited)")
-    p.add_argument("--requests-per-minute", type=int, help="generation requests per minute (default: unlimited)")
+    for name in core.QUOTAS:
+        p.add_argument("--" + name.replace("_", "-"), type=int,
+                       help=f"{_QUOTA_HELP[name]} (create: the server's default; set-quotas: unchanged)")  # fmt: skip
 
 
 def build_parser(prog: str = "aligner-client") -> argparse.ArgumentParser:

@@ -70,11 +70,15 @@ class ModelList(_Model):
 
 
 class Quotas(_Model):
-    """None means unlimited."""
+    """None means unlimited. A tenant created without a quota gets the server's default for it."""
 
     max_adapters: int | None = None
     max_adapter_bytes: int | None = None
     requests_per_minute: int | None = None
+    max_concurrent_requests: int | None = None
+    max_n: int | None = None
+    max_tokens_in_flight: int | None = None
+    max_active_adapters: int | None = None
 
 
 class Tenant(_Model):

@@ -1,0 +1,165 @@
+"""Fair share between tenants: what one tenant may have in flight at once, so it cannot starve the others.
+
+Each generation request is admitted against its tenant's limits (`Quotas`: concurrent requests, sequences
+per request, tokens in flight, distinct adapters in flight) before it reaches the engine, and holds a
+`Ticket` until its last token is streamed. Past a limit it gets a 429 with `Retry-After`. Inside the
+engine, vLLM's priority scheduler orders the admitted requests: each request's priority is its tenant's
+load when it arrived (lower runs earlier), so a quiet tenant's request goes ahead of a busy tenant's queue.
+
+Tickets also carry the API key that made them: `revoke` ends every request of a key the moment the key
+stops being valid (`watch_revocations`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from adapters_store import Quotas, Tenant
+from server.errors import RateLimited
+
+log = logging.getLogger("aligner.server")
+
+
+def default_quotas(settings) -> Quotas:
+    """What a tenant the admin creates gets for every limit it leaves out (`ALIGNER_TENANT_*`)."""
+    active = settings.tenant_max_active_adapters
+    return Quotas(
+        max_adapters=settings.tenant_max_adapters,
+        max_adapter_bytes=settings.tenant_max_adapter_bytes,
+        requests_per_minute=settings.tenant_requests_per_minute,
+        max_concurrent_requests=settings.tenant_max_concurrent_requests,
+        max_n=settings.tenant_max_n,
+        max_tokens_in_flight=settings.tenant_max_tokens_in_flight,
+        max_active_adapters=active if active is not None else max(1, settings.max_resident_adapters // 4),
+    )
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What one request may occupy in the engine."""
+
+    sequences: int  # n x prompts
+    tokens: int  # upper bound of prompt + completion tokens over all its sequences
+    adapter: str | None  # the adapter's engine key, None for the base model
+
+
+@dataclass
+class _Load:
+    requests: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    adapters: Counter = field(default_factory=Counter)  # engine key -> requests using it
+
+
+class Ticket:
+    """One admitted request; `release()` exactly once (idempotent)."""
+
+    def __init__(self, share: FairShare, tenant_id: str, demand: Demand, key_hash: str | None) -> None:
+        self.share, self.tenant_id, self.demand, self.key_hash = share, tenant_id, demand, key_hash
+        self.task: asyncio.Task | None = asyncio.current_task()  # cancelled if the key is revoked
+        self.revoked = False
+        self._released = False
+
+    def follow(self) -> None:
+        """The request goes on in the current task (a streaming response's)."""
+        self.task = asyncio.current_task()
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.share._release(self)
+
+
+class FairShare:
+    def __init__(self) -> None:
+        self._load: dict[str, _Load] = {}
+        self._tickets: set[Ticket] = set()
+
+    def admit(self, tenant: Tenant, demand: Demand, *, key_hash: str | None = None) -> Ticket:
+        """A ticket for the request, or RateLimited naming the limit it passes."""
+        q = tenant.quotas
+        load = self._load.get(tenant.id) or _Load()
+        if q.max_n is not None and demand.sequences > q.max_n:
+            raise RateLimited(f"This request asks for {demand.sequences} sequences (n x prompts); the limit per "
+                              f"request is {q.max_n}.", retry_after=60, param="n")  # fmt: skip
+        if q.max_tokens_in_flight is not None and demand.tokens > q.max_tokens_in_flight:
+            raise RateLimited(f"This request may hold up to {demand.tokens} tokens (n x (prompt + max_tokens)); "
+                              f"your limit of tokens in flight is {q.max_tokens_in_flight}: lower max_tokens or n.",
+                              retry_after=60, param="max_tokens")  # fmt: skip
+        if q.max_concurrent_requests is not None and load.requests >= q.max_concurrent_requests:
+            raise RateLimited(f"Limit of {q.max_concurrent_requests} concurrent requests reached; retry when one "
+                              "finishes.", retry_after=1)  # fmt: skip
+        if q.max_tokens_in_flight is not None and load.tokens + demand.tokens > q.max_tokens_in_flight:
+            raise RateLimited(f"Limit of {q.max_tokens_in_flight} tokens in flight reached ({load.tokens} held, "
+                              f"this request needs up to {demand.tokens}); retry when a request finishes.",
+                              retry_after=1)  # fmt: skip
+        new_adapter = demand.adapter is not None and demand.adapter not in load.adapters
+        if new_adapter and q.max_active_adapters is not None and len(load.adapters) >= q.max_active_adapters:
+            raise RateLimited(f"Limit of {q.max_active_adapters} distinct adapters in flight at once reached; "
+                              "retry when a request finishes.", retry_after=1, param="adapter")  # fmt: skip
+        self._load[tenant.id] = load
+        load.requests += 1
+        load.sequences += demand.sequences
+        load.tokens += demand.tokens
+        if demand.adapter is not None:
+            load.adapters[demand.adapter] += 1
+        ticket = Ticket(self, tenant.id, demand, key_hash)
+        self._tickets.add(ticket)
+        return ticket
+
+    def priority(self, tenant_id: str) -> int:
+        """The tenant's sequences in flight: vLLM runs lower values first."""
+        load = self._load.get(tenant_id)
+        return load.sequences if load else 0
+
+    def in_flight(self, tenant_id: str) -> tuple[int, int, int]:
+        """(requests, sequences, tokens) the tenant holds."""
+        load = self._load.get(tenant_id) or _Load()
+        return load.requests, load.sequences, load.tokens
+
+    def _release(self, ticket: Ticket) -> None:
+        self._tickets.discard(ticket)
+        load = self._load[ticket.tenant_id]
+        load.requests -= 1
+        load.sequences -= ticket.demand.sequences
+        load.tokens -= ticket.demand.tokens
+        if ticket.demand.adapter is not None:
+            load.adapters[ticket.demand.adapter] -= 1
+            if load.adapters[ticket.demand.adapter] == 0:
+                del load.adapters[ticket.demand.adapter]
+        if load.requests == 0:
+            del self._load[ticket.tenant_id]
+
+    # ---- revocation ----
+    def key_hashes(self) -> set[str]:
+        return {t.key_hash for t in self._tickets if t.key_hash is not None}
+
+    def revoke(self, key_hash: str) -> int:
+        """End every in-flight request made with this key; returns how many."""
+        hit = [t for t in self._tickets if t.key_hash == key_hash and not t.revoked]
+        for t in hit:
+            t.revoked = True
+            if t.task is not None:
+                t.task.cancel()
+        return len(hit)
+
+
+async def watch_revocations(share: FairShare, still_valid: Callable[[str], Awaitable[bool]],
+                            interval_s: float = 0.25) -> None:  # fmt: skip
+    """Every `interval_s`, check each key with requests in flight; end the requests of a revoked one.
+    Polling the store covers a revocation through any replica."""
+    while True:
+        await asyncio.sleep(interval_s)
+        for key_hash in share.key_hashes():
+            try:
+                valid = await still_valid(key_hash)
+            except Exception:  # the store is unavailable: check again next round
+                log.warning("could not check an API key for revocation", exc_info=True)
+                continue
+            if not valid:
+                ended = share.revoke(key_hash)
+                log.info("an API key was revoked: ended %d request(s) in flight", ended)

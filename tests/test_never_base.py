@@ -1,0 +1,394 @@
+"""Never silently base: a request that names an adapter runs every token with exactly that adapter, or fails
+clearly.
+
+A unit test drives the V1 routing tracker into the one place where it could run a row as base (a key the
+table does not hold) and checks that it is counted and logged. The race test starts a real multi-tenant
+server with 2 hot and 4 cold adapter slots, and for RACE_S seconds races uploads, overwrites, deletes, LRU
+eviction (more adapters than hot + cold capacity) and cold promotion against streaming completions that
+each name an adapter (some pin an older version). Afterwards, with the server stopped, every streamed
+completion is teacher-forced through the Hugging Face reference under each version of its name that
+existed while it ran: greedy tokens must equal the streamed ones and logprobs agree to LOGPROB_TOLERANCE
+for one of them. The adapters are strong enough that, at every token position, the base model's logprob
+lies well outside that tolerance, so a token computed without the adapter (or with another one) cannot
+pass. A clean 404 (the name was deleted), 429 or 503 is allowed and counted; any other error fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+
+from aligner_core.adapter_format import Adapter, encode
+from support import LOGPROB_TOLERANCE, PROMPTS, Server, chat_ids, real_model, record, tiny_spec
+
+pytestmark = pytest.mark.server
+
+ADMIN = "admin-never-base"
+SEED = 20261
+RACE_S = 40.0  # wall time of the race itself
+ADAPTER_STREAMS = 7  # one more than hot + cold slots, so now and then every slot is pinned (a clean 503)
+BASE_STREAMS = 1  # control requests without an adapter, in the same batches
+MAX_TOKENS = 10
+GATE_SCALE = 0.2  # strong: every adapter's tokens and logprobs differ from base (checked below)
+NAMES = ("alpha", "beta", "gamma", "delta", "eps")  # per tenant: 10 names, more than the 6 resident slots
+GRACE_S = 1.0  # the store's change feed reaches the name cache asynchronously, a moment after the answer
+ENV = {
+    "ALIGNER_ADMIN_KEY": ADMIN,
+    "ALIGNER_MAX_RESIDENT_ADAPTERS": "2",
+    "ALIGNER_COLD_RESIDENT_ADAPTERS": "4",
+    "ALIGNER_TENANT_MAX_ACTIVE_ADAPTERS": "64",
+    "ALIGNER_TENANT_MAX_CONCURRENT_REQUESTS": "64",
+    "ALIGNER_TENANT_REQUESTS_PER_MINUTE": "100000",
+    "ALIGNER_TENANT_MANAGEMENT_PER_MINUTE": "100000",
+}
+QUOTAS = {"requests_per_minute": 100000, "max_concurrent_requests": 64, "max_active_adapters": 64}
+
+
+# ---- the tracker itself: an unknown key is counted and logged ----
+
+
+def test_a_row_with_an_unknown_key_is_counted_and_logged(caplog) -> None:
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from server.engine import op
+    from server.engine.routing import Routing
+    from server.engine.routing_v1 import AlignerRoutingLP
+    from server.engine.table import AdapterTable, LayerHandle, TableShape
+
+    spec = tiny_spec()
+    H, KVH, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    layers = [LayerHandle(index=i, qkv_proj=torch.nn.Linear(spec.hidden_size, (H + 2 * KVH) * D), k_norm=None,
+                          q_size=H * D, kv_size=KVH * D) for i in range(spec.num_layers)]  # fmt: skip
+    shape = TableShape(num_layers=spec.num_layers, num_heads=H, num_kv_heads=KVH, head_dim=D, head_offset=0,
+                       max_slots=2, max_tokens=4)  # fmt: skip
+    table = AdapterTable(shape, layers, device=torch.device("cpu"), dtype=torch.float32)
+    routing = Routing(4, table.ntok, torch.device("cpu"))
+    adapter = Adapter.random(spec, tokens=1, seed=1)
+    known, unknown = adapter.sha256(), hashlib.sha256(b"never loaded").hexdigest()
+    slot = table.put(known, adapter)
+
+    def row(index: int, key: str | None) -> tuple:
+        return index, SamplingParams(extra_args={"aligner": key} if key else None), [], []
+
+    op.set_worker_state(op.WorkerState(table=table, routing=routing, scale=1 / math.sqrt(D)))
+    try:
+        lp = AlignerRoutingLP(None, torch.device("cpu"), False)
+        with caplog.at_level(logging.ERROR, logger="server.engine.routing_v1"):
+            lp.update_state(BatchUpdate(batch_size=3, removed=[], moved=[],
+                                        added=[row(0, known), row(1, unknown), row(2, None)]))  # fmt: skip
+            assert routing.unknown_key_events == 1
+            assert routing.row_slot[:3].tolist() == [slot, 0, 0]  # the unknown row can only run as base
+            lp.update_state(BatchUpdate(batch_size=3, removed=[1], moved=[], added=[row(1, unknown)]))
+    finally:
+        op.set_worker_state(None)
+    assert routing.unknown_key_events == 2
+    errors = [r for r in caplog.records if r.name == "server.engine.routing_v1" and r.levelno == logging.ERROR]
+    assert len(errors) == 2, "one ERROR per unknown-key event"
+    for r in errors:
+        assert unknown[:12] in r.getMessage() and unknown[12:24] not in r.getMessage()  # the key's prefix only
+        assert "unknown adapter key" in r.getMessage()
+
+
+# ---- the race ----
+
+
+@dataclass
+class Version:
+    """One stored version of a tenant's name, and when it could be served."""
+
+    tenant: str
+    name: str
+    number: int
+    adapter: Adapter
+    sent: float  # its upload was sent: it may be visible from then on
+    newest_until: float = math.inf  # a later upload or a delete of the name was answered
+    gone_at: float = math.inf  # a delete of the name was answered
+
+
+@dataclass
+class Run:
+    tenant: str
+    ref: str | None  # "name", "name@n", or None for a base control
+    prompt: int
+    sent: float
+    answered: float = math.nan  # response headers came: the adapter was resolved and leased by then
+    finished: float = math.nan
+    outcome: str = "ok"
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+
+class Ledger:
+    """What the race did, with client-side times, so each run can be matched to the versions it may have used."""
+
+    def __init__(self) -> None:
+        self.versions: list[Version] = []
+        self.runs: list[Run] = []
+        self.ops: Counter[str] = Counter()
+        self.failures: list[str] = []
+
+    def live(self, tenant: str, name: str) -> list[Version]:
+        return [v for v in self.versions if (v.tenant, v.name) == (tenant, name) and v.gone_at == math.inf]
+
+    def candidates(self, run: Run) -> list[Version]:
+        name, _, pin = run.ref.partition("@")
+        mine = [v for v in self.versions if (v.tenant, v.name) == (run.tenant, name) and v.sent <= run.answered]
+        if pin:
+            return [v for v in mine if v.number == int(pin) and v.gone_at + GRACE_S >= run.sent]
+        return [v for v in mine if v.newest_until + GRACE_S >= run.sent]
+
+
+def random_adapter(spec, seed: int) -> Adapter:
+    return Adapter.random(spec, tokens=(1, 2, 4)[seed % 3], start_layer=(2, 0)[seed % 2],
+                          gate_activation=("identity", "tanh")[seed % 2], seed=seed, gate_scale=GATE_SCALE)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("never-base")
+    srv = Server(f"sqlite:///{tmp / 'store.db'}", tmp / "server.log", env=ENV)
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def scrape(text: str) -> dict[str, float]:
+    """Prometheus text -> metric name (label sets summed) -> value."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.split("{")[0].split()[0], float(line.rsplit(" ", 1)[1])
+            out[name] = out.get(name, 0.0) + value
+    return out
+
+
+async def run_race(server: Server, spec, prompts: list[list[int]]) -> Ledger:
+    ledger = Ledger()
+    seeds = itertools.count(SEED * 100)
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    async with httpx.AsyncClient(base_url=server.base, timeout=60) as http:
+        keys = {}
+        for tenant in ("t0", "t1"):
+            r = await http.post("/admin/tenants", headers=admin, json={"name": tenant, "quotas": QUOTAS})
+            assert r.status_code == 201, r.text
+            k = await http.post(f"/admin/tenants/{r.json()['id']}/keys", headers=admin)
+            keys[tenant] = k.json()["key"]
+
+        async def upload(tenant: str, name: str, kind: str) -> None:
+            adapter, sent = random_adapter(spec, next(seeds)), time.monotonic()
+            r = await http.post("/v1/adapters", headers={"authorization": f"Bearer {keys[tenant]}"},
+                                files={"file": ("a.safetensors", encode(adapter))}, data={"name": name})  # fmt: skip
+            if r.status_code != 201:
+                ledger.failures.append(f"upload {tenant}/{name}: {r.status_code} {r.text}")
+                return
+            done = time.monotonic()
+            for v in ledger.live(tenant, name):
+                v.newest_until = min(v.newest_until, done)
+            ledger.versions.append(Version(tenant, name, r.json()["version"], adapter, sent))
+            ledger.ops[kind] += 1
+
+        async def delete(tenant: str, name: str) -> None:
+            r = await http.delete(f"/v1/adapters/{name}", headers={"authorization": f"Bearer {keys[tenant]}"})
+            if r.status_code != 200:
+                ledger.failures.append(f"delete {tenant}/{name}: {r.status_code} {r.text}")
+                return
+            done = time.monotonic()
+            for v in ledger.live(tenant, name):
+                v.newest_until, v.gone_at = min(v.newest_until, done), done
+            ledger.ops["delete"] += 1
+
+        for tenant in keys:
+            for name in NAMES:
+                await upload(tenant, name, "upload")
+        deadline = time.monotonic() + RACE_S
+
+        async def chaos(tenant: str, rng: random.Random) -> None:
+            """Overwrite, delete and re-create this tenant's names (one operation at a time per tenant)."""
+            while time.monotonic() < deadline:
+                await asyncio.sleep(rng.uniform(0.3, 1.5))
+                name = rng.choice(NAMES)
+                if not ledger.live(tenant, name):
+                    await upload(tenant, name, "upload")
+                elif rng.random() < 0.7:
+                    await upload(tenant, name, "overwrite")
+                else:
+                    await delete(tenant, name)
+
+        clients = {t: openai.AsyncOpenAI(base_url=server.base + "/v1", api_key=k, max_retries=0) for t, k in keys.items()}
+
+        async def generate(run: Run) -> None:
+            extra = {"return_token_ids": True, "ignore_eos": True} | ({"adapter": run.ref} if run.ref else {})
+            try:
+                stream = await clients[run.tenant].completions.create(
+                    model=spec.identity, prompt=prompts[run.prompt], max_tokens=MAX_TOKENS, temperature=0, logprobs=0,
+                    stream=True, extra_body=extra)  # fmt: skip
+                run.answered = time.monotonic()
+                async for chunk in stream:
+                    for choice in chunk.choices:
+                        run.tokens += choice.token_ids or []
+                        run.logprobs += choice.logprobs.token_logprobs if choice.logprobs else []
+                run.finished = time.monotonic()
+            except openai.APIStatusError as e:
+                run.outcome = str(e.status_code)
+                if e.status_code not in (404, 429, 503):
+                    ledger.failures.append(f"{run.tenant} {run.ref}: {e.status_code} {e.body}")
+            except openai.APIError as e:  # an error event inside the stream, or the connection broke
+                run.outcome = "error"
+                ledger.failures.append(f"{run.tenant} {run.ref}: {type(e).__name__} {e}")
+            ledger.runs.append(run)
+
+        async def streamer(i: int, rng: random.Random, *, base: bool) -> None:
+            while time.monotonic() < deadline:
+                tenant = rng.choice(list(keys))
+                ref = None
+                if not base:
+                    ref = rng.choice(NAMES)
+                    older = ledger.live(tenant, ref)[:-1]
+                    if older and rng.random() < 0.3:  # pin an older version: more distinct adapters in play
+                        ref = f"{ref}@{rng.choice(older).number}"
+                await generate(Run(tenant, ref, rng.randrange(len(prompts)), time.monotonic()))
+
+        async def scraper() -> None:
+            """Scrape /metrics like Prometheus during the race: each scrape pulls the workers' counters."""
+            while time.monotonic() < deadline:
+                r = await http.get("/metrics", headers=admin)
+                if r.status_code != 200:
+                    ledger.failures.append(f"/metrics: {r.status_code} {r.text[:200]}")
+                await asyncio.sleep(2.0)
+
+        rng = random.Random(SEED)
+        tasks = [chaos(t, random.Random(rng.random())) for t in keys]
+        tasks += [streamer(i, random.Random(rng.random()), base=False) for i in range(ADAPTER_STREAMS)]
+        tasks += [streamer(i, random.Random(rng.random()), base=True) for i in range(BASE_STREAMS)]
+        await asyncio.gather(*tasks, scraper())
+    return ledger
+
+
+@torch.no_grad()
+def forced(hf, adapter: Adapter | None, seqs: list[tuple[list[int], list[int]]]) -> list[tuple[list[int], list[float]]]:
+    """Batched `aligner_core.reference.teacher_forced`: right-padded, which causal attention never sees."""
+    from aligner_core.reference import attached_adapter
+
+    width = max(len(p) + len(c) for p, c in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, (p, c) in enumerate(seqs):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+    with attached_adapter(hf, adapter):
+        logits = hf(input_ids=ids).logits.float()  # [B, W, V]
+    out = []
+    for i, (p, c) in enumerate(seqs):
+        steps = logits[i, len(p) - 1 : len(p) - 1 + len(c)]
+        chosen = torch.log_softmax(steps, dim=-1).gather(1, torch.tensor(c)[:, None])[:, 0]
+        out.append((steps.argmax(-1).tolist(), chosen.tolist()))
+    return out
+
+
+def reference_outputs(hf, wanted: set[tuple[str | None, int, tuple[int, ...]]], adapters: dict[str, Adapter],
+                      prompts: list[list[int]]) -> dict:  # fmt: skip
+    """(adapter sha or None, prompt, tokens) -> the reference's (greedy tokens, logprobs) over those tokens."""
+    by_sha: dict[str | None, list[tuple[int, tuple[int, ...]]]] = {}
+    for sha, prompt, tokens in wanted:
+        by_sha.setdefault(sha, []).append((prompt, tokens))
+    out = {}
+    for sha, items in by_sha.items():
+        got = forced(hf, adapters[sha] if sha else None, [(prompts[p], list(t)) for p, t in items])
+        out.update({(sha, p, t): g for (p, t), g in zip(items, got)})
+    return out
+
+
+def matches(ref: tuple[list[int], list[float]], run: Run) -> bool:
+    greedy, lps = ref
+    return greedy == run.tokens and max(abs(a - b) for a, b in zip(lps, run.logprobs)) < LOGPROB_TOLERANCE
+
+
+def most_in_flight(spans: list[tuple[float, float, str]]) -> int:
+    """The most distinct adapters that requests held at one moment (from the client's side)."""
+    return max((len({k for s, e, k in spans if s <= t < e}) for t, _, _ in spans), default=0)
+
+
+def test_no_request_that_names_an_adapter_runs_a_token_without_it(server) -> None:
+    from transformers import AutoTokenizer
+
+    from aligner_core.reference import load_hf_model
+
+    started = time.monotonic()
+    pm = real_model()
+    tokenizer = AutoTokenizer.from_pretrained(pm.path)
+    prompts = [chat_ids(tokenizer, text) for text in PROMPTS[:3]]
+    ledger = asyncio.run(run_race(server, pm.spec, prompts))
+    race_s = time.monotonic() - started
+    assert not ledger.failures, "\n".join(ledger.failures[:20]) + "\n" + server.log_tail()
+
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    deadline = time.monotonic() + 10
+    while True:  # the last streams release their leases in the background, just after their last chunk
+        m = scrape(httpx.get(server.base + "/metrics", headers=admin, timeout=30).text)
+        if m.get("aligner_adapter_requests_in_flight") == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert "aligner_adapter_rows_unknown_total" in m, "the workers' unknown-key counter is not exported"
+    assert m["aligner_adapter_rows_unknown_total"] == 0, server.log_tail()
+    assert m["aligner_adapter_requests_in_flight"] == 0
+    server.stop()
+    log = server.log.read_text(errors="replace")
+    assert "Traceback" not in log and "unknown adapter key" not in log, server.log_tail(8000)
+
+    # Every completed run, checked against the reference under each version it may have used, and base.
+    hf = load_hf_model(str(pm.path))
+    adapters = {v.adapter.sha256(): v.adapter for v in ledger.versions}
+    done = [r for r in ledger.runs if r.outcome == "ok"]
+    assert all(len(r.tokens) == len(r.logprobs) == MAX_TOKENS for r in done)
+    wanted = {(None, r.prompt, tuple(r.tokens)) for r in done}
+    wanted |= {(v.adapter.sha256(), r.prompt, tuple(r.tokens)) for r in done if r.ref for v in ledger.candidates(r)}
+    ref = reference_outputs(hf, wanted, adapters, prompts)
+    base_runs, adapter_runs = [r for r in done if r.ref is None], [r for r in done if r.ref]
+    wrong = [r for r in base_runs if not matches(ref[(None, r.prompt, tuple(r.tokens))], r)]
+    assert not wrong, f"base controls differ from the reference: {wrong[:3]}"
+    base_tokens = {r.prompt: r.tokens for r in base_runs}
+    spans, stale, swapped, separation = [], 0, 0, []
+    for r in adapter_runs:
+        cands = ledger.candidates(r)
+        hits = [v for v in cands if matches(ref[(v.adapter.sha256(), r.prompt, tuple(r.tokens))], r)]
+        as_base = matches(ref[(None, r.prompt, tuple(r.tokens))], r)
+        assert hits, (f"{r.tenant} {r.ref} prompt {r.prompt}: tokens {r.tokens} match none of versions "
+                      f"{[v.number for v in cands]} (as base: {as_base})")  # fmt: skip
+        assert len(hits) == 1 and not as_base and r.tokens != base_tokens.get(r.prompt)
+        v = hits[0]
+        spans.append((r.answered, r.finished, v.adapter.sha256()))
+        stale += v.newest_until < r.sent and "@" not in r.ref  # served by a name the feed had not yet updated
+        swapped += r.sent < v.newest_until < r.finished  # overwritten or deleted while it streamed
+        _, adapter_lps = ref[(v.adapter.sha256(), r.prompt, tuple(r.tokens))]
+        _, base_lps = ref[(None, r.prompt, tuple(r.tokens))]
+        separation.append(min(abs(a - b) for a, b in zip(adapter_lps, base_lps)))
+    # At every position of every completion the base model's logprob is far outside the tolerance, so no
+    # single token computed without the adapter could have matched.
+    assert min(separation) > 5 * LOGPROB_TOLERANCE, np.quantile(separation, [0, 0.01, 0.5])
+    outcomes = Counter(r.outcome for r in ledger.runs)
+    record(
+        "never_base", seconds=round(time.monotonic() - started, 1), race_seconds=round(race_s, 1),
+        requests=len(ledger.runs), by_outcome=dict(outcomes), adapter_requests_checked=len(adapter_runs),
+        base_controls_checked=len(base_runs), tokens_checked=MAX_TOKENS * len(done),
+        pinned_old_versions=sum("@" in r.ref for r in adapter_runs), versions=len(ledger.versions), ops=dict(ledger.ops),
+        engine_loads=m.get("aligner_adapter_loads_total"), engine_evictions=m.get("aligner_adapter_evictions_total"),
+        most_adapters_in_flight=most_in_flight(spans), swapped_while_streaming=swapped, served_within_feed_grace=stale,
+        min_logprob_separation_from_base=round(min(separation), 4), unknown_rows=m["aligner_adapter_rows_unknown_total"],
+    )  # fmt: skip
+    assert ledger.ops["overwrite"] and ledger.ops["delete"] and outcomes["ok"] > 50
+    assert m.get("aligner_adapter_evictions_total", 0) > 0, "the race never evicted an adapter"
+    assert most_in_flight(spans) > 2, "never more adapters in flight than hot slots: the cold tier was not raced"
