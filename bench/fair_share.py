@@ -80,6 +80,22 @@ def scenario(http: httpx.Client, base: str, model: str, a_key: str, b_key: str, 
             "a_other": [o for o in outcomes if o not in (200, 429)]}  # fmt: skip
 
 
+def plot(results: dict, path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    labels = list(results)
+    bars = (("b_idle_p50_ms", "B idle, p50"), ("b_under_flood_p50_ms", "B under A's flood, p50"),
+            ("b_under_flood_max_ms", "B under A's flood, max"))  # fmt: skip
+    for j, (field, name) in enumerate(bars):
+        ax.bar([x + (j - 1) * 0.27 for x in range(len(labels))], [results[k][field] for k in labels], 0.27, label=name)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("B's latency to 1 token (ms)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer samples and a shorter flood")
@@ -119,17 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 srv.stop()
     name = "fair-share-quick" if args.quick else "fair-share"
     path = write_result(name, {"args": vars(args), "scenarios": results}, **({"out": args.out} if args.out else {}))
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    labels = list(results)
-    ax.bar([x - 0.2 for x in range(len(labels))], [results[k]["b_idle_p50_ms"] for k in labels], 0.4, label="B idle")
-    ax.bar([x + 0.2 for x in range(len(labels))], [results[k]["b_under_flood_p50_ms"] for k in labels], 0.4, label="B under A's flood")
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set_yscale("log")
-    ax.set_ylabel("B's latency to 1 token, p50 (ms)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=120)
+    plot(results, path.with_suffix(".png"))
     print(path)
     return 0
 

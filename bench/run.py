@@ -2,7 +2,8 @@
 
 Each benchmark runs as its own process (engines free their memory between them), in this order:
 throughput (Aligner vs base grid), lora (vLLM multi-LoRA), naive (HF one adapter at a time), lifecycle
-(upload -> first token through the server), memory (resident adapters, 1,000,000 cold), store (1,000,000
+(upload -> first token through the server), fair_share (a tenant's latency while another floods, priority
+vs first-come-first-served scheduling), memory (resident adapters, 1,000,000 cold), store (1,000,000
 adapters registered on SQLite and PostgreSQL). A failing one is reported and the rest still run.
 
     python bench/run.py --quick        # a few minutes
@@ -23,7 +24,7 @@ from pathlib import Path
 from common import RESULTS, hardware, pyplot
 
 BENCH = Path(__file__).resolve().parent
-ORDER = ["throughput", "lora", "naive", "lifecycle", "memory", "store"]
+ORDER = ["throughput", "lora", "naive", "lifecycle", "fair_share", "memory", "store"]
 SCRIPTS = {"store": "store_scale.py"}
 MARKS = "<!-- bench-summary{}:start -->", "<!-- bench-summary{}:end -->"  # {} = "" or "-quick"
 

@@ -55,6 +55,13 @@ class _Load:
     adapters: Counter = field(default_factory=Counter)  # engine key -> requests using it
 
 
+def _over(limit: str, message: str, *, retry_after: int = 1, param: str | None = None) -> RateLimited:
+    """The 429 for passing `limit` (a `Quotas` field, kept on the error for the metrics)."""
+    err = RateLimited(message, retry_after=retry_after, param=param)
+    err.limit = limit
+    return err
+
+
 class Ticket:
     """One admitted request; `release()` exactly once (idempotent)."""
 
@@ -84,23 +91,23 @@ class FairShare:
         q = tenant.quotas
         load = self._load.get(tenant.id) or _Load()
         if q.max_n is not None and demand.sequences > q.max_n:
-            raise RateLimited(f"This request asks for {demand.sequences} sequences (n x prompts); the limit per "
-                              f"request is {q.max_n}.", retry_after=60, param="n")  # fmt: skip
+            raise _over("max_n", f"This request asks for {demand.sequences} sequences (n x prompts); the limit per "
+                                 f"request is {q.max_n}.", retry_after=60, param="n")  # fmt: skip
         if q.max_tokens_in_flight is not None and demand.tokens > q.max_tokens_in_flight:
-            raise RateLimited(f"This request may hold up to {demand.tokens} tokens (n x (prompt + max_tokens)); "
-                              f"your limit of tokens in flight is {q.max_tokens_in_flight}: lower max_tokens or n.",
-                              retry_after=60, param="max_tokens")  # fmt: skip
+            raise _over("max_tokens_in_flight", f"This request may hold up to {demand.tokens} tokens (n x (prompt + "
+                        f"max_tokens)); your limit of tokens in flight is {q.max_tokens_in_flight}: lower max_tokens "
+                        "or n.", retry_after=60, param="max_tokens")  # fmt: skip
         if q.max_concurrent_requests is not None and load.requests >= q.max_concurrent_requests:
-            raise RateLimited(f"Limit of {q.max_concurrent_requests} concurrent requests reached; retry when one "
-                              "finishes.", retry_after=1)  # fmt: skip
+            raise _over("max_concurrent_requests", f"Limit of {q.max_concurrent_requests} concurrent requests "
+                        "reached; retry when one finishes.")  # fmt: skip
         if q.max_tokens_in_flight is not None and load.tokens + demand.tokens > q.max_tokens_in_flight:
-            raise RateLimited(f"Limit of {q.max_tokens_in_flight} tokens in flight reached ({load.tokens} held, "
-                              f"this request needs up to {demand.tokens}); retry when a request finishes.",
-                              retry_after=1)  # fmt: skip
+            raise _over("max_tokens_in_flight", f"Limit of {q.max_tokens_in_flight} tokens in flight reached "
+                        f"({load.tokens} held, this request needs up to {demand.tokens}); retry when a request "
+                        "finishes.")  # fmt: skip
         new_adapter = demand.adapter is not None and demand.adapter not in load.adapters
         if new_adapter and q.max_active_adapters is not None and len(load.adapters) >= q.max_active_adapters:
-            raise RateLimited(f"Limit of {q.max_active_adapters} distinct adapters in flight at once reached; "
-                              "retry when a request finishes.", retry_after=1, param="adapter")  # fmt: skip
+            raise _over("max_active_adapters", f"Limit of {q.max_active_adapters} distinct adapters in flight at "
+                        "once reached; retry when a request finishes.", param="adapter")  # fmt: skip
         self._load[tenant.id] = load
         load.requests += 1
         load.sequences += demand.sequences

@@ -76,7 +76,7 @@ async def generate(svc: Services, tenant: Tenant, body: Any, raw: Request, *, en
         ticket = svc.fair.admit(tenant, demand_of(body, endpoint, svc.settings.max_model_len, key),
                                 key_hash=getattr(raw.state, "key_hash", None))  # fmt: skip
     except RateLimited as e:
-        svc.metrics.refused.labels(tenant.name, e.param or "concurrent_requests").inc()
+        svc.metrics.refused.labels(tenant.name, e.limit).inc()
         raise
     lease: Lease | None = None
     try:
@@ -99,7 +99,7 @@ async def _submit(svc: Services, tenant: Tenant, body: Any, raw: Request, endpoi
     body.vllm_xargs = xargs or None
     shared = lease is None and svc.settings.share_base_prefix_cache
     body.cache_salt = cache_salt(None if shared else tenant.id, lease.key if lease else None, body.cache_salt)
-    body.priority = priority if svc.settings.fair_priority else 0
+    body.priority = priority if svc.settings.fair_priority and svc.multi_tenant else 0  # one tenant: arrival order
     body.model = svc.spec.identity
     want = _usage_wanted(body)
     if body.stream:  # usage on every chunk, so what was streamed is counted even if the client leaves early
@@ -108,10 +108,13 @@ async def _submit(svc: Services, tenant: Tenant, body: Any, raw: Request, endpoi
     handler = serving.openai_serving_chat.create_chat_completion if endpoint == "chat" else serving.openai_serving_completion.create_completion
     try:
         result = await handler(body, raw)
+        # A stream's first event: vLLM reports some refusals (a constraint its grammar compiler refuses)
+        # only there, as an error event after a 200; it comes with the first token.
+        first = await anext(result, None) if isinstance(result, AsyncIterator) else None
     except asyncio.CancelledError:
         if not ticket.revoked:
             raise
-        result = None
+        result = first = None
     if ticket.revoked:  # vLLM aborted the request (it may answer the cancellation with its own error)
         if asyncio.current_task().cancelling():
             asyncio.current_task().uncancel()
@@ -127,8 +130,33 @@ async def _submit(svc: Services, tenant: Tenant, body: Any, raw: Request, endpoi
         if result.usage is not None:
             svc.metrics.usage(*labels, result.usage.prompt_tokens, result.usage.completion_tokens or 0)
         return JSONResponse(result.model_dump())
+    refused = _refusal(first)
+    if refused is not None:
+        await result.aclose()
+        raise refused
     meter = _Meter(max(1, int(body.n or 1)))
-    return StreamingResponse(_stream(svc, result, ticket, lease, labels, want, meter), media_type="text/event-stream")
+    chunks = _after(first, result)
+    return StreamingResponse(_stream(svc, chunks, ticket, lease, labels, want, meter), media_type="text/event-stream")
+
+
+def _refusal(first: str | None) -> InvalidRequest | None:
+    """The 400 for a stream whose first event is vLLM's error about the request itself, else None."""
+    if first is None or not first.startswith('data: {"error"'):
+        return None
+    error = json.loads(first[len("data: ") :]).get("error") or {}
+    if error.get("code") != 400:
+        return None
+    return InvalidRequest(str(error.get("message"))[:2000], param=error.get("param"))
+
+
+async def _after(first: str | None, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    try:
+        if first is not None:
+            yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()
 
 
 def _usage_wanted(body: Any) -> str:
@@ -197,10 +225,17 @@ async def _stream(svc: Services, chunks: AsyncIterator[str], ticket: Ticket, lea
         # outside the cancelled scope.
         svc.metrics.usage(*labels, *meter.totals())
         ticket.release()
-        if lease is not None:
-            task = asyncio.get_running_loop().create_task(lease.release())
-            _background.add(task)
-            task.add_done_callback(_background.discard)
+        task = asyncio.get_running_loop().create_task(_finish(chunks, lease))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+
+async def _finish(chunks: AsyncIterator[str], lease: Lease | None) -> None:
+    """Close vLLM's stream (which aborts the request if it is still running) and release the lease."""
+    try:
+        await chunks.aclose()
+    finally:
+        await _release(lease)
 
 
 async def _release(lease: Lease | None) -> None:

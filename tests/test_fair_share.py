@@ -313,6 +313,9 @@ def test_a_flood_does_not_starve_another_tenant(server) -> None:
     assert over.status_code == 429, figures
     assert results.count(429) >= 1 and results.count(200) >= 1, figures
     assert max(under) < bound, figures
+    refused = {lim: metric(server, "aligner_requests_refused_total", tenant="flood-a", limit=lim)
+               for lim in ("max_n", "max_concurrent_requests")}  # fmt: skip
+    assert refused == {"max_n": 1, "max_concurrent_requests": results.count(429) + 1}, refused
 
 
 @pytest.mark.server

@@ -651,3 +651,19 @@ def test_constraints_the_grammar_compiler_refuses_are_400s(world: World, endpoin
         assert err["type"] == "invalid_request_error" and err["param"] == carrier, (label, err)
         assert reason in err["message"], (label, err)
     assert_still_serving(world)
+
+
+@pytest.mark.parametrize("endpoint", ["chat/completions", "completions"])
+def test_refused_constraints_are_400s_when_streaming_too(world: World, endpoint: str) -> None:
+    """Streaming, vLLM reported these as a 200 and then an error event; the server now looks at a stream's
+    first event before answering, so they are the same 400 as without streaming."""
+    for label, (carrier, constraint, reason) in COMPILER_REFUSES.items():
+        if "schema" in constraint:
+            constraint = {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": constraint["schema"]}}} \
+                if carrier == "response_format" else {"structured_outputs": {"json": constraint["schema"]}}  # fmt: skip
+        else:
+            constraint = {"structured_outputs": constraint}
+        r = _generate(world, endpoint, "Say hi.", max_tokens=4, temperature=0, stream=True, **constraint)
+        err = assert_error_shape(r, 400)
+        assert reason in err["message"], (label, err)
+    assert_still_serving(world)
