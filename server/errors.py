@@ -190,5 +190,9 @@ def install_error_handlers(app: FastAPI) -> None:
         err.status, err.type, err.code = exc.status_code, "invalid_request_error", None
         return error_response(err)
 
-    for cls in (APIError, StoreError, AdapterFormatError):
+    from server.engine.facade import EngineError
+
+    # Errors we answer are handled here; only the catch-all `Exception` handler also re-raises into the
+    # server (which logs a traceback and may drop the connection), so each of our roots is listed.
+    for cls in (APIError, StoreError, AdapterFormatError, EngineError):
         app.add_exception_handler(cls, _any)

@@ -161,6 +161,16 @@ class Server:
                 self.proc.wait()
 
 
+def serve(tmp: Path, env: dict[str, str]):
+    """A module fixture's body: a Server on a SQLite store in `tmp`, started, then stopped."""
+    srv = Server(f"sqlite:///{tmp / 'store.db'}", tmp / "server.log", env=env)
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+
+
 def free_port() -> int:
     import socket
 

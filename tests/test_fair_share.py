@@ -7,7 +7,6 @@ The unit tests at the top drive `FairShare` alone."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import statistics
 import threading
 import time
@@ -22,7 +21,7 @@ from adapters_store import Quotas, Tenant
 from aligner_core.adapter_format import Adapter, encode
 from server.errors import RateLimited
 from server.fair_share import Demand, FairShare
-from support import Generation, Server, parity, real_model, record
+from support import Generation, parity, real_model, record, serve
 
 ADMIN = "admin-secret-for-fair-share"
 
@@ -99,14 +98,8 @@ pytest_server = pytest.mark.server
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fair-share")
     env = {"ALIGNER_ADMIN_KEY": ADMIN, "ALIGNER_MAX_RESIDENT_ADAPTERS": "4", "ALIGNER_TENANT_MANAGEMENT_PER_MINUTE": "40"}
-    srv = Server(f"sqlite:///{tmp / 'store.db'}", tmp / "server.log", env=env)
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.stop()
+    yield from serve(tmp_path_factory.mktemp("fair-share"), env)
 
 
 @pytest.fixture(scope="module")

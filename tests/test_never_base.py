@@ -4,18 +4,21 @@ clearly.
 A unit test drives the V1 routing tracker into the one place where it could run a row as base (a key the
 table does not hold) and checks that it is counted and logged. The race test starts a real multi-tenant
 server with 2 hot and 4 cold adapter slots, and for RACE_S seconds races uploads, overwrites, deletes, LRU
-eviction (more adapters than hot + cold capacity) and cold promotion against streaming completions that
-each name an adapter (some pin an older version). Afterwards, with the server stopped, every streamed
-completion is teacher-forced through the Hugging Face reference under each version of its name that
-existed while it ran: greedy tokens must equal the streamed ones and logprobs agree to LOGPROB_TOLERANCE
-for one of them. The adapters are strong enough that, at every token position, the base model's logprob
-lies well outside that tolerance, so a token computed without the adapter (or with another one) cannot
-pass. A clean 404 (the name was deleted), 429 or 503 is allowed and counted; any other error fails.
+eviction (more adapters than hot + cold capacity) and cold promotion against streaming completions that each
+name an adapter (some pin an older version). Afterwards, with the server stopped, every streamed completion
+is teacher-forced through the Hugging Face reference under each version of its name that existed while it
+ran: greedy tokens must equal the streamed ones and logprobs agree to LOGPROB_TOLERANCE for exactly one of
+them, and never for base. Batch composition does not move the engine's numbers here (repeats of one version
+and prompt, in different batches, gave logprobs equal to 1e-5 or bitwise), and the adapters move every
+token's logprob beyond the tolerance (figure `tokens_separated_from_base`), so a completion that ran any
+stretch of tokens without its adapter, or with another one, cannot pass. A clean 404 (the name was deleted),
+429 or 503 is allowed and counted; any other error fails, as does a traceback in the log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import json
@@ -24,6 +27,7 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -33,7 +37,7 @@ import pytest
 import torch
 
 from aligner_core.adapter_format import Adapter, encode
-from support import LOGPROB_TOLERANCE, PROMPTS, Server, chat_ids, real_model, record, tiny_spec
+from support import LOGPROB_TOLERANCE, Server, real_model, record, serve, tiny_spec
 
 pytestmark = pytest.mark.server
 
@@ -43,7 +47,11 @@ RACE_S = 40.0  # wall time of the race itself
 ADAPTER_STREAMS = 7  # one more than hot + cold slots, so now and then every slot is pinned (a clean 503)
 BASE_STREAMS = 1  # control requests without an adapter, in the same batches
 MAX_TOKENS = 10
-GATE_SCALE = 0.2  # strong: every adapter's tokens and logprobs differ from base (checked below)
+# Strong enough that each adapter's tokens and logprobs differ from base and from each other (checked below),
+# not so strong that float32 stops agreeing with the reference. Measured: at 0.2 an N = 4 adapter's first
+# logprob was 1.0e-3 from the reference (the float32 reference itself 2e-4 from float64: ill-conditioned);
+# at 0.1 the reference stays within 8e-5 of float64 and each first token's logprob is >= 0.49 from base's.
+GATE_SCALE = 0.1
 NAMES = ("alpha", "beta", "gamma", "delta", "eps")  # per tenant: 10 names, more than the 6 resident slots
 GRACE_S = 1.0  # the store's change feed reaches the name cache asynchronously, a moment after the answer
 ENV = {
@@ -55,6 +63,7 @@ ENV = {
     "ALIGNER_TENANT_REQUESTS_PER_MINUTE": "100000",
     "ALIGNER_TENANT_MANAGEMENT_PER_MINUTE": "100000",
 }
+PROMPTS = ["The capital of France is", "Once upon a time, a small robot", "Three uses of a paperclip:"]  # short, cheap
 QUOTAS = {"requests_per_minute": 100000, "max_concurrent_requests": 64, "max_active_adapters": 64}
 
 
@@ -153,7 +162,6 @@ class Ledger:
             return [v for v in mine if v.number == int(pin) and v.gone_at + GRACE_S >= run.sent]
         return [v for v in mine if v.newest_until + GRACE_S >= run.sent]
 
-
     def dump(self, path) -> None:
         """The whole race as JSON (adapters by seed), for looking into a failure offline."""
         versions = [{k: v for k, v in vars(x).items() if k != "adapter"} for x in self.versions]
@@ -167,13 +175,7 @@ def random_adapter(spec, seed: int) -> Adapter:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("never-base")
-    srv = Server(f"sqlite:///{tmp / 'store.db'}", tmp / "server.log", env=ENV)
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.stop()
+    yield from serve(tmp_path_factory.mktemp("never-base"), ENV)
 
 
 def scrape(text: str) -> dict[str, float]:
@@ -225,12 +227,11 @@ async def run_race(server: Server, spec, prompts: list[list[int]]) -> Ledger:
         for tenant in keys:
             for name in NAMES:
                 await upload(tenant, name, "upload")
-        deadline = time.monotonic() + RACE_S
 
         async def chaos(tenant: str, rng: random.Random) -> None:
             """Overwrite, delete and re-create this tenant's names (one operation at a time per tenant)."""
             while time.monotonic() < deadline:
-                await asyncio.sleep(rng.uniform(0.3, 1.5))
+                await asyncio.sleep(rng.uniform(0.8, 2.0))
                 name = rng.choice(NAMES)
                 if not ledger.live(tenant, name):
                     await upload(tenant, name, "upload")
@@ -262,7 +263,7 @@ async def run_race(server: Server, spec, prompts: list[list[int]]) -> Ledger:
                 ledger.failures.append(f"{run.tenant} {run.ref}: {type(e).__name__} {e}")
             ledger.runs.append(run)
 
-        async def streamer(i: int, rng: random.Random, *, base: bool) -> None:
+        async def streamer(rng: random.Random, *, base: bool) -> None:
             while time.monotonic() < deadline:
                 tenant = rng.choice(list(keys))
                 ref = None
@@ -281,10 +282,13 @@ async def run_race(server: Server, spec, prompts: list[list[int]]) -> Ledger:
                     ledger.failures.append(f"/metrics: {r.status_code} {r.text[:200]}")
                 await asyncio.sleep(2.0)
 
+        # Warm the engine first (its first forwards are slow), so the race window is all steady state.
+        await asyncio.gather(*(generate(Run(t, ref, 0, time.monotonic())) for t in keys for ref in (None, NAMES[0])))
+        deadline = time.monotonic() + RACE_S
         rng = random.Random(SEED)
         tasks = [chaos(t, random.Random(rng.random())) for t in keys]
-        tasks += [streamer(i, random.Random(rng.random()), base=False) for i in range(ADAPTER_STREAMS)]
-        tasks += [streamer(i, random.Random(rng.random()), base=True) for i in range(BASE_STREAMS)]
+        tasks += [streamer(random.Random(rng.random()), base=False) for _ in range(ADAPTER_STREAMS)]
+        tasks += [streamer(random.Random(rng.random()), base=True) for _ in range(BASE_STREAMS)]
         await asyncio.gather(*tasks, scraper())
     return ledger
 
@@ -326,6 +330,17 @@ def matches(ref: tuple[list[int], list[float]], run: Run) -> bool:
     return greedy == run.tokens and max(abs(a - b) for a, b in zip(lps, run.logprobs)) < LOGPROB_TOLERANCE
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """On a shared 2-core machine, two OpenMP threads made the reference 10x slower, not faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def explain(hf, run: Run, ledger: Ledger, prompts: list[list[int]]) -> str:
     """What a run that matched no candidate does match: every version of the race, and base."""
     seqs = [(prompts[run.prompt], run.tokens)]
@@ -356,7 +371,7 @@ def test_no_request_that_names_an_adapter_runs_a_token_without_it(server) -> Non
     started = time.monotonic()
     pm = real_model()
     tokenizer = AutoTokenizer.from_pretrained(pm.path)
-    prompts = [chat_ids(tokenizer, text) for text in PROMPTS[:3]]
+    prompts = [tokenizer(text)["input_ids"] for text in PROMPTS]
     ledger = asyncio.run(run_race(server, pm.spec, prompts))
     race_s = time.monotonic() - started
     ledger.dump(server.log.with_name("ledger.json"))
@@ -377,16 +392,17 @@ def test_no_request_that_names_an_adapter_runs_a_token_without_it(server) -> Non
     assert all(len(r.tokens) == len(r.logprobs) == MAX_TOKENS for r in done)
     wanted = {(None, r.prompt, tuple(r.tokens)) for r in done}
     wanted |= {(v.adapter.sha256(), r.prompt, tuple(r.tokens)) for r in done if r.ref for v in ledger.candidates(r)}
-    ref = reference_outputs(hf, wanted, adapters, prompts)
+    with one_torch_thread():
+        ref = reference_outputs(hf, wanted, adapters, prompts)
     check_s = time.monotonic() - started - race_s
     base_runs, adapter_runs = [r for r in done if r.ref is None], [r for r in done if r.ref]
     base_tokens = {r.prompt: r.tokens for r in base_runs}
     spans, stale, swapped, separation, unmatched = [], 0, 0, [], []
     for r in adapter_runs:
-        base_ref = ref[(None, r.prompt, tuple(r.tokens))]
-        hits = [v for v in ledger.candidates(r) if matches(ref[(v.adapter.sha256(), r.prompt, tuple(r.tokens))], r)]
-        sep = [abs(a - b) for a, b in zip(ref[(hits[0].adapter.sha256(), r.prompt, tuple(r.tokens))][1], base_ref[1])] if hits else []
+        seq = (r.prompt, tuple(r.tokens))
+        hits = [v for v in ledger.candidates(r) if matches(ref[(v.adapter.sha256(), *seq)], r)]
         # exactly one version, and one that base cannot pass for: other tokens, logprobs far apart
+        sep = [abs(a - b) for a, b in zip(ref[(hits[0].adapter.sha256(), *seq)][1], ref[(None, *seq)][1])] if hits else [0]
         if len(hits) != 1 or r.tokens == base_tokens.get(r.prompt) or max(sep) < 10 * LOGPROB_TOLERANCE:
             unmatched.append(r)
             continue
@@ -395,6 +411,7 @@ def test_no_request_that_names_an_adapter_runs_a_token_without_it(server) -> Non
         stale += v.newest_until < r.sent and "@" not in r.ref  # served by a name the feed had not yet updated
         swapped += r.sent < v.newest_until < r.finished  # overwritten or deleted while it streamed
         separation += sep
+    separated = float(np.mean(np.array(separation) > LOGPROB_TOLERANCE)) if separation else 0.0
     outcomes = Counter(r.outcome for r in ledger.runs)
     figures = dict(
         seconds=round(time.monotonic() - started, 1), race_seconds=round(race_s, 1), check_seconds=round(check_s, 1),
@@ -403,20 +420,22 @@ def test_no_request_that_names_an_adapter_runs_a_token_without_it(server) -> Non
         pinned_old_versions=sum("@" in r.ref for r in adapter_runs), versions=len(ledger.versions), ops=dict(ledger.ops),
         engine_loads=m.get("aligner_adapter_loads_total"), engine_evictions=m.get("aligner_adapter_evictions_total"),
         most_adapters_in_flight=most_in_flight(spans), swapped_while_streaming=swapped, served_within_feed_grace=stale,
-        tokens_separated_from_base=round(float(np.mean(np.array(separation) > LOGPROB_TOLERANCE)), 4) if separation else None,
+        tokens_separated_from_base=round(separated, 4), median_separation=round(float(np.median(separation or [0])), 3),
         unknown_rows=m.get("aligner_adapter_rows_unknown_total"), in_flight_after=m.get("aligner_adapter_requests_in_flight"),
     )  # fmt: skip
     where = f"\nfigures: {figures}\nledger: {server.log.with_name('ledger.json')}"
-    assert not unmatched, f"{len(unmatched)} of {len(adapter_runs)} runs match no version they could have used:\n" + \
-        "\n".join(explain(hf, r, ledger, prompts) for r in unmatched[:5]) + where  # fmt: skip
+    if unmatched:
+        with one_torch_thread():
+            why = "\n".join(explain(hf, r, ledger, prompts) for r in unmatched[:3])
+        pytest.fail(f"{len(unmatched)} of {len(adapter_runs)} runs match no version they could have used:\n{why}{where}")
     wrong = [r for r in base_runs if not matches(ref[(None, r.prompt, tuple(r.tokens))], r)]
     assert not wrong, f"base controls differ from the reference: {wrong[:3]}" + where
     assert not ledger.failures, "\n".join(ledger.failures[:20]) + where + "\n" + log[-4000:]
     assert "aligner_adapter_rows_unknown_total" in m, "the workers' unknown-key counter is not exported"
     assert m["aligner_adapter_rows_unknown_total"] == 0 and "unknown adapter key" not in log, log[-4000:]
     assert m["aligner_adapter_requests_in_flight"] == 0, where
-    assert "Traceback" not in log, log[log.index("Traceback") - 2000 :][:6000]
-    assert ledger.ops["overwrite"] and ledger.ops["delete"] and outcomes["ok"] > 50, where
+    assert "Traceback" not in log, "a traceback in the server log:\n" + log[log.index("Traceback") - 300 :][:6000] + where
+    assert ledger.ops["overwrite"] and ledger.ops["delete"] and swapped, "no version changed under a stream" + where
     assert m.get("aligner_adapter_evictions_total", 0) > 0, "the race never evicted an adapter" + where
     assert most_in_flight(spans) > 2, "never more adapters in flight than hot slots: the cold tier was not raced" + where
     record("never_base", **figures)
