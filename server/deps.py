@@ -32,10 +32,10 @@ async def current_tenant(request: Request, svc: ServicesDep) -> Tenant:
     if token is None:
         raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
     try:
-        _, tenant = await svc.store.find_api_key(hash_key(token))
+        api_key, tenant = await svc.store.find_api_key(hash_key(token))
     except NotFound:
         raise Unauthorized("Incorrect API key provided.") from None
-    request.state.key_hash = hash_key(token)  # requests in flight end when this key is revoked
+    request.state.api_key = (api_key.id, hash_key(token))  # requests in flight end when this key is revoked
     return tenant
 
 

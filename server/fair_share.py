@@ -7,7 +7,8 @@ engine, vLLM's priority scheduler orders the admitted requests: each request's p
 load when it arrived (lower runs earlier), so a quiet tenant's request goes ahead of a busy tenant's queue.
 
 Tickets also carry the API key that made them: `revoke` ends every request of a key the moment the key
-stops being valid (`watch_revocations`).
+is revoked here (the admin route), or within a poll when it is revoked through another replica
+(`watch_revocations`).
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ def _over(limit: str, message: str, *, retry_after: int = 1, param: str | None =
 class Ticket:
     """One admitted request; `release()` exactly once (idempotent)."""
 
-    def __init__(self, share: FairShare, tenant_id: str, demand: Demand, key_hash: str | None) -> None:
-        self.share, self.tenant_id, self.demand, self.key_hash = share, tenant_id, demand, key_hash
+    def __init__(self, share: FairShare, tenant_id: str, demand: Demand, api_key: tuple[str, str] | None) -> None:
+        self.share, self.tenant_id, self.demand = share, tenant_id, demand
+        self.key_id, self.key_hash = api_key or (None, None)
         self.task: asyncio.Task | None = asyncio.current_task()  # cancelled if the key is revoked
         self.revoked = False
         self._released = False
@@ -86,7 +88,7 @@ class FairShare:
         self._load: dict[str, _Load] = {}
         self._tickets: set[Ticket] = set()
 
-    def admit(self, tenant: Tenant, demand: Demand, *, key_hash: str | None = None) -> Ticket:
+    def admit(self, tenant: Tenant, demand: Demand, *, api_key: tuple[str, str] | None = None) -> Ticket:
         """A ticket for the request, or RateLimited naming the limit it passes."""
         q = tenant.quotas
         load = self._load.get(tenant.id) or _Load()
@@ -114,7 +116,7 @@ class FairShare:
         load.tokens += demand.tokens
         if demand.adapter is not None:
             load.adapters[demand.adapter] += 1
-        ticket = Ticket(self, tenant.id, demand, key_hash)
+        ticket = Ticket(self, tenant.id, demand, api_key)
         self._tickets.add(ticket)
         return ticket
 
@@ -145,9 +147,10 @@ class FairShare:
     def key_hashes(self) -> set[str]:
         return {t.key_hash for t in self._tickets if t.key_hash is not None}
 
-    def revoke(self, key_hash: str) -> int:
-        """End every in-flight request made with this key; returns how many."""
-        hit = [t for t in self._tickets if t.key_hash == key_hash and not t.revoked]
+    def revoke(self, key_hash: str | None = None, *, key_id: str | None = None) -> int:
+        """End every in-flight request made with this key (by hash or id); returns how many."""
+        hit = [t for t in self._tickets if not t.revoked and (t.key_hash == key_hash or t.key_id == key_id)
+               and (key_hash or key_id)]  # fmt: skip
         for t in hit:
             t.revoked = True
             if t.task is not None:

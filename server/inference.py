@@ -74,7 +74,7 @@ async def generate(svc: Services, tenant: Tenant, body: Any, raw: Request, *, en
     priority = svc.fair.priority(tenant.id)  # the tenant's load before this request
     try:
         ticket = svc.fair.admit(tenant, demand_of(body, endpoint, svc.settings.max_model_len, key),
-                                key_hash=getattr(raw.state, "key_hash", None))  # fmt: skip
+                                api_key=getattr(raw.state, "api_key", None))  # fmt: skip
     except RateLimited as e:
         svc.metrics.refused.labels(tenant.name, e.limit).inc()
         raise

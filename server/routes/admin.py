@@ -118,7 +118,9 @@ async def list_keys(svc: ServicesDep, tenant_id: str) -> KeyList:
 
 @router.delete("/keys/{key_id}")
 async def revoke_key(svc: ServicesDep, key_id: str) -> KeyPublic:
-    return KeyPublic.of(await svc.store.revoke_api_key(key_id))
+    revoked = await svc.store.revoke_api_key(key_id)
+    svc.fair.revoke(key_id=revoked.id)  # this replica's requests end now; other replicas' at their next poll
+    return KeyPublic.of(revoked)
 
 
 @router.post("/adapters", status_code=201)
