@@ -186,6 +186,9 @@ def hardware() -> dict:
 
 def write_result(name: str, payload: dict, out: Path = RESULTS) -> Path:
     out.mkdir(parents=True, exist_ok=True)
+    args = payload.get("args")
+    if isinstance(args, dict) and args.get("out"):  # recorded relative to the repository, not this machine
+        args["out"] = os.path.relpath(Path(args["out"]).resolve(), REPO)
     path = out / f"{name}.json"
     path.write_text(json.dumps({"hardware": hardware(), **payload}, indent=1, default=str))
     return path

@@ -149,8 +149,8 @@ class FairShare:
 
     def revoke(self, key_hash: str | None = None, *, key_id: str | None = None) -> int:
         """End every in-flight request made with this key (by hash or id); returns how many."""
-        hit = [t for t in self._tickets if not t.revoked and (t.key_hash == key_hash or t.key_id == key_id)
-               and (key_hash or key_id)]  # fmt: skip
+        wanted = {k for k in (key_hash, key_id) if k is not None}
+        hit = [t for t in self._tickets if not t.revoked and wanted & {t.key_hash, t.key_id}]
         for t in hit:
             t.revoked = True
             if t.task is not None:
