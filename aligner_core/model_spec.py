@@ -56,14 +56,14 @@ class ModelSpec:
         head_dim = int(config.get("head_dim") or hidden // heads)
         subset = {k: config.get(k) for k in _FINGERPRINT_KEYS}
         subset["head_dim"] = head_dim
-        subset["num_key_value_heads"] = int(config.get("num_key_value_heads") or heads)
+        kv_heads = subset["num_key_value_heads"] = int(config.get("num_key_value_heads") or heads)
         digest = hashlib.sha256(json.dumps(subset, sort_keys=True).encode()).hexdigest()
         return cls(
             name=name,
             hidden_size=hidden,
             num_layers=int(config["num_hidden_layers"]),
             num_heads=heads,
-            num_kv_heads=subset["num_key_value_heads"],
+            num_kv_heads=kv_heads,
             head_dim=head_dim,
             fingerprint=digest[:12],
         )

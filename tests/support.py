@@ -31,6 +31,27 @@ PROMPTS = [
 ]
 
 
+OPERATIONS = [  # (method, path template) of every operation; test_fuzz keeps it equal to the OpenAPI document
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/completions"),
+    ("GET", "/v1/models"),
+    ("POST", "/v1/adapters"),
+    ("GET", "/v1/adapters"),
+    ("GET", "/v1/adapters/{name}"),
+    ("DELETE", "/v1/adapters/{name}"),
+    ("GET", "/v1/adapters/{name}/versions"),
+    ("GET", "/admin/tenants"),
+    ("POST", "/admin/tenants"),
+    ("PATCH", "/admin/tenants/{tenant_id}"),
+    ("POST", "/admin/tenants/{tenant_id}/keys"),
+    ("GET", "/admin/tenants/{tenant_id}/keys"),
+    ("DELETE", "/admin/keys/{key_id}"),
+    ("POST", "/admin/adapters"),
+    ("DELETE", "/admin/adapters/{name}"),
+    ("GET", "/health"),
+    ("GET", "/metrics"),
+]
+
 def real_model() -> PreparedModel:
     return prepare()
 
@@ -161,7 +182,7 @@ class Server:
                 self.proc.wait()
 
 
-def serve(tmp: Path, env: dict[str, str]):
+def serve(tmp: Path, env: dict[str, str] | None = None):
     """A module fixture's body: a Server on a SQLite store in `tmp`, started, then stopped."""
     srv = Server(f"sqlite:///{tmp / 'store.db'}", tmp / "server.log", env=env)
     try:

@@ -21,33 +21,14 @@ import torch
 from aligner_core.adapter_format import Adapter, decode, encode
 from aligner_core.errors import AdapterFormatError
 import support
-from support import Server, require_in_ci, tiny_spec
+from support import Server, require_in_ci, serve, tiny_spec
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 # --- schemathesis: every operation of /openapi.json, as a tenant and as the admin ---
 
 ADMIN = "admin-key-for-fuzz-tests-0123456789"
-OPERATIONS = [  # test_operations_are_all_covered keeps this list equal to the server's OpenAPI document
-    ("POST", "/v1/chat/completions"),
-    ("POST", "/v1/completions"),
-    ("GET", "/v1/models"),
-    ("POST", "/v1/adapters"),
-    ("GET", "/v1/adapters"),
-    ("GET", "/v1/adapters/{name}"),
-    ("DELETE", "/v1/adapters/{name}"),
-    ("GET", "/v1/adapters/{name}/versions"),
-    ("GET", "/admin/tenants"),
-    ("POST", "/admin/tenants"),
-    ("PATCH", "/admin/tenants/{tenant_id}"),
-    ("POST", "/admin/tenants/{tenant_id}/keys"),
-    ("GET", "/admin/tenants/{tenant_id}/keys"),
-    ("DELETE", "/admin/keys/{key_id}"),
-    ("POST", "/admin/adapters"),
-    ("DELETE", "/admin/adapters/{name}"),
-    ("GET", "/health"),
-    ("GET", "/metrics"),
-]
+OPERATIONS = support.OPERATIONS  # test_operations_are_all_covered keeps it equal to the OpenAPI document
 EXAMPLES = int(os.environ.get("ALIGNER_FUZZ_EXAMPLES", "50"))  # per operation and role, valid and invalid mixed
 WRONG_ROLE_EXAMPLES = 8  # a tenant on /admin, the admin on /v1: every answer is a 401
 MAX_TOKENS = 4  # generation stays cheap; limits themselves are tested in test_security.py
@@ -55,12 +36,7 @@ MAX_TOKENS = 4  # generation stays cheap; limits themselves are tested in test_s
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("fuzz")
-    env = {"ALIGNER_ADMIN_KEY": ADMIN, "ALIGNER_MAX_MODEL_LEN": "256"}
-    srv = Server(f"sqlite:///{tmp / 'store.db'}", tmp / "server.log", env=env)
-    srv.start()
-    yield srv
-    srv.stop()
+    yield from serve(tmp_path_factory.mktemp("fuzz"), {"ALIGNER_ADMIN_KEY": ADMIN, "ALIGNER_MAX_MODEL_LEN": "256"})
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ import psutil
 import pytest
 
 from aligner_core.adapter_format import Adapter, encode
-from support import PROMPTS, Server, real_model
+from support import PROMPTS, Server, real_model, serve
 
 ADAPTERS = 100
 CLIENTS = 200
@@ -242,12 +242,8 @@ def total(samples: dict[str, float], name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("load")
     env = {"ALIGNER_MAX_NUM_SEQS": "256", "ALIGNER_MAX_RESIDENT_ADAPTERS": "128", "ALIGNER_KV_CACHE_GIB": "2"}
-    srv = Server(f"sqlite:///{tmp / 'store.db'}", tmp / "server.log", env=env)
-    srv.start()
-    yield srv
-    srv.stop()
+    yield from serve(tmp_path_factory.mktemp("load"), env)
 
 
 @pytest.mark.server

@@ -10,18 +10,14 @@ import httpx
 import pytest
 
 from aligner_core.adapter_format import Adapter, save
-from support import Server, real_model, require_in_ci
+from support import real_model, require_in_ci, serve
 
 pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ui")
-    srv = Server(f"sqlite:///{tmp / 'store.db'}", tmp / "server.log")
-    srv.start()
-    yield srv
-    srv.stop()
+    yield from serve(tmp_path_factory.mktemp("ui"))
 
 
 @pytest.fixture(scope="module")

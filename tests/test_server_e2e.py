@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from aligner_core.adapter_format import Adapter, encode
-from support import Server, real_model
+from support import real_model, serve
 
 pytestmark = pytest.mark.server
 
@@ -21,11 +21,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("server")
-    srv = Server(f"sqlite:///{tmp / 'store.db'}", tmp / "server.log")
-    srv.start()
-    yield srv
-    srv.stop()
+    yield from serve(tmp_path_factory.mktemp("server"))
 
 
 @pytest.fixture(scope="module")

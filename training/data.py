@@ -21,6 +21,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from training.personas import PERSONAS, _clean, _SENTENCE_RE, three_points
 
@@ -105,7 +106,8 @@ def base_answers_vllm(model_path: str, prompts: list[str], max_tokens: int) -> l
 
     llm = LLM(model=model_path, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=True)
+    conversations: list[list[Any]] = [[{"role": "user", "content": p}] for p in prompts]
+    outs = llm.chat(conversations, params, use_tqdm=True)
     return [o.outputs[0].text for o in outs]
 
 

@@ -185,6 +185,13 @@ class AsyncClient(Namespaces):
     """Asynchronous client: the same namespaces and arguments as `Client`; every call is awaited
     (`async for` over `adapters.list_all()` and over the `AsyncStream` that `stream=True` gives)."""
 
+    # The namespaces' annotations are the sync client's values; here each call gives an awaitable of one.
+    adapters: Any
+    models: Any
+    chat: Any
+    completions: Any
+    admin: Any
+
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *, admin_key: str | None = None,
                  timeout: float | httpx.Timeout | None = core.DEFAULT_TIMEOUT, max_retries: int = 2,
                  retry_policy: core.RetryPolicy | None = None, headers: Mapping[str, str] | None = None,

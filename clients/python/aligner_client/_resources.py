@@ -3,7 +3,8 @@
 Each method builds a `Call` (or a multi-step generator) in the core and hands it to the client's
 `_drive` / `_stream` / `_paginate`: with `Client` the result is the value, with `AsyncClient` an
 awaitable of it (`list_all` gives an iterator / async iterator; `stream=True` a `Stream` / an awaitable
-`AsyncStream`).
+`AsyncStream`). The annotations are `Client`'s; `AsyncClient` types its namespaces `Any`, since each
+of its calls returns an awaitable of the annotated value.
 """
 
 from __future__ import annotations

@@ -189,7 +189,7 @@ def _admin(c: Client, a: argparse.Namespace, out: TextIO) -> int:
 def _common(suppress: bool) -> argparse.ArgumentParser:
     """Options accepted before or after the subcommand (SUPPRESS keeps a later level from resetting them)."""
     p = argparse.ArgumentParser(add_help=False)
-    d = {"default": argparse.SUPPRESS} if suppress else {}
+    d: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
     p.add_argument("--base-url", help="server root (default: $ALIGNER_BASE_URL or http://127.0.0.1:8000)", **d)
     p.add_argument("--api-key", help="API key; for admin commands the admin key (default: $ALIGNER_API_KEY; "
                                      "admin: $ALIGNER_ADMIN_KEY)", **d)  # fmt: skip

@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
+
+T = TypeVar("T")
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+
+class _List(_Model, Generic[T]):
+    """A list answer: iterating it (and `len`) goes over its items, like a list."""
+
+    object: str = "list"
+    data: list[T]
+
+    def __iter__(self) -> Iterator[T]:  # type: ignore[override]
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
 
 
 class Adapter(_Model):
@@ -26,17 +42,9 @@ class Adapter(_Model):
     created_at: datetime
 
 
-class AdapterList(_Model):
-    object: str = "list"
-    data: list[Adapter]
+class AdapterList(_List[Adapter]):
     has_more: bool = False
     next_after: str | None = None
-
-    def __iter__(self):  # type: ignore[override]  # iterate the items, like a list
-        return iter(self.data)
-
-    def __len__(self) -> int:
-        return len(self.data)
 
 
 class AdapterDeleted(_Model):
@@ -56,17 +64,11 @@ class ModelCard(_Model):
     adapter: Adapter | None = None
 
 
-class ModelList(_Model):
-    object: str = "list"
-    data: list[ModelCard]
-
+class ModelList(_List[ModelCard]):
     @property
     def base(self) -> ModelCard:
         """The base model (the first card): its `id` is what adapter files must carry in `base_model`."""
         return next((m for m in self.data if m.parent is None), self.data[0])
-
-    def __iter__(self):  # type: ignore[override]
-        return iter(self.data)
 
 
 class Quotas(_Model):
@@ -89,12 +91,8 @@ class Tenant(_Model):
     created_at: datetime
 
 
-class TenantList(_Model):
-    object: str = "list"
-    data: list[Tenant]
-
-    def __iter__(self):  # type: ignore[override]
-        return iter(self.data)
+class TenantList(_List[Tenant]):
+    pass
 
 
 class ApiKey(_Model):
@@ -107,12 +105,8 @@ class ApiKey(_Model):
     key: str | None = None  # the secret, only in the answer that created it
 
 
-class ApiKeyList(_Model):
-    object: str = "list"
-    data: list[ApiKey]
-
-    def __iter__(self):  # type: ignore[override]
-        return iter(self.data)
+class ApiKeyList(_List[ApiKey]):
+    pass
 
 
 class ChatCompletion(_Model):

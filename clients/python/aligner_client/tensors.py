@@ -40,18 +40,18 @@ def _raw(name: str, x: Any) -> tuple[str, bytes]:
     if mod == "torch":
         import torch
 
-        codes = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-        if x.dtype not in codes:
+        torch_codes = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+        if x.dtype not in torch_codes:
             raise ValueError(f"tensor '{name}' has dtype {x.dtype}; allowed: float32, bfloat16, float16")
         t = x.detach().contiguous().cpu()
-        return codes[x.dtype], t.view(torch.uint8).numpy().tobytes()
+        return torch_codes[x.dtype], t.view(torch.uint8).numpy().tobytes()
     if mod == "numpy":
         import numpy as np
 
-        codes = {np.dtype("float32"): ("F32", "<f4"), np.dtype("float16"): ("F16", "<f2")}
-        if x.dtype not in codes:
+        np_codes = {np.dtype("float32"): ("F32", "<f4"), np.dtype("float16"): ("F16", "<f2")}
+        if x.dtype not in np_codes:
             raise ValueError(f"array '{name}' has dtype {x.dtype}; allowed: float32, float16")
-        code, le = codes[x.dtype]
+        code, le = np_codes[x.dtype]
         return code, np.ascontiguousarray(x, dtype=le).tobytes()
     flat = [float(v) for row in x for v in row]
     return "F32", struct.pack(f"<{len(flat)}f", *flat)
