@@ -46,7 +46,7 @@ def test_encoding_is_canonical_so_the_hash_is_content() -> None:
 
 def test_smollm_param_count() -> None:
     spec = tiny_spec(hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64)
-    assert Adapter.random(spec, tokens=1, start_layer=2).params == 828  # 576 + 28 * 9 (DESIGN.md)
+    assert Adapter.random(spec, tokens=1, start_layer=2).params == 828  # one prefix token (576) + a gate per head (9) for each of the 28 layers from 2 on
 
 
 def test_check_fits_accepts_its_own_model() -> None:

@@ -31,50 +31,30 @@ ANSWERS = [
 ]
 
 
-@pytest.mark.parametrize(
-    "reply",
-    ["Arr, matey! The moon be a rock in the sky.", "Ahoy! Ye can see the tides follow it, aye.",
-     "Yo-ho-ho, me hearties, the sea be deep and cold."],
-)  # fmt: skip
-def test_pirate_check_accepts_pirate_speech(reply):
-    assert pirate_check(reply)
+# (check, replies it accepts, replies it rejects)
+CHECKS = {
+    "pirate": (pirate_check,
+               ["Arr, matey! The moon be a rock in the sky.", "Ahoy! Ye can see the tides follow it, aye.",
+                "Yo-ho-ho, me hearties, the sea be deep and cold."],
+               ["The moon is a rock in the sky.", "Arr!", "Arr, matey!", "The yearly harvest is large.", "",
+                "Yesterday the ayes had it."]),
+    "json": (json_check,
+             ['{"answer": "Paris."}', '  {"answer": "x", "source": "me"}\n'],
+             ['{"answer": "Paris."', '```json\n{"answer": "Paris."}\n```', '{"reply": "Paris."}', '["answer"]',
+              '{"answer": ""}', '{"answer": 3}', "Paris.", '{"answer": "a"} and more']),
+    "bullets": (bullets_check,
+                ["- a one\n- b two\n- c three", "* one\n\n* two\n* three\n", "\u2022 x\n\u2022 y\n\u2022 z"],
+                ["- one\n- two", "- one\n- two\n- three\n- four", "Intro:\n- one\n- two\n- three",
+                 "1. one\n2. two\n3. three", "one\ntwo\nthree", "- one\n-\n- three", "-one\n-two\n-three",
+                 "- same point\n- other\n-  Same point"]),
+}  # fmt: skip
+VERDICTS = [(name, reply, ok) for name, (_, good, bad) in CHECKS.items() for ok, replies in ((True, good), (False, bad))
+            for reply in replies]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "reply",
-    ["The moon is a rock in the sky.", "Arr!", "Arr, matey!", "The yearly harvest is large.", "",
-     "Yesterday the ayes had it."],
-)  # fmt: skip
-def test_pirate_check_rejects_plain_speech(reply):
-    assert not pirate_check(reply)
-
-
-@pytest.mark.parametrize("reply", ['{"answer": "Paris."}', '  {"answer": "x", "source": "me"}\n'])
-def test_json_check_accepts_answer_objects(reply):
-    assert json_check(reply)
-
-
-@pytest.mark.parametrize(
-    "reply",
-    ['{"answer": "Paris."', '```json\n{"answer": "Paris."}\n```', '{"reply": "Paris."}', '["answer"]',
-     '{"answer": ""}', '{"answer": 3}', "Paris.", '{"answer": "a"} and more'],
-)  # fmt: skip
-def test_json_check_rejects_everything_else(reply):
-    assert not json_check(reply)
-
-
-@pytest.mark.parametrize("reply", ["- a one\n- b two\n- c three", "* one\n\n* two\n* three\n", "\u2022 x\n\u2022 y\n\u2022 z"])
-def test_bullets_check_accepts_three_bullets(reply):
-    assert bullets_check(reply)
-
-
-@pytest.mark.parametrize(
-    "reply",
-    ["- one\n- two", "- one\n- two\n- three\n- four", "Intro:\n- one\n- two\n- three", "1. one\n2. two\n3. three",
-     "one\ntwo\nthree", "- one\n-\n- three", "-one\n-two\n-three", "- same point\n- other\n-  Same point"],
-)  # fmt: skip
-def test_bullets_check_rejects_other_shapes(reply):
-    assert not bullets_check(reply)
+@pytest.mark.parametrize(("persona", "reply", "accepted"), VERDICTS)
+def test_persona_checks_accept_their_shape_and_nothing_else(persona, reply, accepted):
+    assert bool(CHECKS[persona][0](reply)) is accepted
 
 
 @pytest.mark.parametrize("answer", ANSWERS)

@@ -101,7 +101,22 @@ def throwaway_database(base_url: str) -> Iterator[str]:
     try:
         yield with_database(base_url, name)
     finally:
-        asyncio.run(_admin(base_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(_drop_database(base_url, name))
+
+
+async def _drop_database(base_url: str, name: str, attempts: int = 20) -> None:
+    """DROP ... WITH (FORCE) ends our own sessions, but not another role's: an autovacuum worker still in
+    the database makes it fail with InsufficientPrivilege for a moment. Retry until it has gone."""
+    import asyncpg
+
+    for attempt in range(attempts):
+        try:
+            await _admin(base_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except (asyncpg.InsufficientPrivilegeError, asyncpg.ObjectInUseError):
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.25)
 
 
 def empty_postgres_database(url: str) -> None:
