@@ -73,9 +73,7 @@ def _postgres_store_class() -> type[PostgresStore]:
     try:
         from .postgres import PostgresStore
     except ImportError as exc:
-        raise StoreConfigError(
-            "the postgresql store needs the 'asyncpg' package; install it"
-        ) from exc
+        raise StoreConfigError("the postgresql store needs the 'asyncpg' package; install it") from exc
     return PostgresStore
 
 
@@ -85,15 +83,11 @@ def open_store(url: str) -> Store:
     Only the scheme is echoed in errors, never the URL, which may hold a password.
     """
     if url.startswith(_SQLITE_PREFIX):
-        path = url[len(_SQLITE_PREFIX):]
+        path = url[len(_SQLITE_PREFIX) :]
         if not path or "?" in path:
-            raise StoreConfigError(
-                f"sqlite store URL needs a plain path (no query string); supported: {_SUPPORTED}"
-            )
+            raise StoreConfigError(f"sqlite store URL needs a plain path (no query string); supported: {_SUPPORTED}")
         return SQLiteStore(path)
     if url.startswith(_POSTGRES_PREFIXES):
         return _postgres_store_class()(url)
     scheme = url.split("://", 1)[0] if "://" in url else "(none)"
-    raise StoreConfigError(
-        f"unsupported store URL scheme {scheme!r}; supported: {_SUPPORTED}"
-    )
+    raise StoreConfigError(f"unsupported store URL scheme {scheme!r}; supported: {_SUPPORTED}")

@@ -1,8 +1,9 @@
 """The backend-neutral store interface.
 
 The server depends only on this class, so that the SQLite backend used in
-development and a later PostgreSQL backend are interchangeable. SQL of any
-dialect belongs in the backend modules, never here.
+development and the PostgreSQL backend are interchangeable. SQL of any
+dialect belongs in ``sql.py`` and the driver modules, never here; both drivers
+implement this interface through ``sql_store.SQLStore``.
 
 Visibility rules shared by every backend:
 
@@ -139,9 +140,7 @@ class Store(ABC):
         """
 
     @abstractmethod
-    async def get_adapter(
-        self, tenant_id: str, name: str, version: int | None = None
-    ) -> AdapterRecord:
+    async def get_adapter(self, tenant_id: str, name: str, version: int | None = None) -> AdapterRecord:
         """Resolve a visible adapter; ``version=None`` means the newest."""
 
     @abstractmethod
@@ -149,9 +148,7 @@ class Store(ABC):
         """Return the stored weights of one adapter version; ``NotFound`` if absent."""
 
     @abstractmethod
-    async def list_adapters(
-        self, tenant_id: str, *, limit: int = 100, after: str | None = None
-    ) -> Page:
+    async def list_adapters(self, tenant_id: str, *, limit: int = 100, after: str | None = None) -> Page:
         """Newest version of each visible name, ordered by name, after cursor ``after``."""
 
     @abstractmethod
@@ -159,9 +156,7 @@ class Store(ABC):
         """All versions of the visible name, ascending; ``NotFound`` if none."""
 
     @abstractmethod
-    async def delete_adapter(
-        self, tenant_id: str, name: str, version: int | None = None
-    ) -> list[AdapterRecord]:
+    async def delete_adapter(self, tenant_id: str, name: str, version: int | None = None) -> list[AdapterRecord]:
         """Delete owned versions (all, or one); return them; ``NotFound`` if none matched.
 
         Only adapters owned by ``tenant_id`` are ever deleted, so a public

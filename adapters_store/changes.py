@@ -39,9 +39,7 @@ class ChangeFeed:
             self._callbacks.append(callback)
         if self._task is None or self._task.done():
             self._queue = asyncio.Queue()
-            self._task = asyncio.get_running_loop().create_task(
-                self._dispatch(self._queue), name="store-change-feed"
-            )
+            self._task = asyncio.get_running_loop().create_task(self._dispatch(self._queue), name="store-change-feed")
 
     def remove(self, callback: ChangeCallback) -> bool:
         """Forget ``callback``; True if it was subscribed."""
@@ -60,12 +58,7 @@ class ChangeFeed:
         """Drop every subscriber and stop the dispatcher; queued events are discarded."""
         self._callbacks.clear()
         task, self._task, self._queue = self._task, None, None
-        if task is not None and not task.done():
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)
 
     async def _dispatch(self, queue: asyncio.Queue[ChangeEvent]) -> None:
         while True:
@@ -81,9 +74,18 @@ class ChangeFeed:
                     log.exception("store change subscriber %r failed on %r", callback, event)
 
 
-def threadsafe_publisher(
-    loop: asyncio.AbstractEventLoop, feed: ChangeFeed
-) -> Callable[[ChangeEvent], None]:
+async def cancel_and_wait(task: asyncio.Task[None] | None) -> None:
+    """Cancel a background task of the feed (a dispatcher, a listener) and wait until it has ended."""
+    if task is None or task.done():
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
+def threadsafe_publisher(loop: asyncio.AbstractEventLoop, feed: ChangeFeed) -> Callable[[ChangeEvent], None]:
     """A ``publish`` callable for a worker thread: it hops onto ``loop`` first."""
 
     def publish(event: ChangeEvent) -> None:

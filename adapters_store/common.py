@@ -1,25 +1,21 @@
-"""Backend-independent helpers shared by the store backends.
+"""Backend-independent helpers of the store: ids, the clock, messages, input and quota checks.
 
-The only SQL here is what both dialects spell alike: the column lists and the
-tenant statements, for which a backend passes its mark for numbered arguments
-(``?`` or ``$``).
+No SQL here: the statements and row mappers are in ``sql.py``, the operations in ``jobs.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import uuid
-from datetime import datetime, timezone
-from typing import Any, Protocol
-
 from dataclasses import fields
+from datetime import UTC, datetime
 
 from .errors import QuotaExceeded
 from .models import PUBLIC_TENANT_NAME, NewAdapter, Quotas
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def new_id(prefix: str) -> str:
@@ -54,9 +50,7 @@ def validate_tenant_name(name: str) -> None:
     if not name:
         raise ValueError("tenant name must not be empty")
     if name == PUBLIC_TENANT_NAME:
-        raise ValueError(
-            f"tenant name {name!r} is reserved; use ensure_public_tenant()"
-        )
+        raise ValueError(f"tenant name {name!r} is reserved; use ensure_public_tenant()")
 
 
 def validate_quotas(quotas: Quotas) -> None:
@@ -83,65 +77,6 @@ def validate_api_key(key_hash: str, prefix: str) -> None:
 
 
 API_KEY_NOT_FOUND = "api key not found"
-
-
-# Columns read back, the same in both schemas. Each quota is stored in a column
-# named after its ``Quotas`` field, so a new quota is a field plus one
-# migration step per backend.
-ADAPTER_COLUMNS = (
-    "id, tenant_id, name, version, tokens, params, bytes, sha256, base_model, public, created_at"
-)
-API_KEY_COLUMNS = "id, tenant_id, prefix, created_at, revoked_at"
-QUOTA_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Quotas))
-_TENANT_COLUMN_NAMES = ("id", "name", "created_at", *QUOTA_COLUMNS)
-TENANT_COLUMNS = ", ".join(_TENANT_COLUMN_NAMES)
-
-
-class Row(Protocol):
-    """A result row read by column name (``sqlite3.Row``, ``asyncpg.Record``)."""
-
-    def __getitem__(self, key: str, /) -> Any: ...
-
-
-def quota_values(quotas: Quotas) -> tuple[int | None, ...]:
-    """The quota columns' values, in ``QUOTA_COLUMNS`` order."""
-    return tuple(getattr(quotas, column) for column in QUOTA_COLUMNS)
-
-
-def quotas_from_row(row: Row) -> Quotas:
-    """The ``Quotas`` of a row that holds the tenant columns."""
-    return Quotas(**{column: row[column] for column in QUOTA_COLUMNS})
-
-
-def insert_tenant_sql(mark: str) -> str:
-    """Insert a tenant with every quota, arguments ``(id, name, created_at, *quota_values)``.
-
-    Returns the row, or nothing when the name is taken. ``mark`` numbers the
-    arguments: ``?`` gives ``?1, ?2, ...`` (SQLite), ``$`` gives ``$1, $2, ...``.
-    """
-    values = ", ".join(f"{mark}{i}" for i in range(1, len(_TENANT_COLUMN_NAMES) + 1))
-    return (
-        f"INSERT INTO tenants ({TENANT_COLUMNS}) VALUES ({values})"
-        f" ON CONFLICT (name) DO NOTHING RETURNING {TENANT_COLUMNS}"
-    )
-
-
-def set_quotas_sql(mark: str) -> str:
-    """Replace every quota of a tenant, arguments ``(*quota_values, tenant_id)``; returns the row."""
-    sets = ", ".join(f"{column} = {mark}{i}" for i, column in enumerate(QUOTA_COLUMNS, 1))
-    tenant_id = f"{mark}{len(QUOTA_COLUMNS) + 1}"
-    return f"UPDATE tenants SET {sets} WHERE id = {tenant_id} RETURNING {TENANT_COLUMNS}"
-
-
-def find_api_key_sql(mark: str) -> str:
-    """The live key of hash ``{mark}1`` joined with its tenant's row (key columns renamed)."""
-    tenant = ", ".join(f"t.{column}" for column in _TENANT_COLUMN_NAMES)
-    return (
-        "SELECT k.id AS key_id, k.tenant_id, k.prefix, k.created_at AS key_created_at,"
-        f" k.revoked_at, {tenant}"
-        " FROM api_keys AS k JOIN tenants AS t ON t.id = k.tenant_id"
-        f" WHERE k.key_hash = {mark}1 AND k.revoked_at IS NULL"
-    )
 
 
 def check_quotas(quotas: Quotas, count: int, total_bytes: int, new_bytes: int) -> None:

@@ -1,10 +1,12 @@
 """Versioned schema migrations, independent of SQL dialect.
 
-Each backend keeps its own ordered tuple of ``Migration`` steps (the SQL is
-dialect specific) and records applied versions in a
-``schema_migrations(version INTEGER PRIMARY KEY, applied_at)`` table. Steps
-are append-only: a shipped step is never edited, a change is a new step (step 2
-added tenant quotas and API keys over existing data).
+The schema grows by the numbered ``STEPS`` below, the same in every dialect. Each
+driver keeps its own tuple of ``Migration``s, one per step in that dialect's SQL
+(``dialect_migrations``), and records applied versions in a
+``schema_migrations(version INTEGER PRIMARY KEY, applied_at)`` table (``jobs.migrate``).
+Steps are append-only: a shipped step is never edited, a change is a new step
+(step 2 added tenant quotas and API keys over existing data), written for every
+dialect.
 """
 
 from __future__ import annotations
@@ -14,6 +16,13 @@ from dataclasses import dataclass
 
 from .errors import StoreConfigError
 
+#: What each step does, in order: step ``n`` is ``STEPS[n - 1]``.
+STEPS: tuple[str, ...] = (
+    "tenants, adapters and adapter blobs",
+    "tenant quotas and hashed api keys",
+    "tenant quotas on generation requests",
+)
+
 
 @dataclass(frozen=True)
 class Migration:
@@ -22,6 +31,16 @@ class Migration:
     version: int
     description: str
     statements: tuple[str, ...]
+
+
+def dialect_migrations(*statements: tuple[str, ...]) -> tuple[Migration, ...]:
+    """One dialect's migrations: ``statements[n - 1]`` are its SQL for step ``n`` of ``STEPS``."""
+    if len(statements) != len(STEPS):
+        raise StoreConfigError(f"a dialect needs SQL for each of the {len(STEPS)} steps, got {len(statements)}")
+    return tuple(
+        Migration(version, description, step)
+        for version, (description, step) in enumerate(zip(STEPS, statements, strict=True), 1)
+    )
 
 
 def check_ordered(migrations: Sequence[Migration]) -> None:

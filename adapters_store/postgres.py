@@ -1,8 +1,10 @@
-"""PostgreSQL backend of the adapter store (``asyncpg`` connection pool).
+"""PostgreSQL driver of the adapter store (``asyncpg`` connection pool).
 
 Selected by ``open_store("postgresql://user:pass@host:port/db")`` (or
-``postgres://``). Same contract as the SQLite backend (see ``base.py``); the
-differences are in how it is enforced:
+``postgres://``). The operations are the shared jobs (``jobs.py``,
+``sql_store.SQLStore``), so the contract is the SQLite driver's; the differences
+are in how it is enforced: the locks the jobs take (spelled in ``sql.POSTGRES``;
+SQLite needs none) and this module's pool, change feed and error mapping:
 
 * Versions: ``create_adapter`` takes a transaction-scoped advisory lock on the
   (tenant, name) pair before reading ``MAX(version)``, so concurrent creates of
@@ -24,6 +26,7 @@ differences are in how it is enforced:
   which a ``resync`` event says that events may have been missed).
   A transaction-pooling proxy (pgbouncer in transaction mode) breaks LISTEN;
   point the store at PostgreSQL or a session-pooling proxy.
+* Errors: SQLSTATE classes map onto the store's exceptions (``_errors_mapped``).
 
 The URL holds a password, so messages name the server only as
 ``postgresql://user@host:port/db``.
@@ -37,75 +40,45 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
-from .base import ChangeCallback, Store
-from .changes import ChangeFeed
-from .common import (
-    ADAPTER_COLUMNS,
-    API_KEY_COLUMNS,
-    API_KEY_NOT_FOUND,
-    TENANT_COLUMNS,
-    adapter_not_found,
-    check_quotas,
-    find_api_key_sql,
-    insert_tenant_sql,
-    new_id,
-    now,
-    quota_values,
-    quotas_from_row,
-    set_quotas_sql,
-    validate_api_key,
-    validate_new_adapter,
-    validate_quotas,
-    validate_tenant_name,
-)
-from .errors import Conflict, NotFound, StoreConfigError, StoreError, StoreUnavailable
-from .migrations import Migration, pending
-from .models import (
-    CHANGE_KINDS,
-    PUBLIC_TENANT_NAME,
-    AdapterRecord,
-    ApiKey,
-    ChangeEvent,
-    NewAdapter,
-    Page,
-    Quotas,
-    Tenant,
-)
+from .base import ChangeCallback
+from .changes import ChangeFeed, cancel_and_wait
+from .errors import Conflict, StoreConfigError, StoreError, StoreUnavailable
+from .jobs import migrate
+from .migrations import dialect_migrations
+from .models import CHANGE_KINDS, ChangeEvent
+from .sql import POSTGRES, Statements
+from .sql_store import Job, SQLStore
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SCHEMES = ("postgresql", "postgres")
 
 #: LISTEN/NOTIFY channel shared by every store on one database.
 CHANGE_CHANNEL = "aligner_store_changes"
 
-# Key of the database-wide advisory lock held while migrating (the one-bigint
-# key space; per-name locks use the separate two-int4 key space).
-MIGRATION_LOCK_KEY = 0x616C69676E6572  # "aligner"
-
 # NOTIFY payloads must stay under 8000 bytes; larger events become "resync".
 _MAX_PAYLOAD_BYTES = 7900
 
-# Schema. Append new steps (API keys, quotas, ...) at the end; never edit one.
-# Mirrors SQLITE_MIGRATIONS step for step, in PostgreSQL's dialect.
-POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
-    Migration(
-        version=1,
-        description="tenants, adapters and adapter blobs",
-        statements=(
-            """
+# Schema: PostgreSQL's SQL for each of migrations.STEPS (as SQLITE_MIGRATIONS, step for step).
+# Append new steps at the end; never edit one.
+POSTGRES_MIGRATIONS = dialect_migrations(
+    # 1. tenants, adapters and adapter blobs
+    (
+        """
             CREATE TABLE tenants (
                 id          TEXT COLLATE "C" PRIMARY KEY,
                 name        TEXT COLLATE "C" NOT NULL UNIQUE,
                 created_at  TIMESTAMPTZ NOT NULL
             )
             """,
-            """
+        """
             CREATE TABLE adapters (
                 id          TEXT COLLATE "C" PRIMARY KEY,
                 tenant_id   TEXT COLLATE "C" NOT NULL REFERENCES tenants(id),
@@ -121,28 +94,25 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
                 UNIQUE (tenant_id, name, version)
             )
             """,
-            "CREATE INDEX adapters_public_by_name ON adapters (name) WHERE public",
-            """
+        "CREATE INDEX adapters_public_by_name ON adapters (name) WHERE public",
+        """
             CREATE TABLE adapter_blobs (
                 adapter_id  TEXT COLLATE "C" PRIMARY KEY
                             REFERENCES adapters(id) ON DELETE CASCADE,
                 blob        BYTEA NOT NULL
             )
             """,
-            # Weights do not compress; store them out of line without trying.
-            "ALTER TABLE adapter_blobs ALTER COLUMN blob SET STORAGE EXTERNAL",
-        ),
+        # Weights do not compress; store them out of line without trying.
+        "ALTER TABLE adapter_blobs ALTER COLUMN blob SET STORAGE EXTERNAL",
     ),
-    Migration(
-        version=2,
-        description="tenant quotas and hashed api keys",
-        statements=(
-            # Existing tenants get NULL everywhere: unlimited.
-            "ALTER TABLE tenants"
-            " ADD COLUMN max_adapters BIGINT CHECK (max_adapters >= 0),"
-            " ADD COLUMN max_adapter_bytes BIGINT CHECK (max_adapter_bytes >= 0),"
-            " ADD COLUMN requests_per_minute BIGINT CHECK (requests_per_minute >= 0)",
-            """
+    # 2. tenant quotas and hashed api keys
+    (
+        # Existing tenants get NULL everywhere: unlimited.
+        "ALTER TABLE tenants"
+        " ADD COLUMN max_adapters BIGINT CHECK (max_adapters >= 0),"
+        " ADD COLUMN max_adapter_bytes BIGINT CHECK (max_adapter_bytes >= 0),"
+        " ADD COLUMN requests_per_minute BIGINT CHECK (requests_per_minute >= 0)",
+        """
             CREATE TABLE api_keys (
                 id          TEXT COLLATE "C" PRIMARY KEY,
                 tenant_id   TEXT COLLATE "C" NOT NULL REFERENCES tenants(id),
@@ -152,74 +122,26 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
                 revoked_at  TIMESTAMPTZ
             )
             """,
-            # Serves find_api_key and enforces one row per hash (revoked included).
-            "CREATE UNIQUE INDEX api_keys_by_hash ON api_keys (key_hash)",
-            "CREATE INDEX api_keys_by_tenant ON api_keys (tenant_id, created_at)",
-        ),
+        # Serves find_api_key and enforces one row per hash (revoked included).
+        "CREATE UNIQUE INDEX api_keys_by_hash ON api_keys (key_hash)",
+        "CREATE INDEX api_keys_by_tenant ON api_keys (tenant_id, created_at)",
     ),
-    Migration(
-        version=3,
-        description="tenant quotas on generation requests",
-        statements=(
-            # Existing tenants get NULL everywhere: unlimited.
-            "ALTER TABLE tenants"
-            " ADD COLUMN max_concurrent_requests BIGINT CHECK (max_concurrent_requests >= 0),"
-            " ADD COLUMN max_n BIGINT CHECK (max_n >= 0),"
-            " ADD COLUMN max_tokens_in_flight BIGINT CHECK (max_tokens_in_flight >= 0),"
-            " ADD COLUMN max_active_adapters BIGINT CHECK (max_active_adapters >= 0)",
-        ),
+    # 3. tenant quotas on generation requests
+    (
+        # Existing tenants get NULL everywhere: unlimited.
+        "ALTER TABLE tenants"
+        " ADD COLUMN max_concurrent_requests BIGINT CHECK (max_concurrent_requests >= 0),"
+        " ADD COLUMN max_n BIGINT CHECK (max_n >= 0),"
+        " ADD COLUMN max_tokens_in_flight BIGINT CHECK (max_tokens_in_flight >= 0),"
+        " ADD COLUMN max_active_adapters BIGINT CHECK (max_active_adapters >= 0)",
     ),
 )
 
-_INSERT_TENANT = insert_tenant_sql("$")
-_SET_QUOTAS = set_quotas_sql("$")
+SQL = Statements(POSTGRES)
 
 #: The key lookup on every authenticated request; served by api_keys_by_hash
 #: (tests/store_contract/test_postgres.py checks the plan).
-FIND_API_KEY_SQL = find_api_key_sql("$")
-
-# Same ranking as the SQLite backend: rank 1 is the newest version of the
-# owner the name resolves to (the caller itself first, else the earliest
-# publisher). $1 is the caller's tenant id.
-_RANKED_CTE = f"""
-WITH candidates AS (
-    SELECT {ADAPTER_COLUMNS},
-           CASE WHEN tenant_id = $1 THEN 0 ELSE 1 END AS foreign_owner,
-           MIN(created_at) OVER (PARTITION BY name, tenant_id) AS owner_since
-    FROM adapters
-    WHERE (tenant_id = $1 OR public) AND {{name_filter}}
-),
-ranked AS (
-    SELECT *,
-           ROW_NUMBER() OVER (
-               PARTITION BY name
-               ORDER BY foreign_owner, owner_since, tenant_id, version DESC
-           ) AS rank
-    FROM candidates
-)
-"""
-
-# $2 name, $3 version or NULL.
-_RESOLVED_VERSIONS = (
-    _RANKED_CTE.format(name_filter="name = $2")
-    + f"""
-SELECT {ADAPTER_COLUMNS} FROM ranked
-WHERE tenant_id = (SELECT tenant_id FROM ranked WHERE rank = 1)
-  AND ($3::integer IS NULL OR version = $3::integer)
-ORDER BY version
-"""
-)
-
-# $2 cursor or NULL, $3 limit.
-_LIST_NEWEST = (
-    _RANKED_CTE.format(name_filter="($2::text IS NULL OR name > $2::text)")
-    + f"""
-SELECT {ADAPTER_COLUMNS} FROM ranked
-WHERE rank = 1
-ORDER BY name
-LIMIT $3
-"""
-)
+FIND_API_KEY_SQL = SQL.find_api_key
 
 # SQLSTATE classes that mean a bug in this module, not a database problem.
 _BUG_CLASSES = ("42", "0A", "26", "34")
@@ -237,7 +159,7 @@ def redacted(url: str) -> str:
         return "postgresql://(unparsable URL)"
 
 
-class PostgresStore(Store):
+class PostgresStore(SQLStore):
     """``Store`` over one PostgreSQL database, shared safely by many replicas."""
 
     def __init__(
@@ -289,7 +211,9 @@ class PostgresStore(Store):
             )
         try:
             async with self._errors_mapped(), pool.acquire() as conn:
-                await _migrate(conn)
+                # Missing migrations in one transaction: all of them, or none.
+                async with conn.transaction():
+                    await migrate(_Connection(conn), POSTGRES_MIGRATIONS)
         except BaseException:
             pool.terminate()
             raise
@@ -334,9 +258,7 @@ class PostgresStore(Store):
                 raise
             raise StoreUnavailable(f"postgresql store {self._where} failed: {exc}") from exc
         except OSError as exc:  # refused, unreachable, DNS, TimeoutError
-            raise StoreUnavailable(
-                f"postgresql store {self._where} unreachable: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise StoreUnavailable(f"postgresql store {self._where} unreachable: {type(exc).__name__}: {exc}") from exc
         except asyncpg.exceptions.InternalClientError as exc:
             # Seen when the server drops a pooled connection mid-exchange.
             raise StoreUnavailable(f"postgresql store {self._where} failed: {exc}") from exc
@@ -345,296 +267,18 @@ class PostgresStore(Store):
                 raise StoreUnavailable(f"postgresql store {self._where} failed: {exc}") from exc
             raise
 
-    @asynccontextmanager
-    async def _connection(self, *, transaction: bool = False) -> AsyncIterator[Any]:
+    # Running jobs
+
+    async def _read(self, job: Job[T], *args: object) -> T:
         pool = self._require_pool()
-        async with self._errors_mapped():
-            async with pool.acquire(timeout=self._connect_timeout) as conn:
-                if not transaction:
-                    yield conn
-                    return
-                async with conn.transaction():
-                    yield conn
+        async with self._errors_mapped(), pool.acquire(timeout=self._connect_timeout) as conn:
+            return await job(_Connection(conn), *args)
 
-    # Tenants
-
-    async def ensure_tenant(self, name: str) -> Tenant:
-        validate_tenant_name(name)
-        return await self._ensure_tenant(name)
-
-    async def ensure_public_tenant(self) -> Tenant:
-        return await self._ensure_tenant(PUBLIC_TENANT_NAME)
-
-    async def _ensure_tenant(self, name: str) -> Tenant:
-        async with self._connection() as conn:
-            # READ COMMITTED: ON CONFLICT waits for a concurrent insert of the
-            # same name, and the next statement's snapshot then sees it.
-            await conn.execute(
-                "INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3)"
-                " ON CONFLICT (name) DO NOTHING",
-                new_id("ten_"),
-                name,
-                now(),
-            )
-            row = await conn.fetchrow(
-                f"SELECT {TENANT_COLUMNS} FROM tenants WHERE name = $1", name
-            )
-        return _tenant(row)
-
-    async def create_tenant(self, name: str, quotas: Quotas | None = None) -> Tenant:
-        validate_tenant_name(name)
-        quotas = Quotas() if quotas is None else quotas
-        validate_quotas(quotas)
-        async with self._connection() as conn:
-            row = await conn.fetchrow(
-                _INSERT_TENANT, new_id("ten_"), name, now(), *quota_values(quotas)
-            )
-        if row is None:
-            raise Conflict(f"tenant {name!r} already exists")
-        return _tenant(row)
-
-    async def set_quotas(self, tenant_id: str, quotas: Quotas) -> Tenant:
-        validate_quotas(quotas)
-        async with self._connection() as conn:
-            # The row lock this takes waits for creates holding the tenant row
-            # (see create_adapter), so a limit applies from the next create on.
-            row = await conn.fetchrow(_SET_QUOTAS, *quota_values(quotas), tenant_id)
-        if row is None:
-            raise NotFound(f"tenant {tenant_id!r} not found")
-        return _tenant(row)
-
-    async def get_tenant(self, tenant_id: str) -> Tenant:
-        async with self._connection() as conn:
-            row = await conn.fetchrow(
-                f"SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1", tenant_id
-            )
-        if row is None:
-            raise NotFound(f"tenant {tenant_id!r} not found")
-        return _tenant(row)
-
-    async def list_tenants(self) -> list[Tenant]:
-        async with self._connection() as conn:
-            rows = await conn.fetch(
-                f"SELECT {TENANT_COLUMNS} FROM tenants WHERE name <> $1 ORDER BY name",
-                PUBLIC_TENANT_NAME,
-            )
-        return [_tenant(row) for row in rows]
-
-    # API keys
-
-    async def create_api_key(self, tenant_id: str, *, key_hash: str, prefix: str) -> ApiKey:
-        validate_api_key(key_hash, prefix)
-        async with self._connection(transaction=True) as conn:
-            # FOR KEY SHARE: the same lock the foreign key takes; it only
-            # makes the NotFound explicit instead of a constraint violation.
-            if await conn.fetchval(
-                "SELECT 1 FROM tenants WHERE id = $1 FOR KEY SHARE", tenant_id
-            ) is None:
-                raise NotFound(f"tenant {tenant_id!r} not found")
-            # The hash is not echoed: it is as good as the key for an offline attack.
-            row = await conn.fetchrow(
-                "INSERT INTO api_keys (id, tenant_id, key_hash, prefix, created_at)"
-                " VALUES ($1, $2, $3, $4, $5)"
-                f" ON CONFLICT (key_hash) DO NOTHING RETURNING {API_KEY_COLUMNS}",
-                new_id("key_"),
-                tenant_id,
-                key_hash,
-                prefix,
-                now(),
-            )
-            if row is None:
-                raise Conflict("an api key with this hash already exists")
-        return _api_key(row)
-
-    async def find_api_key(self, key_hash: str) -> tuple[ApiKey, Tenant]:
-        async with self._connection() as conn:
-            row = await conn.fetchrow(FIND_API_KEY_SQL, key_hash)
-        if row is None:
-            raise NotFound(API_KEY_NOT_FOUND)
-        key = ApiKey(
-            id=row["key_id"],
-            tenant_id=row["tenant_id"],
-            prefix=row["prefix"],
-            created_at=row["key_created_at"],
-            revoked=False,
-        )
-        return key, _tenant(row)
-
-    async def list_api_keys(self, tenant_id: str) -> list[ApiKey]:
-        async with self._connection() as conn:
-            if await conn.fetchval("SELECT 1 FROM tenants WHERE id = $1", tenant_id) is None:
-                raise NotFound(f"tenant {tenant_id!r} not found")
-            rows = await conn.fetch(
-                f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE tenant_id = $1"
-                " ORDER BY created_at, id",
-                tenant_id,
-            )
-        return [_api_key(row) for row in rows]
-
-    async def revoke_api_key(self, key_id: str) -> ApiKey:
-        async with self._connection() as conn:
-            # COALESCE keeps the first revocation time: revoking again changes nothing.
-            row = await conn.fetchrow(
-                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $1)"
-                f" WHERE id = $2 RETURNING {API_KEY_COLUMNS}",
-                now(),
-                key_id,
-            )
-        if row is None:
-            raise NotFound(f"api key {key_id!r} not found")
-        return _api_key(row)
-
-    # Adapters
-
-    async def create_adapter(self, tenant_id: str, new: NewAdapter) -> AdapterRecord:
-        validate_new_adapter(new)
-        async with self._connection(transaction=True) as conn:
-            # Locking the tenant row serialises this tenant's creates (from
-            # every replica) until commit, so the usage counted below cannot
-            # change before our insert commits: quotas hold under concurrency.
-            # NO KEY UPDATE does not block the FOR KEY SHARE that foreign key
-            # checks take, and set_quotas waits for us (and we for it).
-            tenant_row = await conn.fetchrow(
-                f"SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1 FOR NO KEY UPDATE",
-                tenant_id,
-            )
-            if tenant_row is None:
-                raise NotFound(f"tenant {tenant_id!r} not found")
-            usage = await conn.fetchrow(
-                "SELECT COUNT(*) AS count, COALESCE(SUM(bytes), 0) AS bytes"
-                " FROM adapters WHERE tenant_id = $1",
-                tenant_id,
-            )
-            check_quotas(
-                _tenant(tenant_row).quotas, int(usage["count"]), int(usage["bytes"]), len(new.blob)
-            )
-            # Serialise creators of this (tenant, name) until commit; a hash
-            # collision merely serialises two unrelated names. (Redundant
-            # under the tenant row lock, kept as the version backstop.)
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))", tenant_id, new.name
-            )
-            latest = await conn.fetchrow(
-                "SELECT COALESCE(MAX(version), 0) AS version,"
-                " COALESCE(BOOL_OR(public), FALSE) AS public"
-                " FROM adapters WHERE tenant_id = $1 AND name = $2",
-                tenant_id,
-                new.name,
-            )
-            record = AdapterRecord(
-                id=new_id("ad_"),
-                tenant_id=tenant_id,
-                name=new.name,
-                version=latest["version"] + 1,
-                tokens=new.tokens,
-                params=new.params,
-                bytes=len(new.blob),
-                sha256=new.sha256.lower(),
-                base_model=new.base_model,
-                public=latest["public"] or tenant_row["name"] == PUBLIC_TENANT_NAME,
-                created_at=now(),
-            )
-            await conn.execute(
-                f"INSERT INTO adapters ({ADAPTER_COLUMNS})"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-                record.id,
-                record.tenant_id,
-                record.name,
-                record.version,
-                record.tokens,
-                record.params,
-                record.bytes,
-                record.sha256,
-                record.base_model,
-                record.public,
-                record.created_at,
-            )
-            await conn.execute(
-                "INSERT INTO adapter_blobs (adapter_id, blob) VALUES ($1, $2)", record.id, new.blob
-            )
-            await _notify(conn, ChangeEvent("adapter_created", tenant_id, new.name, record.version))
-        return record
-
-    async def get_adapter(
-        self, tenant_id: str, name: str, version: int | None = None
-    ) -> AdapterRecord:
-        rows = await self._resolved_versions(tenant_id, name, version)
-        if not rows:
-            raise NotFound(adapter_not_found(name, version))
-        return rows[-1]
-
-    async def get_blob(self, adapter_id: str) -> bytes:
-        async with self._connection() as conn:
-            blob = await conn.fetchval(
-                "SELECT blob FROM adapter_blobs WHERE adapter_id = $1", adapter_id
-            )
-        if blob is None:
-            raise NotFound(f"adapter blob {adapter_id!r} not found")
-        return bytes(blob)
-
-    async def list_adapters(
-        self, tenant_id: str, *, limit: int = 100, after: str | None = None
-    ) -> Page:
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, got {limit}")
-        async with self._connection() as conn:
-            # One extra row tells whether another page exists without a COUNT.
-            rows = await conn.fetch(_LIST_NEWEST, tenant_id, after, limit + 1)
-        records = [_adapter(row) for row in rows]
-        items = records[:limit]
-        next_after = items[-1].name if len(records) > limit else None
-        return Page(items=items, next_after=next_after)
-
-    async def list_versions(self, tenant_id: str, name: str) -> list[AdapterRecord]:
-        rows = await self._resolved_versions(tenant_id, name, None)
-        if not rows:
-            raise NotFound(adapter_not_found(name, None))
-        return rows
-
-    async def delete_adapter(
-        self, tenant_id: str, name: str, version: int | None = None
-    ) -> list[AdapterRecord]:
-        async with self._connection(transaction=True) as conn:
-            # Blobs go with their rows through ON DELETE CASCADE.
-            rows = await conn.fetch(
-                "DELETE FROM adapters WHERE tenant_id = $1 AND name = $2"
-                " AND ($3::integer IS NULL OR version = $3::integer)"
-                f" RETURNING {ADAPTER_COLUMNS}",
-                tenant_id,
-                name,
-                version,
-            )
-            if not rows:
-                raise NotFound(adapter_not_found(name, version))
-            await _notify(conn, ChangeEvent("adapter_deleted", tenant_id, name, version))
-        return sorted((_adapter(row) for row in rows), key=lambda r: r.version)
-
-    async def set_public(self, adapter_tenant_id: str, name: str, public: bool) -> None:
-        async with self._connection(transaction=True) as conn:
-            status = await conn.execute(
-                "UPDATE adapters SET public = $1 WHERE tenant_id = $2 AND name = $3",
-                public,
-                adapter_tenant_id,
-                name,
-            )
-            if status == "UPDATE 0":
-                raise NotFound(adapter_not_found(name, None))
-            await _notify(conn, ChangeEvent("adapter_public", adapter_tenant_id, name, None))
-
-    async def count_usage(self, tenant_id: str) -> tuple[int, int]:
-        async with self._connection() as conn:
-            row = await conn.fetchrow(
-                "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM adapters WHERE tenant_id = $1",
-                tenant_id,
-            )
-        return int(row[0]), int(row[1])
-
-    async def _resolved_versions(
-        self, tenant_id: str, name: str, version: int | None
-    ) -> list[AdapterRecord]:
-        async with self._connection() as conn:
-            rows = await conn.fetch(_RESOLVED_VERSIONS, tenant_id, name, version)
-        return [_adapter(row) for row in rows]
+    async def _write(self, job: Job[T], *args: object) -> T:
+        pool = self._require_pool()
+        async with self._errors_mapped(), pool.acquire(timeout=self._connect_timeout) as conn:
+            async with conn.transaction():
+                return await job(_Connection(conn), *args)
 
     # Change feed
 
@@ -702,12 +346,7 @@ class PostgresStore(Store):
 
     async def _stop_listener(self) -> None:
         task, self._listen_task = self._listen_task, None
-        if task is not None and not task.done():
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)
 
     def _on_notification(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         try:
@@ -734,32 +373,34 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 
 # asyncpg < 0.30 has no reset hook (and would pass ``reset`` on to connect()): keep its default there.
-_POOL_RESET = (
-    {"reset": _keep_session} if "reset" in inspect.signature(asyncpg.create_pool).parameters else {}
-)
+_POOL_RESET = {"reset": _keep_session} if "reset" in inspect.signature(asyncpg.create_pool).parameters else {}
 
 
-async def _migrate(conn: asyncpg.Connection) -> None:
-    """Apply missing migrations in one transaction: all of them, or none.
+class _Connection:
+    """``jobs.Connection`` over an asyncpg connection."""
 
-    The advisory lock makes concurrent openers queue here; each then reads
-    ``schema_migrations`` only after the previous one committed.
-    """
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            " version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL)"
-        )
-        applied = [row[0] for row in await conn.fetch("SELECT version FROM schema_migrations")]
-        for step in pending(POSTGRES_MIGRATIONS, applied):
-            for statement in step.statements:
-                await conn.execute(statement)
-            await conn.execute(
-                "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
-                step.version,
-                now(),
-            )
+    sql = SQL
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    async def fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
+        return await self._conn.fetch(sql, *args)
+
+    async def fetchrow(self, sql: str, *args: object) -> asyncpg.Record | None:
+        return await self._conn.fetchrow(sql, *args)
+
+    async def execute(self, sql: str, *args: object) -> int:
+        return _changed(await self._conn.execute(sql, *args))
+
+    async def announce(self, event: ChangeEvent) -> None:
+        await _notify(self._conn, event)
+
+
+def _changed(status: str) -> int:
+    """Rows changed, from a command status such as ``UPDATE 3`` or ``INSERT 0 1`` (0 for DDL)."""
+    count = status.rsplit(" ", 1)[-1]
+    return int(count) if count.isdigit() else 0
 
 
 async def _notify(conn: asyncpg.Connection, event: ChangeEvent) -> None:
@@ -771,26 +412,3 @@ async def _notify(conn: asyncpg.Connection, event: ChangeEvent) -> None:
     if len(payload.encode()) > _MAX_PAYLOAD_BYTES:
         payload = json.dumps({"kind": "resync", "tenant_id": "", "name": "", "version": None})
     await conn.execute("SELECT pg_notify($1, $2)", CHANGE_CHANNEL, payload)
-
-
-def _adapter(row: asyncpg.Record) -> AdapterRecord:
-    return AdapterRecord(**dict(row))
-
-
-def _tenant(row: asyncpg.Record) -> Tenant:
-    return Tenant(
-        id=row["id"],
-        name=row["name"],
-        created_at=row["created_at"],
-        quotas=quotas_from_row(row),
-    )
-
-
-def _api_key(row: asyncpg.Record) -> ApiKey:
-    return ApiKey(
-        id=row["id"],
-        tenant_id=row["tenant_id"],
-        prefix=row["prefix"],
-        created_at=row["created_at"],
-        revoked=row["revoked_at"] is not None,
-    )

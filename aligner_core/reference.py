@@ -3,6 +3,10 @@
 Independent of vLLM. Each attention layer l >= start_layer adds, per head, before o_proj:
     g_l[h] * softmax_N(q_t @ K_p.T * scale) @ V_p,   K_p = k_proj(P), V_p = v_proj(P)  (no RoPE, no mask)
 The prefix and gate are used by reference, so `nn.Parameter`s attached here train through it.
+
+`aligner_term` is the one reference of the term: this forward (and so training) computes it, and the
+engine's fast paths, the Triton kernel and the C kernel are tested against it (the engine imports it from
+here: this module needs only torch until a model is loaded).
 """
 
 from __future__ import annotations
@@ -10,41 +14,81 @@ from __future__ import annotations
 import contextlib
 import types
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
-from aligner_core.adapter_format import Adapter
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Protocol
+
+    from transformers import PretrainedConfig
+
+    from aligner_core.adapter_format import Adapter
+
+    class HFAttention(Protocol):
+        """What is used here of an HF Llama-family attention module (q_norm and k_norm: only where present)."""
+
+        config: PretrainedConfig
+        layer_idx: int
+        head_dim: int
+        scaling: float
+        q_proj: nn.Linear
+        k_proj: nn.Linear
+        v_proj: nn.Linear
+        o_proj: nn.Linear
+        q_norm: nn.Module
+        k_norm: nn.Module
+        forward: Callable[..., Any]
+        _aligner: dict[str, Any] | None
 
 
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
+def _attention_modules(model: nn.Module) -> list[HFAttention]:
     mods = [m for m in model.modules() if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx"))]
     if not mods:
         raise ValueError(f"{type(model).__name__} has no Llama-style attention modules")
-    return mods
+    return cast("list[HFAttention]", mods)
 
 
 def aligner_term(
-    q: torch.Tensor,  # [B, H, T, D] post-RoPE queries
-    prefix: torch.Tensor,  # [N, hidden]
+    q: torch.Tensor,  # [..., H, T, D] post-RoPE queries of tokens that share one adapter
+    kp: torch.Tensor,  # [N, KVH, D] K_p: the layer's keys of the N prefix tokens
+    vp: torch.Tensor,  # [N, KVH, D] V_p
     gate: torch.Tensor,  # [H] after activation
-    attn: nn.Module,  # the HF attention module (k_proj, v_proj, head_dim, scaling)
-) -> torch.Tensor:  # [B, T, H, D]
-    H, D = q.shape[1], attn.head_dim
+    scale: float,  # the attention's own, 1 / sqrt(D)
+) -> torch.Tensor:  # [..., H, T, D]
+    """gate[h] * softmax_N(q_t @ K_p.T * scale) @ V_p for every token t and head h: a separate softmax over
+    the N prefix keys, no causal mask, kv heads repeated for GQA. Softmax in float32, products in q's dtype."""
+    group = q.shape[-3] // kp.shape[1]
+    kp = kp.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, N, D]
+    vp = vp.repeat_interleave(group, dim=1).transpose(0, 1)
+    scores = torch.matmul(q, kp.transpose(-1, -2)) * scale  # [..., H, T, N]
+    a = torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), vp)  # [..., H, T, D]
+    return gate.to(a.dtype)[:, None, None] * a
+
+
+def prefix_kv(attn: HFAttention, prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K_p, V_p [N, KVH, D] of prefix [N, hidden] in one HF attention layer: its own k/v projections (bias
+    included) and key norm, no RoPE."""
+    D = attn.head_dim
     kp = attn.k_proj(prefix.to(attn.k_proj.weight.dtype)).view(prefix.shape[0], -1, D)  # [N, KVH, D]
     vp = attn.v_proj(prefix.to(attn.v_proj.weight.dtype)).view(prefix.shape[0], -1, D)
     if hasattr(attn, "k_norm"):
         kp = attn.k_norm(kp)
-    group = H // kp.shape[1]
-    kp = kp.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, N, D]
-    vp = vp.repeat_interleave(group, dim=1).transpose(0, 1)
-    scores = torch.matmul(q, kp.transpose(-1, -2).unsqueeze(0)) * attn.scaling  # [B, H, T, N]
-    a = torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), vp.unsqueeze(0))  # [B, H, T, D]
-    return (gate.to(a.dtype)[None, :, None, None] * a).transpose(1, 2)
+    return kp, vp
 
 
-def _forward_with_aligner(self: nn.Module, hidden_states: torch.Tensor, position_embeddings: Any = None,
+def layer_term(
+    q: torch.Tensor,  # [B, H, T, D] post-RoPE queries
+    prefix: torch.Tensor,  # [N, hidden]
+    gate: torch.Tensor,  # [H] after activation
+    attn: HFAttention,  # the HF attention module (k_proj, v_proj, head_dim, scaling)
+) -> torch.Tensor:  # [B, T, H, D], the layout of HF's attention output
+    return aligner_term(q, *prefix_kv(attn, prefix), gate, attn.scaling).transpose(1, 2)
+
+
+def _forward_with_aligner(self: HFAttention, hidden_states: torch.Tensor, position_embeddings: Any = None,
                           attention_mask: torch.Tensor | None = None, past_key_values: Any = None, **kwargs: Any):
     from transformers.models.llama.modeling_llama import ALL_ATTENTION_FUNCTIONS, apply_rotary_pos_emb, eager_attention_forward
 
@@ -65,7 +109,7 @@ def _forward_with_aligner(self: nn.Module, hidden_states: torch.Tensor, position
     if ad is not None and self.layer_idx >= ad["start_layer"]:
         gate = ad["gate"][self.layer_idx - ad["start_layer"]]
         gate = torch.tanh(gate) if ad["gate_activation"] == "tanh" else gate
-        out = out + aligner_term(q, ad["prefix"], gate, self)
+        out = out + layer_term(q, ad["prefix"], gate, self)
     out = self.o_proj(out.reshape(*input_shape, -1).contiguous())
     return out, weights
 

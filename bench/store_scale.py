@@ -53,7 +53,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -62,16 +62,37 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from adapters_store import PUBLIC_TENANT_NAME, NewAdapter, NotFound, Store, open_store  # noqa: E402
+from adapters_store import sql as store_sql  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 POSTGRES_URL_ENV = "ALIGNER_TEST_POSTGRES_URL"
 TARGET_P99_MS = 2.0
 NAME_POOL = 20_000
-PURPOSES = ("support", "summarize", "legal", "tone", "sql", "translate", "medical", "code", "sales", "tutor",
-            "review", "extract", "classify", "rewrite", "persona", "safety", "finance", "retail", "hr", "travel")  # fmt: skip
+PURPOSES = (
+    "support",
+    "summarize",
+    "legal",
+    "tone",
+    "sql",
+    "translate",
+    "medical",
+    "code",
+    "sales",
+    "tutor",
+    "review",
+    "extract",
+    "classify",
+    "rewrite",
+    "persona",
+    "safety",
+    "finance",
+    "retail",
+    "hr",
+    "travel",
+)
 STYLES = ("formal", "casual", "terse", "friendly", "pirate", "concise", "verbose", "neutral", "brand", "kids")
-ADAPTER_COLUMNS = ("id", "tenant_id", "name", "version", "tokens", "params", "bytes", "sha256", "base_model",
-                   "public", "created_at")  # fmt: skip
+# The bulk load writes the store's own adapter columns, in the store's order.
+ADAPTER_COLUMNS = tuple(column.strip() for column in store_sql.ADAPTER_COLUMNS.split(","))
 
 
 def pool_name(i: int) -> str:
@@ -116,8 +137,15 @@ def make_blobs(n: int) -> tuple[list[tuple[bytes, str]], int, int, str]:
     from aligner_core.adapter_format import Adapter, encode
     from aligner_core.model_spec import ModelSpec
 
-    spec = ModelSpec(name="SmolLM2-135M-Instruct", hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
-                     head_dim=64, fingerprint="bench0store0")  # fmt: skip
+    spec = ModelSpec(
+        name="SmolLM2-135M-Instruct",
+        hidden_size=576,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        fingerprint="bench0store0",
+    )
     blobs, adapter = [], None
     for seed in range(n):
         adapter = Adapter.random(spec, tokens=1, seed=seed)
@@ -142,8 +170,11 @@ def plan(count: int, per_tenant: int, api_sample: int, distinct_blobs: int, seed
         api = 0 if public_tenant else api_each[i - 1]
         if api > len(names) - max(v2, published):
             raise SystemExit(f"--api-sample {api_sample} is too large for {rows} adapters per tenant")
-        tenants.append(TenantPlan(i, PUBLIC_TENANT_NAME if public_tenant else f"tenant-{i:05d}", public_tenant,
-                                  names, v2, published, api))  # fmt: skip
+        tenants.append(
+            TenantPlan(
+                i, PUBLIC_TENANT_NAME if public_tenant else f"tenant-{i:05d}", public_tenant, names, v2, published, api
+            )
+        )
     blobs, tokens, params, base_model = make_blobs(distinct_blobs)
     public = sorted({n for t in tenants for n in t.names[: t.published]})
     return Workload(tenants, blobs, tokens, params, base_model, public)
@@ -160,17 +191,40 @@ def bulk_rows(w: Workload, start: datetime):
                 public = j < t.published
                 created = start + timedelta(microseconds=seq)
                 seq += 1
-                yield (f"ad_{uuid.uuid4().hex}", t.tenant_id, pool_name(n), version, w.tokens, w.params, len(blob),
-                       sha, w.base_model, public, created, blob)  # fmt: skip
+                yield (
+                    f"ad_{uuid.uuid4().hex}",
+                    t.tenant_id,
+                    pool_name(n),
+                    version,
+                    w.tokens,
+                    w.params,
+                    len(blob),
+                    sha,
+                    w.base_model,
+                    public,
+                    created,
+                    blob,
+                )
 
 
 def api_rows(w: Workload) -> list[tuple[TenantPlan, NewAdapter]]:
     out = []
     for t in w.tenants:
-        for k, n in enumerate(t.names[len(t.names) - t.api:]):
+        for k, n in enumerate(t.names[len(t.names) - t.api :]):
             blob, sha = w.blobs[(t.index + k) % len(w.blobs)]
-            out.append((t, NewAdapter(name=pool_name(n), blob=blob, tokens=w.tokens, params=w.params, sha256=sha,
-                                      base_model=w.base_model)))  # fmt: skip
+            out.append(
+                (
+                    t,
+                    NewAdapter(
+                        name=pool_name(n),
+                        blob=blob,
+                        tokens=w.tokens,
+                        params=w.params,
+                        sha256=sha,
+                        base_model=w.base_model,
+                    ),
+                )
+            )
     random.Random(1).shuffle(out)  # interleave tenants, as uploads would
     return out
 
@@ -190,7 +244,7 @@ def chunks(it, size: int):
 
 
 def _utc_text(moment: datetime) -> str:  # the SQLite backend's fixed-width timestamp text
-    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 class SQLiteBench:
@@ -240,12 +294,12 @@ class SQLiteBench:
     async def raw_query(self):
         """The store's lookup SQL on a direct connection, run inline (no worker thread, no store layer),
         and a no-op round trip to a worker thread like the store's: the cost of the hop alone."""
-        from adapters_store.sqlite import _RESOLVED_VERSIONS
+        from adapters_store.sqlite import SQL
 
         conn = sqlite3.connect(self.path)
 
         async def query(tenant_id: str, name: str, version: int | None) -> list:
-            return conn.execute(_RESOLVED_VERSIONS, {"tenant": tenant_id, "name": name, "version": version}).fetchall()
+            return conn.execute(SQL.resolved_versions, (tenant_id, name, version)).fetchall()
 
         hop_thread = ThreadPoolExecutor(max_workers=1)  # the store's own model: one worker thread
 
@@ -259,12 +313,11 @@ class SQLiteBench:
         return query, hop, close
 
     def plan(self, tenant_id: str, name: str) -> list[str]:
-        from adapters_store.sqlite import _RESOLVED_VERSIONS
+        from adapters_store.sqlite import SQL
 
         conn = sqlite3.connect(self.path)
         try:
-            rows = conn.execute("EXPLAIN QUERY PLAN " + _RESOLVED_VERSIONS,
-                                {"tenant": tenant_id, "name": name, "version": None}).fetchall()  # fmt: skip
+            rows = conn.execute("EXPLAIN QUERY PLAN " + SQL.resolved_versions, (tenant_id, name, None)).fetchall()
             return [r[3] for r in rows]
         finally:
             conn.close()
@@ -322,10 +375,12 @@ class PostgresBench:
         try:
             for part in chunks(rows, batch):
                 async with conn.transaction():
-                    await conn.copy_records_to_table("adapters", records=[r[:11] for r in part],
-                                                     columns=ADAPTER_COLUMNS)  # fmt: skip
-                    await conn.copy_records_to_table("adapter_blobs", records=[(r[0], r[11]) for r in part],
-                                                     columns=("adapter_id", "blob"))  # fmt: skip
+                    await conn.copy_records_to_table(
+                        "adapters", records=[r[:11] for r in part], columns=ADAPTER_COLUMNS
+                    )
+                    await conn.copy_records_to_table(
+                        "adapter_blobs", records=[(r[0], r[11]) for r in part], columns=("adapter_id", "blob")
+                    )
                 progress.update(len(part))
         finally:
             await conn.close()
@@ -342,14 +397,22 @@ class PostgresBench:
             conn = await self._conn()
             try:
                 total = await conn.fetchval("SELECT pg_database_size(current_database())")
-                tables = {r["t"]: r["size"] for r in await conn.fetch(
-                    "SELECT c.relname AS t, pg_total_relation_size(c.oid) AS size FROM pg_class c"
-                    " JOIN pg_namespace n ON n.oid = c.relnamespace"
-                    " WHERE n.nspname = current_schema() AND c.relkind = 'r'")}  # fmt: skip
-                indexes = {r["i"]: r["size"] for r in await conn.fetch(
-                    "SELECT indexrelid::regclass::text AS i, pg_relation_size(indexrelid) AS size"
-                    " FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid"
-                    " WHERE c.relname IN ('adapters', 'adapter_blobs')")}  # fmt: skip
+                tables = {
+                    r["t"]: r["size"]
+                    for r in await conn.fetch(
+                        "SELECT c.relname AS t, pg_total_relation_size(c.oid) AS size FROM pg_class c"
+                        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                        " WHERE n.nspname = current_schema() AND c.relkind = 'r'"
+                    )
+                }
+                indexes = {
+                    r["i"]: r["size"]
+                    for r in await conn.fetch(
+                        "SELECT indexrelid::regclass::text AS i, pg_relation_size(indexrelid) AS size"
+                        " FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid"
+                        " WHERE c.relname IN ('adapters', 'adapter_blobs')"
+                    )
+                }
                 return {"total": total, "tables": tables, "indexes": indexes}
             finally:
                 await conn.close()
@@ -360,8 +423,14 @@ class PostgresBench:
         async def main() -> dict:
             conn = await self._conn()
             try:
-                names = ("server_version", "shared_buffers", "effective_cache_size", "work_mem", "max_wal_size",
-                         "synchronous_commit")  # fmt: skip
+                names = (
+                    "server_version",
+                    "shared_buffers",
+                    "effective_cache_size",
+                    "work_mem",
+                    "max_wal_size",
+                    "synchronous_commit",
+                )
                 return {n: await conn.fetchval(f"SHOW {n}") for n in names}
             finally:
                 await conn.close()
@@ -371,12 +440,12 @@ class PostgresBench:
     async def raw_query(self):
         """The store's lookup SQL on one direct asyncpg connection (no pool, no store layer), and
         ``SELECT 1`` on it: the cost of a round trip to the server process alone."""
-        from adapters_store.postgres import _RESOLVED_VERSIONS
+        from adapters_store.postgres import SQL
 
         conn = await self._conn()
 
         async def query(tenant_id: str, name: str, version: int | None) -> list:
-            return await conn.fetch(_RESOLVED_VERSIONS, tenant_id, name, version)
+            return await conn.fetch(SQL.resolved_versions, tenant_id, name, version)
 
         async def hop() -> None:
             await conn.fetchval("SELECT 1")
@@ -384,13 +453,14 @@ class PostgresBench:
         return query, hop, conn.close
 
     def plan(self, tenant_id: str, name: str) -> list[str]:
-        from adapters_store.postgres import _RESOLVED_VERSIONS
+        from adapters_store.postgres import SQL
 
         async def main() -> list[str]:
             conn = await self._conn()
             try:
-                rows = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + _RESOLVED_VERSIONS,
-                                        tenant_id, name, None)  # fmt: skip
+                rows = await conn.fetch(
+                    "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + SQL.resolved_versions, tenant_id, name, None
+                )
                 return [r[0] for r in rows]
             finally:
                 await conn.close()
@@ -407,9 +477,15 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def summary_ms(xs: list[float]) -> dict:
-    return {"n": len(xs), "p50_ms": percentile(xs, 0.50), "p90_ms": percentile(xs, 0.90),
-            "p99_ms": percentile(xs, 0.99), "p999_ms": percentile(xs, 0.999), "max_ms": max(xs),
-            "mean_ms": sum(xs) / len(xs)}  # fmt: skip
+    return {
+        "n": len(xs),
+        "p50_ms": percentile(xs, 0.50),
+        "p90_ms": percentile(xs, 0.90),
+        "p99_ms": percentile(xs, 0.99),
+        "p999_ms": percentile(xs, 0.999),
+        "max_ms": max(xs),
+        "mean_ms": sum(xs) / len(xs),
+    }
 
 
 def lookup_targets(w: Workload, n: int, seed: int) -> list[tuple[str, TenantPlan, str, int | None, int | None]]:
@@ -426,8 +502,7 @@ def lookup_targets(w: Workload, n: int, seed: int) -> list[tuple[str, TenantPlan
             pinned = r >= 0.85
             newest = 2 if j < t.v2 else 1
             version = rng.randint(1, newest) if pinned else None
-            out.append(("owned_pinned" if pinned else "owned", t, pool_name(t.names[j]), version,
-                        version or newest))  # fmt: skip
+            out.append(("owned_pinned" if pinned else "owned", t, pool_name(t.names[j]), version, version or newest))
         elif r < 0.95:
             owned = set(t.names)
             while (n_pub := rng.choice(w.public_names)) in owned:
@@ -449,7 +524,7 @@ async def run_lookups(store: Store, raw, hop, targets, warmup: int):
     for i, (kind, t, name, version, expect) in enumerate(targets):
         got: dict[str, float] = {}
         rec = None
-        for step in ("store", "raw", "hop")[i % 3:] + ("store", "raw", "hop")[: i % 3]:
+        for step in ("store", "raw", "hop")[i % 3 :] + ("store", "raw", "hop")[: i % 3]:
             t0 = time.perf_counter_ns()
             if step == "store":
                 try:
@@ -493,12 +568,16 @@ def bench_backend(b, w: Workload, args) -> dict:
     n_bulk = w.count - sum(t.api for t in w.tenants)
     with tqdm(total=n_bulk, desc=f"{b.kind} bulk", unit="adapter", mininterval=2, smoothing=0.05) as bar:
         t0 = time.perf_counter()
-        asyncio.run(b.bulk_load(bulk_rows(w, datetime.now(timezone.utc)), args.batch, bar))
+        asyncio.run(b.bulk_load(bulk_rows(w, datetime.now(UTC)), args.batch, bar))
         bulk_s = time.perf_counter() - t0
     asyncio.run(b.after_load())
-    result["bulk"] = {"rows": n_bulk, "seconds": bulk_s, "adapters_per_s": n_bulk / bulk_s,
-                      "method": "sqlite3 executemany" if b.kind == "sqlite" else "COPY (asyncpg)",
-                      "batch": args.batch}  # fmt: skip
+    result["bulk"] = {
+        "rows": n_bulk,
+        "seconds": bulk_s,
+        "adapters_per_s": n_bulk / bulk_s,
+        "method": "sqlite3 executemany" if b.kind == "sqlite" else "COPY (asyncpg)",
+        "batch": args.batch,
+    }
 
     samples = api_rows(w)
 
@@ -525,21 +604,36 @@ def bench_backend(b, w: Workload, args) -> dict:
         raise SystemExit(f"{b.kind}: tenant 1 owns {usage} adapters, expected {w.tenants[1].rows}")
     if errors:
         raise SystemExit(f"{b.kind}: {errors} lookups returned a wrong answer")
-    result["api"] = {"rows": len(samples), "seconds": api_s,
-                     "adapters_per_s": len(samples) / api_s if samples else None,
-                     "method": "Store.create_adapter, one at a time, into the full store"}  # fmt: skip
+    result["api"] = {
+        "rows": len(samples),
+        "seconds": api_s,
+        "adapters_per_s": len(samples) / api_s if samples else None,
+        "method": "Store.create_adapter, one at a time, into the full store",
+    }
     every = [x for xs in times.values() for x in xs]
-    result["lookup"] = {"call": "Store.get_adapter(tenant_id, name, version)", "warmup": args.warmup,
-                        "all": summary_ms(every), "by_kind": {k: summary_ms(v) for k, v in sorted(times.items())},
-                        "target_p99_ms": TARGET_P99_MS, "meets_target": percentile(every, 0.99) < TARGET_P99_MS,
-                        "cdf_ms": [percentile(every, q / 1000) for q in range(0, 1001, 5)],
-                        "floor": {"what": "the same SQL on a direct connection (no store layer, pool or worker"
-                                          " thread), interleaved with the store calls",
-                                  **summary_ms(floor), "cdf_ms": [percentile(floor, q / 1000) for q in range(0, 1001, 5)]},
-                        "hop": {"what": "a no-op job on a one-thread executor (the SQLite store's model)" if b.kind == "sqlite"
-                                        else "SELECT 1 on a direct connection (one round trip to the server process)",
-                                **summary_ms(hops), "cdf_ms": [percentile(hops, q / 1000) for q in range(0, 1001, 5)]},
-                        "loadavg_1_5_15": load}  # fmt: skip
+    result["lookup"] = {
+        "call": "Store.get_adapter(tenant_id, name, version)",
+        "warmup": args.warmup,
+        "all": summary_ms(every),
+        "by_kind": {k: summary_ms(v) for k, v in sorted(times.items())},
+        "target_p99_ms": TARGET_P99_MS,
+        "meets_target": percentile(every, 0.99) < TARGET_P99_MS,
+        "cdf_ms": [percentile(every, q / 1000) for q in range(0, 1001, 5)],
+        "floor": {
+            "what": "the same SQL on a direct connection (no store layer, pool or worker"
+            " thread), interleaved with the store calls",
+            **summary_ms(floor),
+            "cdf_ms": [percentile(floor, q / 1000) for q in range(0, 1001, 5)],
+        },
+        "hop": {
+            "what": "a no-op job on a one-thread executor (the SQLite store's model)"
+            if b.kind == "sqlite"
+            else "SELECT 1 on a direct connection (one round trip to the server process)",
+            **summary_ms(hops),
+            "cdf_ms": [percentile(hops, q / 1000) for q in range(0, 1001, 5)],
+        },
+        "loadavg_1_5_15": load,
+    }
     result["db_size"] = b.size_bytes()
     result["server"] = b.info()
     t = w.tenants[1]
@@ -566,9 +660,15 @@ def hardware() -> dict:
                 ram = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return {"cpus": os.cpu_count(), "cpu_model": model or platform.processor(), "ram_bytes": ram,
-            "ram_gib": round(ram / 2**30, 1) if ram else None, "machine": platform.machine(),
-            "python": platform.python_version(), "platform": platform.platform()}  # fmt: skip
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model or platform.processor(),
+        "ram_bytes": ram,
+        "ram_gib": round(ram / 2**30, 1) if ram else None,
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
@@ -615,11 +715,14 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     ax = axes[2]
     qs = [q / 1000 for q in range(0, 1001, 5)]
     for k, r in enumerate(ran):
-        ax.plot(r["lookup"]["cdf_ms"], qs, color=f"C{k}", label=f"{r['backend']}: Store.get_adapter")
-        ax.plot(r["lookup"]["floor"]["cdf_ms"], qs, color=f"C{k}", ls="--", lw=1,
-                label=f"{r['backend']}: same SQL, direct connection")  # fmt: skip
-        ax.plot(r["lookup"]["hop"]["cdf_ms"], qs, color=f"C{k}", ls=":", lw=1,
-                label=f"{r['backend']}: {'no-op thread hop' if r['backend'] == 'sqlite' else 'SELECT 1'}")  # fmt: skip
+        hop = "no-op thread hop" if r["backend"] == "sqlite" else "SELECT 1"
+        curves = (  # (cdf, line style, width, what); None: matplotlib's default
+            (r["lookup"]["cdf_ms"], None, None, "Store.get_adapter"),
+            (r["lookup"]["floor"]["cdf_ms"], "--", 1, "same SQL, direct connection"),
+            (r["lookup"]["hop"]["cdf_ms"], ":", 1, hop),
+        )
+        for cdf, ls, lw, what in curves:
+            ax.plot(cdf, qs, color=f"C{k}", ls=ls, lw=lw, label=f"{r['backend']}: {what}")
     ax.axvline(TARGET_P99_MS, color="red", ls="--", lw=1)
     ax.axhline(0.99, color="grey", ls=":", lw=1)
     ax.set_xscale("log")
@@ -639,8 +742,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=1_000_000, help="adapters in total (default 1,000,000)")
     ap.add_argument("--quick", action="store_true", help="100,000 adapters; writes store-scale-quick.*")
     ap.add_argument("--backends", default="sqlite,postgresql", help="comma separated: sqlite,postgresql")
-    ap.add_argument("--postgres-url", default=os.environ.get(POSTGRES_URL_ENV, ""),
-                    help=f"server to create the throwaway database on (default ${POSTGRES_URL_ENV})")  # fmt: skip
+    ap.add_argument(
+        "--postgres-url",
+        default=os.environ.get(POSTGRES_URL_ENV, ""),
+        help=f"server to create the throwaway database on (default ${POSTGRES_URL_ENV})",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--per-tenant", type=int, default=1_000, help="adapters per tenant (default 1,000)")
     ap.add_argument("--api-sample", type=int, default=2_000, help="adapters inserted via create_adapter")
@@ -662,16 +768,21 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     t0 = time.perf_counter()
     w = plan(args.count, args.per_tenant, args.api_sample, args.distinct_blobs, args.seed)
-    print(f"workload: {w.count:,} adapters, {len(w.tenants):,} tenants ({w.tenants[1].rows} each),"
-          f" {len(w.public_names):,} public names, {len(w.blobs)} distinct {len(w.blobs[0][0]):,}-byte"
-          f" aligner/v1 blobs (planned in {time.perf_counter() - t0:.1f} s)", flush=True)  # fmt: skip
+    print(
+        f"workload: {w.count:,} adapters, {len(w.tenants):,} tenants ({w.tenants[1].rows} each),"
+        f" {len(w.public_names):,} public names, {len(w.blobs)} distinct {len(w.blobs[0][0]):,}-byte"
+        f" aligner/v1 blobs (planned in {time.perf_counter() - t0:.1f} s)",
+        flush=True,
+    )
 
     results = []
     for kind in backends:
         t0 = time.perf_counter()
         if kind == "postgresql" and not args.postgres_url:
-            msg = (f"skipped: no --postgres-url and ${POSTGRES_URL_ENV} is not set"
-                   " (run deploy/dev/postgres.sh as root and pass the URL it prints)")  # fmt: skip
+            msg = (
+                f"skipped: no --postgres-url and ${POSTGRES_URL_ENV} is not set"
+                " (run deploy/dev/postgres.sh as root and pass the URL it prints)"
+            )
             print(f"postgresql: {msg}", flush=True)
             results.append({"backend": kind, "skipped": msg})
             continue
@@ -681,30 +792,52 @@ def main(argv: list[str] | None = None) -> int:
         r["wall_s"] = time.perf_counter() - t0
         results.append(r)
         lk = r["lookup"]["all"]
-        print(f"{kind}: bulk {r['bulk']['adapters_per_s']:,.0f}/s, create_adapter {r['api']['adapters_per_s']:,.0f}/s;"
-              f" get_adapter p50 {lk['p50_ms']:.3f} ms, p99 {lk['p99_ms']:.3f} ms, max {lk['max_ms']:.2f} ms;"
-              f" {r['db_size']['total'] / 2**30:.2f} GiB on disk; {r['wall_s']:.0f} s", flush=True)  # fmt: skip
+        print(
+            f"{kind}: bulk {r['bulk']['adapters_per_s']:,.0f}/s, create_adapter {r['api']['adapters_per_s']:,.0f}/s;"
+            f" get_adapter p50 {lk['p50_ms']:.3f} ms, p99 {lk['p99_ms']:.3f} ms, max {lk['max_ms']:.2f} ms;"
+            f" {r['db_size']['total'] / 2**30:.2f} GiB on disk; {r['wall_s']:.0f} s",
+            flush=True,
+        )
         fl, hp, la = r["lookup"]["floor"], r["lookup"]["hop"], r["lookup"]["loadavg_1_5_15"]
-        print(f"{kind}: same SQL on a direct connection p50 {fl['p50_ms']:.3f} ms, p99 {fl['p99_ms']:.3f} ms;"
-              f" bare {'thread hop' if kind == 'sqlite' else 'SELECT 1'} p50 {hp['p50_ms']:.3f} ms,"
-              f" p99 {hp['p99_ms']:.3f} ms; load average {la['before'][0]:.1f} -> {la['after'][0]:.1f}"
-              f" on {os.cpu_count()} CPUs", flush=True)  # fmt: skip
+        print(
+            f"{kind}: same SQL on a direct connection p50 {fl['p50_ms']:.3f} ms, p99 {fl['p99_ms']:.3f} ms;"
+            f" bare {'thread hop' if kind == 'sqlite' else 'SELECT 1'} p50 {hp['p50_ms']:.3f} ms,"
+            f" p99 {hp['p99_ms']:.3f} ms; load average {la['before'][0]:.1f} -> {la['after'][0]:.1f}"
+            f" on {os.cpu_count()} CPUs",
+            flush=True,
+        )
 
     hw = hardware()
-    out = {"benchmark": "store_scale", "args": {k: (str(v) if isinstance(v, Path) else v)
-                                               for k, v in vars(args).items() if k != "postgres_url"},
-           "hardware": hw,
-           "workload": {"count": w.count, "tenants": len(w.tenants), "per_tenant": args.per_tenant,
-                        "name_pool": NAME_POOL, "public_names": len(w.public_names),
-                        "distinct_blobs": len(w.blobs), "blob_bytes": len(w.blobs[0][0]),
-                        "blob_format": "aligner/v1 (SmolLM2-135M shape, 1 token, float32)",
-                        "second_versions": sum(t.v2 for t in w.tenants)},
-           "results": results, "wall_s": time.perf_counter() - started,
-           "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+    # The output folder is recorded relative to the repository, not this machine.
+    out = {
+        "benchmark": "store_scale",
+        "args": {
+            k: (os.path.relpath(v.resolve(), ROOT) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k != "postgres_url"
+        },
+        "hardware": hw,
+        "workload": {
+            "count": w.count,
+            "tenants": len(w.tenants),
+            "per_tenant": args.per_tenant,
+            "name_pool": NAME_POOL,
+            "public_names": len(w.public_names),
+            "distinct_blobs": len(w.blobs),
+            "blob_bytes": len(w.blobs[0][0]),
+            "blob_format": "aligner/v1 (SmolLM2-135M shape, 1 token, float32)",
+            "second_versions": sum(t.v2 for t in w.tenants),
+        },
+        "results": results,
+        "wall_s": time.perf_counter() - started,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"store-scale{suffix}.json").write_text(json.dumps(out, indent=1) + "\n")
-    title = (f"adapter store, {w.count:,} adapters over {len(w.tenants):,} tenants;"
-             f" {hw['cpus']} x {hw['cpu_model']}, {hw['ram_gib']} GiB RAM")  # fmt: skip
+    title = (
+        f"adapter store, {w.count:,} adapters over {len(w.tenants):,} tenants;"
+        f" {hw['cpus']} x {hw['cpu_model']}, {hw['ram_gib']} GiB RAM"
+    )
     plot(results, args.out / f"store-scale{suffix}.png", title)
     print(f"wrote {args.out / f'store-scale{suffix}.json'} and .png ({out['wall_s']:.0f} s in all)")
     return 0

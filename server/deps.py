@@ -12,7 +12,7 @@ from fastapi import Depends, Path, Request
 
 from adapters_store import AdapterRecord, NotFound, Tenant
 from server.auth import bearer_token, hash_key, same_secret
-from server.errors import AdapterNotFound, PermissionDenied, RateLimited, Unauthorized
+from server.errors import AdapterNotFound, ModelNotFound, PermissionDenied, RateLimited, Unauthorized
 from server.schemas import AdapterRef
 from server.services import Services
 
@@ -81,11 +81,14 @@ async def require_admin(request: Request, svc: ServicesDep) -> None:
 AdminDep = Depends(require_admin)
 
 
-async def resolve_adapter(svc: Services, tenant: Tenant, ref: AdapterRef) -> AdapterRecord:
-    """The adapter `ref` names, if `tenant` may use it; anything else is the same 404."""
+async def resolve_adapter(svc: Services, tenant: Tenant, ref: AdapterRef, *, via: str = "adapter") -> AdapterRecord:
+    """The adapter `ref` names, if `tenant` may use it; anything else is the same 404 (OpenAI's
+    `model_not_found` when it was named `via` the `model` field)."""
     try:
         return await svc.resolver.resolve(tenant.id, ref.name, ref.version)
     except NotFound:
+        if via == "model":
+            raise ModelNotFound(f"The model '{ref}' does not exist or you do not have access to it.", param="model") from None
         raise AdapterNotFound.named(str(ref)) from None
 
 

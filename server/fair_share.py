@@ -68,6 +68,8 @@ class Ticket:
 
     def __init__(self, share: FairShare, tenant_id: str, demand: Demand, api_key: tuple[str, str] | None) -> None:
         self.share, self.tenant_id, self.demand = share, tenant_id, demand
+        self.key_id: str | None
+        self.key_hash: str | None
         self.key_id, self.key_hash = api_key or (None, None)
         self.task: asyncio.Task | None = asyncio.current_task()  # cancelled if the key is revoked
         self.revoked = False

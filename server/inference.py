@@ -1,16 +1,17 @@
-"""One generation request: pick the adapter, admit it against its tenant's fair share, pin the adapter in the
-engine, hand the request to vLLM's serving code.
+"""One generation request: pick the adapter, admit it against its tenant's fair share, run it in the engine,
+answer it over HTTP.
 
-The server owns every value that decides sharing: a client-sent `vllm_xargs["aligner"]` is dropped, the
-prefix-cache salt is always made here from the tenant, the adapter's content hash and (only to split
-further) the client's own salt, and the scheduling priority comes from the tenant's load.
+What decides sharing is the engine's (`AlignerEngine.generate`): the routing key, the prefix-cache salt,
+the model name. The API chooses what only it knows: the adapter the tenant may use, the salt's scope (the
+tenant, or every tenant for the base model when `share_base_prefix_cache` is set) and the scheduling
+priority from the tenant's load.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from fastapi import Request
@@ -18,10 +19,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from adapters_store import Tenant
 from server.deps import resolve_adapter
-from server.engine.facade import Lease, cache_salt
-from server.engine.routing_v1 import EXTRA_ARGS_KEY
-from server.engine.vllm_glue import ErrorResponse, StreamOptions
-from server.errors import APIError, InvalidRequest, ModelNotFound, RateLimited, Unauthorized
+from server.engine.facade import AdapterUse, EngineError, Generation
+from server.errors import InvalidRequest, RateLimited, Unauthorized, error_event
 from server.fair_share import Demand, Ticket
 from server.schemas import AdapterRef
 from server.services import Services
@@ -62,182 +61,78 @@ def demand_of(body: Any, endpoint: str, max_model_len: int, adapter: str | None)
 
 async def generate(svc: Services, tenant: Tenant, body: Any, raw: Request, *, endpoint: str) -> Response:
     ref, via = _target(svc, getattr(body, "adapter", None), body.model)
-    record = None
-    if ref is not None:
-        try:
-            record = await resolve_adapter(svc, tenant, ref)
-        except APIError:
-            if via == "model":
-                raise ModelNotFound(f"The model '{ref}' does not exist or you do not have access to it.", param="model") from None
-            raise
+    record = await resolve_adapter(svc, tenant, ref, via=via) if ref is not None else None
     key = record.sha256 if record else None
-    priority = svc.fair.priority(tenant.id)  # the tenant's load before this request
+    priority = svc.fair.priority(tenant.id) if svc.multi_tenant else 0  # the tenant's load before this request
     try:
         ticket = svc.fair.admit(tenant, demand_of(body, endpoint, svc.settings.max_model_len, key),
                                 api_key=getattr(raw.state, "api_key", None))  # fmt: skip
     except RateLimited as e:
         svc.metrics.refused.labels(tenant.name, e.limit).inc()
         raise
-    lease: Lease | None = None
+    labels = (tenant.name, "adapter" if record else "base")
+    svc.metrics.requests.labels(*labels, endpoint).inc()
+    adapter = AdapterUse(record.sha256, lambda: svc.store.get_blob(record.id)) if record else None
+    shared = record is None and svc.settings.share_base_prefix_cache
     try:
-        if record is not None:
-            lease = await svc.engine.lease(record.sha256, lambda: svc.store.get_blob(record.id))
-        return await _submit(svc, tenant, body, raw, endpoint, ticket, lease, priority)
+        gen = await _started(svc.engine.generate(endpoint, body, raw, adapter=adapter, priority=priority,
+                                                 salt_scope=None if shared else tenant.id), ticket)  # fmt: skip
     except BaseException:
         ticket.release()
-        await _release(lease)
         raise
+    if gen.streaming:
+        return StreamingResponse(_stream(svc, gen, ticket, labels), media_type="text/event-stream")
+    ticket.release()
+    usage = gen.usage()
+    if usage is not None:
+        svc.metrics.usage(*labels, *usage)
+    return JSONResponse(gen.response)
 
 
-async def _submit(svc: Services, tenant: Tenant, body: Any, raw: Request, endpoint: str, ticket: Ticket,
-                  lease: Lease | None, priority: int) -> Response:  # fmt: skip
-    kind = "adapter" if lease else "base"
-    svc.metrics.requests.labels(tenant.name, kind, endpoint).inc()
-    xargs = {k: v for k, v in (body.vllm_xargs or {}).items() if k != EXTRA_ARGS_KEY}
-    if lease:
-        xargs[EXTRA_ARGS_KEY] = lease.key
-    body.vllm_xargs = xargs or None
-    shared = lease is None and svc.settings.share_base_prefix_cache
-    body.cache_salt = cache_salt(None if shared else tenant.id, lease.key if lease else None, body.cache_salt)
-    body.priority = priority if svc.settings.fair_priority and svc.multi_tenant else 0  # one tenant: arrival order
-    body.model = svc.spec.identity
-    want = _usage_wanted(body)
-    if body.stream:  # usage on every chunk, so what was streamed is counted even if the client leaves early
-        body.stream_options = StreamOptions(include_usage=True, continuous_usage_stats=True)
-    serving = svc.engine.serving
-    handler = serving.openai_serving_chat.create_chat_completion if endpoint == "chat" else serving.openai_serving_completion.create_completion
+async def _started(starting: Awaitable[Generation], ticket: Ticket) -> Generation:
+    """The engine's generation, unless the request's key was revoked meanwhile: the ticket cancelled this task,
+    vLLM aborted the request (and may have answered the cancellation with its own error)."""
     try:
-        result = await handler(body, raw)
-        # A stream's first event: vLLM reports some refusals (a constraint its grammar compiler refuses)
-        # only there, as an error event after a 200; it comes with the first token.
-        first = await anext(result, None) if isinstance(result, AsyncIterator) else None
-    except asyncio.CancelledError:
+        gen = await starting
+    except (asyncio.CancelledError, Exception):
         if not ticket.revoked:
             raise
-        result = first = None
-    if ticket.revoked:  # vLLM aborted the request (it may answer the cancellation with its own error)
-        if asyncio.current_task().cancelling():
-            asyncio.current_task().uncancel()
-        raise Unauthorized(REVOKED)
-    if isinstance(result, ErrorResponse):
-        err = APIError(result.error.message, param=result.error.param)
-        err.status, err.type, err.code = result.error.code, result.error.type, None
+        raise _revoked() from None
+    if ticket.revoked:
+        err = _revoked()
+        await gen.close()
         raise err
-    labels = (tenant.name, kind)
-    if not isinstance(result, AsyncIterator):
-        ticket.release()
-        await _release(lease)
-        if result.usage is not None:
-            svc.metrics.usage(*labels, result.usage.prompt_tokens, result.usage.completion_tokens or 0)
-        return JSONResponse(result.model_dump())
-    refused = _refusal(first)
-    if refused is not None:
-        await result.aclose()
-        raise refused
-    meter = _Meter(max(1, int(body.n or 1)))
-    chunks = _after(first, result)
-    return StreamingResponse(_stream(svc, chunks, ticket, lease, labels, want, meter), media_type="text/event-stream")
+    return gen
 
 
-def _refusal(first: str | None) -> InvalidRequest | None:
-    """The 400 for a stream whose first event is vLLM's error about the request itself, else None."""
-    if first is None or not first.startswith('data: {"error"'):
-        return None
-    error = json.loads(first[len("data: ") :]).get("error") or {}
-    if error.get("code") != 400:
-        return None
-    return InvalidRequest(str(error.get("message"))[:2000], param=error.get("param"))
+def _revoked() -> Unauthorized:
+    """The 401 of a request whose key was revoked; the ticket's cancellation of this task is spent."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        task.uncancel()
+    return Unauthorized(REVOKED)
 
 
-async def _after(first: str | None, rest: AsyncIterator[str]) -> AsyncIterator[str]:
-    try:
-        if first is not None:
-            yield first
-        async for chunk in rest:
-            yield chunk
-    finally:
-        await rest.aclose()
-
-
-def _usage_wanted(body: Any) -> str:
-    """What the client asked of usage in a stream: "none", "final" or "continuous"."""
-    opts = body.stream_options
-    if not (opts and opts.include_usage):
-        return "none"
-    return "continuous" if opts.continuous_usage_stats else "final"
-
-
-class _Meter:
-    """Usage seen so far in a stream with continuous usage: per choice its completion tokens, per prompt
-    its prompt tokens (choice index = prompt index x n + i)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.prompt: dict[int, int] = {}
-        self.completion: dict[int, int] = {}
-        self.final: tuple[int, int] | None = None
-
-    def see(self, event: dict) -> None:
-        usage = event.get("usage")
-        if not usage:
-            return
-        choices = event.get("choices")
-        if not choices:
-            self.final = (usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
-            return
-        for c in choices:
-            i = int(c.get("index", 0))
-            self.prompt[i // self.n] = usage.get("prompt_tokens", 0)
-            self.completion[i] = max(self.completion.get(i, 0), usage.get("completion_tokens", 0))
-
-    def totals(self) -> tuple[int, int]:
-        return self.final or (sum(self.prompt.values()), sum(self.completion.values()))
-
-
-async def _stream(svc: Services, chunks: AsyncIterator[str], ticket: Ticket, lease: Lease | None,
-                  labels: tuple[str, str], want: str, meter: _Meter) -> AsyncIterator[str]:  # fmt: skip
+async def _stream(svc: Services, gen: Generation, ticket: Ticket, labels: tuple[str, str]) -> AsyncIterator[str]:
     ticket.follow()  # a revocation now cancels this task
     try:
-        async for chunk in chunks:
-            if not chunk.startswith("data: {") or '"usage"' not in chunk:
-                yield chunk
-                continue
-            event = json.loads(chunk[len("data: ") :])
-            meter.see(event)
-            if want == "continuous":
-                yield chunk
-            elif not event.get("choices"):  # the final usage chunk
-                if want == "final":
-                    yield chunk
-            else:
-                event.pop("usage", None)
-                yield "data: " + json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n\n"
+        async for chunk in gen.events():
+            yield chunk
     except asyncio.CancelledError:
         # The key was revoked while we waited for the engine: vLLM aborted the request when its generator
         # was cancelled; an error event ends the stream.
         if not ticket.revoked:
             raise
-        asyncio.current_task().uncancel()
-        yield "data: " + json.dumps(Unauthorized(REVOKED).body()) + "\n\n"
+        yield error_event(_revoked())
+        yield "data: [DONE]\n\n"
+    except EngineError as exc:  # vLLM's error event mid-stream
+        yield error_event(exc)
         yield "data: [DONE]\n\n"
     finally:
         # Runs on normal end, revocation and client disconnect: count what was streamed, and release
         # outside the cancelled scope.
-        svc.metrics.usage(*labels, *meter.totals())
+        svc.metrics.usage(*labels, *(gen.usage() or (0, 0)))
         ticket.release()
-        task = asyncio.get_running_loop().create_task(_finish(chunks, lease))
+        task = asyncio.get_running_loop().create_task(gen.close())
         _background.add(task)
         task.add_done_callback(_background.discard)
-
-
-async def _finish(chunks: AsyncIterator[str], lease: Lease | None) -> None:
-    """Close vLLM's stream (which aborts the request if it is still running) and release the lease."""
-    try:
-        await chunks.aclose()
-    finally:
-        await _release(lease)
-
-
-async def _release(lease: Lease | None) -> None:
-    if lease is not None:
-        await lease.release()

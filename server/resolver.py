@@ -24,18 +24,14 @@ class AdapterResolver:
         self._by_name: dict[str, dict[tuple[str, int | None], AdapterRecord | None]] = {}
         self._generation: dict[str, int] = {}
         self._size = 0
-        self.hits = 0
-        self.misses = 0
 
     async def resolve(self, tenant_id: str, name: str, version: int | None = None) -> AdapterRecord:
         entries = self._by_name.get(name)
         if entries is not None and (tenant_id, version) in entries:
-            self.hits += 1
             record = entries[(tenant_id, version)]
             if record is _MISSING:
                 raise NotFound(f"adapter '{name}' not found")
             return record
-        self.misses += 1
         generation = self._generation.get(name, 0)
         try:
             record = await self.store.get_adapter(tenant_id, name, version)

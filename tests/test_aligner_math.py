@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from aligner_core.adapter_format import Adapter
-from server.engine.aligner_math import delta_general, delta_reference, token_runs
+from server.engine.aligner_math import delta_general, token_runs
 from server.engine.op import GROUPED_MIN_RUN, WorkerState, aligner_delta
-from server.engine.routing import Routing
-from server.engine.table import AdapterTable, LayerHandle, TableShape
+from server.engine.routing import Routing, step_plan
+from server.engine.table import AdapterTable, LayerHandle, TableShape, reference_term
 from support import tiny_spec
 
 SPEC = tiny_spec()  # hidden 64, 4 layers, 4 heads, 2 kv heads, head_dim 16
@@ -37,7 +37,7 @@ def make_state(layers: list[LayerHandle], path: str, max_slots: int = 4, cold_sl
     shape = TableShape(num_layers=SPEC.num_layers, num_heads=H, num_kv_heads=KVH, head_dim=D, head_offset=0,
                        max_slots=max_slots, max_tokens=4, cold_slots=cold_slots, scratch=8 if cold_slots else 0)  # fmt: skip
     table = AdapterTable(shape, layers, device=torch.device("cpu"), dtype=torch.float32)
-    routing = Routing(8, table.ntok, torch.device("cpu"), table.stage if cold_slots else None)
+    routing = Routing(8)
     return WorkerState(table=table, routing=routing, scale=1 / math.sqrt(D), path=path)
 
 
@@ -51,18 +51,7 @@ ADAPTERS = {
 
 def reference(layers: list[LayerHandle], layer: int, q: torch.Tensor, names: list[str | None]) -> torch.Tensor:
     """[T, H*D] from the raw adapter math, independent of the table."""
-    kp, vp, gates = [], [], []
-    for name in names:
-        a = ADAPTERS[name] if name else None
-        if a is None or layer < a.start_layer:
-            kp.append(None), vp.append(None), gates.append(None)
-            continue
-        with torch.no_grad():
-            out = layers[layer].qkv_proj(a.prefix.float())
-        _, k, v = out.split([H * D, KVH * D, KVH * D], dim=-1)
-        kp.append(k.view(-1, KVH, D)), vp.append(v.view(-1, KVH, D))
-        gates.append(a.gate_values()[layer - a.start_layer])
-    return delta_reference(q.view(len(names), H, D), kp, vp, gates, 1 / math.sqrt(D)).view(len(names), -1)
+    return reference_term(layers[layer], q, [ADAPTERS[n] if n else None for n in names], D)
 
 
 def run_paths(layers, names: list[str | None]) -> dict[str, list[torch.Tensor]]:
@@ -72,7 +61,7 @@ def run_paths(layers, names: list[str | None]) -> dict[str, list[torch.Tensor]]:
     for path in ("auto", "gather"):
         st = make_state(layers, path)
         slots = {n: st.table.put(n, ADAPTERS[n]) for n in sorted({n for n in names if n})}
-        plan = st.routing.plan_tokens(np.array([slots[n] if n else 0 for n in names]), len(names))
+        plan = st.plan_tokens(np.array([slots[n] if n else 0 for n in names]), len(names))
         results[path] = [aligner_delta(st, plan, q, l) for l in range(SPEC.num_layers)]
     return results
 
@@ -136,7 +125,7 @@ def test_token_runs() -> None:
 
 
 def test_routing_rows_moves_and_swaps() -> None:
-    r = Routing(2, np.array([0, 1, 4]), torch.device("cpu"))
+    r = Routing(2)
     r.set_row(0, 1)
     r.set_row(3, 2)  # grows
     r.move(3, 1, swap=False)
@@ -144,7 +133,7 @@ def test_routing_rows_moves_and_swaps() -> None:
     r.move(0, 1, swap=True)
     assert list(r.row_slot[:2]) == [2, 1]
     assert r.slots_in_use() == {1, 2}
-    plan = r.plan_tokens(np.array([2, 2, 0, 1]), 6)
+    plan = step_plan(np.array([2, 2, 0, 1]), 6, np.array([0, 1, 4]), torch.device("cpu"))
     assert plan.max_tokens == 4 and plan.tok_slot.tolist() == [2, 2, 0, 1, 0, 0] and plan.longest_run == 2
 
 
@@ -162,7 +151,7 @@ def cold_paths(layers, names: list[str | None], *, max_slots: int, in_use_all: b
             st.table.put(n, ADAPTERS[n])
         pinned = set(range(1, max_slots + 1)) if in_use_all else set()  # no promotion when every hot slot is busy
         ids = {n: st.table.lookup(n, pinned) for n in sorted({n for n in names if n})}
-        plan = st.routing.plan_tokens(np.array([ids[n] if n else 0 for n in names]), len(names))
+        plan = st.plan_tokens(np.array([ids[n] if n else 0 for n in names]), len(names))
         results[path] = [aligner_delta(st, plan, q, l) for l in range(SPEC.num_layers)]
         results[f"{path}-ids"] = ids
     return results
@@ -203,7 +192,7 @@ def test_promotion_demotes_the_least_recently_used_idle_hot_adapter(layers) -> N
     names = ["b", "a", "b"]
     torch.manual_seed(5)
     q = torch.randn(3, H * D)
-    plan = st.routing.plan_tokens(np.array([1, st.table.cold_base, 1]), 3)
+    plan = st.plan_tokens(np.array([1, st.table.cold_base, 1]), 3)
     for l in range(SPEC.num_layers):
         torch.testing.assert_close(aligner_delta(st, plan, q, l), reference(layers, l, q, names), atol=2e-5, rtol=1e-4)
 
@@ -224,7 +213,7 @@ def test_cold_evict_respects_rows_and_capacity(layers) -> None:
     torch.manual_seed(5)
     q = torch.randn(3, H * D)
     ids = [st.table.lookup(n, {1}) for n in names]
-    plan = st.routing.plan_tokens(np.array(ids), 3)
+    plan = st.plan_tokens(np.array(ids), 3)
     for l in range(SPEC.num_layers):
         torch.testing.assert_close(aligner_delta(st, plan, q, l), reference(layers, l, q, names), atol=2e-5, rtol=1e-4)
 
@@ -280,7 +269,7 @@ def test_op_dispatches_to_the_triton_kernel_with_the_right_tensors(layers, monke
     names = ["b", None, "d", "a", "b"]
     st = make_state(layers, "auto")
     slots = {n: st.table.put(n, ADAPTERS[n]) for n in "abd"}
-    st.routing.set_v2_tokens(np.array([slots[n] if n else 0 for n in names]))
+    st.set_tokens(np.array([slots[n] if n else 0 for n in names]))
     torch.manual_seed(5)
     q = torch.randn(len(names), H * D)
     try:
@@ -391,7 +380,7 @@ def test_cpu_kernel_through_the_op_matches_the_reference(layers, names) -> None:
     q = torch.randn(len(names), (H + 2 * KVH) * D)[:, : H * D]  # a view into fused qkv, as in vLLM
     base = torch.randn(len(names), H * D)  # the attention output the term is added to
     op.set_worker_state(st)
-    st.routing.set_v2_tokens(tokens)
+    st.set_tokens(tokens)
     try:
         for l in range(SPEC.num_layers):
             out = base.clone()
@@ -428,7 +417,7 @@ def test_cpu_kernel_is_checked_once_per_forward_and_again_for_the_next(layers, m
     try:
         for i, names in enumerate(forwards):
             ctx[0] = object()  # a new forward
-            st.routing.set_v2_tokens(np.array([slot[n] for n in names]))
+            st.set_tokens(np.array([slot[n] for n in names]))
             torch.manual_seed(i)
             q = torch.randn(len(names), (H + 2 * KVH) * D)[:, : H * D]
             base = torch.randn(len(names), H * D)
@@ -467,8 +456,8 @@ def test_a_bfloat16_table_holds_a_bfloat16_models_projections_exactly(layers) ->
     base = torch.randn(len(names), H * D).bfloat16()
     outs = []
     for t in (t32, t16):
-        st = WorkerState(table=t, routing=Routing(8, t.ntok, torch.device("cpu")), scale=1 / math.sqrt(D), path="cpu", use_cpu_kernel=True)
-        st.routing.set_v2_tokens(tokens)
+        st = WorkerState(table=t, routing=Routing(8), scale=1 / math.sqrt(D), path="cpu", use_cpu_kernel=True)
+        st.set_tokens(tokens)
         op.set_worker_state(st)
         try:
             out = base.clone()

@@ -1,5 +1,6 @@
 """The engine facade's residency rules (LRU among unpinned adapters, pins, retire) with a recording fake
-engine client; the real engine's side is covered by the parity, tenancy and reliability tests."""
+engine client, and `generate`'s protocol with a fake serving object; the real engine's side is covered by
+the parity, tenancy, security and reliability tests."""
 
 from __future__ import annotations
 
@@ -78,3 +79,117 @@ def test_retire_waits_for_the_last_lease() -> None:
     eng, client = asyncio.run(main())
     assert eng.resident_keys() == [] and eng.leases == 0
     assert client.calls[-1] == ("aligner_unload", ("a", True))
+
+
+# ---- generate: one request's protocol with vLLM's serving code, against a fake serving object ----
+
+
+class FakeServing:
+    """vLLM's serving State, as far as `generate` uses it: records each request, answers with `answer`."""
+
+    def __init__(self, answer) -> None:
+        self.answer, self.requests, self.closed = answer, [], False
+        self.openai_serving_chat = self.openai_serving_completion = self
+
+    async def create_completion(self, request, raw_request):
+        self.requests.append(request)
+        return self.answer(self)
+
+
+def _events(serving: FakeServing, events: list[str]):
+    async def stream():
+        try:
+            for e in events:
+                yield e
+        finally:
+            serving.closed = True
+
+    return stream()
+
+
+def serving_engine(answer, **options) -> tuple[AlignerEngine, FakeServing]:
+    eng, _ = engine(2)
+    eng.options = EngineOptions(**{"model_path": "m", "served_name": "m:1", **options})
+    eng._serving = FakeServing(answer)  # the seam's one private touch point, in place of a started engine
+    return eng, eng._serving
+
+
+CHUNKS = [
+    'data: {"choices":[{"index":0,"text":"a"}],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n',
+    'data: {"choices":[{"index":0,"text":"b"}],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n',
+    'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n',
+    "data: [DONE]\n\n",
+]
+
+
+def test_generate_stamps_the_request_and_hides_usage_the_client_did_not_ask_for() -> None:
+    from server.engine.facade import AdapterUse, cache_salt
+    from server.engine.vllm_glue import CompletionRequest
+
+    async def main():
+        eng, serving = serving_engine(lambda s: _events(s, CHUNKS))
+        body = CompletionRequest(prompt="hi", stream=True, model="x", priority=5, cache_salt="mine",
+                                 vllm_xargs={"aligner": "forged", "other": 1})  # fmt: skip
+        gen = await eng.generate("completions", body, None, adapter=AdapterUse("k" * 64, _data), salt_scope="ten_1", priority=7)
+        assert eng.leases == 1 and gen.streaming
+        events = [e async for e in gen.events()]
+        usage = gen.usage()
+        await gen.close()
+        await gen.close()  # idempotent
+        return eng, serving, events, usage
+
+    eng, serving, events, usage = asyncio.run(main())
+    (sent,) = serving.requests
+    assert sent.vllm_xargs == {"other": 1, "aligner": "k" * 64} and sent.model == "m:1" and sent.priority == 0
+    assert sent.cache_salt == cache_salt("ten_1", "k" * 64, "mine")
+    assert sent.stream_options.include_usage and sent.stream_options.continuous_usage_stats
+    assert events == ['data: {"choices":[{"index":0,"text":"a"}]}\n\n', 'data: {"choices":[{"index":0,"text":"b"}]}\n\n',
+                      "data: [DONE]\n\n"]  # fmt: skip
+    assert usage == (3, 2) and serving.closed and eng.leases == 0
+
+
+def test_generate_turns_vllm_refusals_into_request_rejected_and_releases_the_lease() -> None:
+    from server.engine.facade import AdapterUse, RequestRejected
+    from server.engine.vllm_glue import CompletionRequest, ErrorResponse
+
+    refusal = 'data: {"error": {"message": "bad regex", "type": "BadRequestError", "param": null, "code": 400}}\n\n'
+
+    def raises(serving: FakeServing):
+        raise ValueError("bad prompt")  # as vLLM's code not yet migrated to VLLMClientError does
+
+    answers = {
+        "error response": lambda s: ErrorResponse(error={"message": "no", "type": "NotFoundError", "code": 404}),
+        "first event": lambda s: _events(s, [refusal, "data: [DONE]\n\n"]),
+        "raised": raises,
+    }
+
+    async def main(answer):
+        eng, serving = serving_engine(answer)
+        body = CompletionRequest(prompt="hi", stream=True)
+        with pytest.raises(RequestRejected) as e:
+            await eng.generate("completions", body, None, adapter=AdapterUse("k" * 64, _data), salt_scope=None)
+        return eng, e.value
+
+    got = {label: asyncio.run(main(answer)) for label, answer in answers.items()}
+    assert [(e.status, e.message) for _, e in got.values()] == [(404, "no"), (400, "bad regex"), (400, "bad prompt")]
+    assert all(eng.leases == 0 for eng, _ in got.values())
+
+
+def test_a_stream_error_event_after_the_first_raises() -> None:
+    from server.engine.facade import RequestRejected
+    from server.engine.vllm_glue import CompletionRequest
+
+    died = 'data: {"error": {"message": "engine died", "type": "InternalServerError", "param": null, "code": 500}}\n\n'
+
+    async def main():
+        eng, serving = serving_engine(lambda s: _events(s, CHUNKS[:1] + [died, "data: [DONE]\n\n"]))
+        gen = await eng.generate("completions", CompletionRequest(prompt="hi", stream=True), None, adapter=None, salt_scope=None)
+        seen = []
+        with pytest.raises(RequestRejected) as e:
+            async for event in gen.events():
+                seen.append(event)
+        await gen.close()
+        return seen, e.value, serving
+
+    seen, err, serving = asyncio.run(main())
+    assert len(seen) == 1 and (err.status, err.message) == (500, "engine died") and serving.closed

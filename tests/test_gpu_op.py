@@ -19,9 +19,8 @@ from torch import nn
 from aligner_core.adapter_format import Adapter
 from aligner_core.model_spec import ModelSpec
 from server.engine import op, routing
-from server.engine.aligner_math import delta_reference
 from server.engine.op import GROUPED_MIN_RUN, WorkerState
-from server.engine.table import AdapterTable, LayerHandle, TableShape
+from server.engine.table import AdapterTable, LayerHandle, TableShape, reference_term
 from server.engine.triton_kernel import triton_available
 
 pytestmark = pytest.mark.skipif(
@@ -67,30 +66,19 @@ def make_state(layers, *, use_triton: bool, path: str = "auto") -> WorkerState:
     shape = TableShape(num_layers=SPEC.num_layers, num_heads=H, num_kv_heads=KVH, head_dim=D, head_offset=0,
                        max_slots=2, max_tokens=4, cold_slots=16, scratch=16)  # fmt: skip
     table = AdapterTable(shape, layers, device=torch.device("cuda"), dtype=torch.bfloat16)
-    rt = routing.Routing(16, table.ntok, torch.device("cuda"), table.stage)
+    rt = routing.Routing(16)
     return WorkerState(table=table, routing=rt, scale=1 / math.sqrt(D), path=path, use_triton=use_triton)
 
 
 def reference(layers, layer: int, q: torch.Tensor, names: list[str | None]) -> torch.Tensor:
     """[T, H*D] fp32 from the raw adapters: P projected by the layer (in bf16, like a token), gates, softmax."""
-    kp, vp, gates = [], [], []
-    for name in names:
-        a = ADAPTERS[name] if name else None
-        if a is None or layer < a.start_layer:
-            kp.append(None), vp.append(None), gates.append(None)
-            continue
-        with torch.no_grad():
-            out = layers[layer].qkv_proj(a.prefix.cuda().to(torch.bfloat16)).float()
-        _, k, v = out.split([H * D, KVH * D, KVH * D], dim=-1)
-        kp.append(k.view(-1, KVH, D)), vp.append(v.view(-1, KVH, D))
-        gates.append(a.gate_values()[layer - a.start_layer].cuda())
-    return delta_reference(q.float().view(len(names), H, D), kp, vp, gates, 1 / math.sqrt(D)).view(len(names), -1)
+    return reference_term(layers[layer], q, [ADAPTERS[n] if n else None for n in names], D)
 
 
 def run_op(st: WorkerState, q: torch.Tensor, names: list[str | None], ids: dict[str, int]) -> list[torch.Tensor]:
     """The op, as the model calls it per layer: out (zeros, bf16) += the Aligner term."""
     op.set_worker_state(st)
-    st.routing.set_v2_tokens(np.array([ids[n] if n else 0 for n in names]))
+    st.set_tokens(np.array([ids[n] if n else 0 for n in names]))
     _forward[0] = object()  # a new forward: the plan (and cold staging) is made once, for all layers
     outs = []
     for l in range(SPEC.num_layers):
@@ -134,7 +122,7 @@ def test_cold_and_hot_adapters_match_the_reference_on_gpu(layers, batch, use_tri
     assert any(r.abs().max() > 0.05 for r in got)
 
     # promotion on the GPU: idle hot slots take the cold adapters; the answer must not change
-    st.routing.set_v2_tokens(None)
+    st.set_tokens(None)
     promoted: dict[str, int] = {}
     for n in reversed(ADAPTERS):  # as the frontend routes a new batch: slots taken by earlier rows are in use
         promoted[n] = st.table.lookup(n, set(promoted.values()))

@@ -86,7 +86,7 @@ def test_a_row_with_an_unknown_key_is_counted_and_logged(caplog) -> None:
     shape = TableShape(num_layers=spec.num_layers, num_heads=H, num_kv_heads=KVH, head_dim=D, head_offset=0,
                        max_slots=2, max_tokens=4)  # fmt: skip
     table = AdapterTable(shape, layers, device=torch.device("cpu"), dtype=torch.float32)
-    routing = Routing(4, table.ntok, torch.device("cpu"))
+    routing = Routing(4)
     adapter = Adapter.random(spec, tokens=1, seed=1)
     known, unknown = adapter.sha256(), hashlib.sha256(b"never loaded").hexdigest()
     slot = table.put(known, adapter)

@@ -9,7 +9,7 @@ import torch
 
 from aligner_core.adapter_format import Adapter
 from aligner_core.model_spec import ModelSpec
-from aligner_core.reference import aligner_term, attached, attached_adapter
+from aligner_core.reference import attached, attached_adapter, layer_term
 from server.engine.aligner_math import delta_reference
 
 
@@ -62,7 +62,7 @@ def test_term_equals_engine_reference_math(tiny) -> None:
     a = Adapter.random(spec, tokens=3, start_layer=0, gate_scale=0.7, seed=3)
     q = torch.randn(1, spec.num_heads, 6, spec.head_dim)  # [B, H, T, D]
     gate = a.gate_values()[0]
-    got = aligner_term(q, a.prefix, gate, attn)[0]  # [T, H, D]
+    got = layer_term(q, a.prefix, gate, attn)[0]  # [T, H, D]
     with torch.no_grad():
         kp = attn.k_proj(a.prefix).view(3, spec.num_kv_heads, spec.head_dim)
         vp = attn.v_proj(a.prefix).view(3, spec.num_kv_heads, spec.head_dim)

@@ -38,9 +38,11 @@ TOL = {
 }
 
 
-def random_layer(S: int, KVH: int, Nmax: int, D: int, G: int, *, seed: int, device="cpu", ntok=None):
-    """One layer of a table laid out like AdapterTable: slot 0 empty, padding rows zero and masked -inf."""
-    gen = torch.Generator().manual_seed(seed)
+def random_layer(S: int, KVH: int, Nmax: int, D: int, G: int, *, seed: int | None = None, generator=None, device="cpu",
+                 ntok=None):  # fmt: skip
+    """One layer of a table laid out like AdapterTable: slot 0 empty, padding rows zero and masked -inf.
+    Drawn from `generator` (which it advances) or a fresh one seeded with `seed`. Also bench/gpu/triton_check.py's."""
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     k = torch.randn(S, KVH, Nmax, D, generator=gen)
     v = torch.randn(S, KVH, Nmax, D, generator=gen)
     gate = torch.rand(S, KVH, G, generator=gen) * 2 - 1

@@ -150,10 +150,11 @@ def dpo_example(tok, row: dict, max_length: int) -> tuple[list[int], list[int], 
 
 def load_examples(cfg: TrainConfig, tok) -> list:
     rows = [json.loads(line) for line in Path(cfg.data).read_text().splitlines() if line.strip()]
+    exs: list[tuple | None]  # (ids, labels[, weights]) or (prompt, chosen, rejected); None where unusable
     if cfg.method == "sft":
-        exs = [sft_example(tok, r["messages"], cfg.max_length) for r in rows]
+        exs = sft = [sft_example(tok, r["messages"], cfg.max_length) for r in rows]
         if cfg.decision_weight != 1.0:
-            exs = [e and (*e, _weights(tok, *e, cfg.decision_weight)) for e in exs]
+            exs = [e and (*e, _weights(tok, *e, cfg.decision_weight)) for e in sft]
     else:
         exs = [dpo_example(tok, r, cfg.max_length) for r in rows]
     exs = [e for e in exs if e is not None]
@@ -169,7 +170,7 @@ def _weights(tok, ids: list[int], labels: list[int], weight: float) -> list[floa
     return w
 
 
-def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+def _pad(seqs: list[list[int]] | list[list[float]], value: float) -> torch.Tensor:
     width = max(len(s) for s in seqs)
     return torch.tensor([s + [value] * (width - len(s)) for s in seqs])
 
@@ -252,6 +253,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from aligner_core.reference import attached, load_hf_model
 
     cfg = cfg.resolved()
+    assert cfg.lr is not None and cfg.weight_decay is not None and cfg.device is not None and cfg.log is not None  # resolved
     if cfg.method not in ("sft", "dpo"):
         raise SystemExit(f"aligner train: --method must be sft or dpo, not {cfg.method!r}")
     if cfg.gate_activation not in GATE_ACTIVATIONS:
@@ -366,7 +368,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         for g in opt.param_groups:
             g["lr"] = cfg.lr * scale
         opt.zero_grad(set_to_none=True)
-        step_loss, extra = 0.0, {}
+        step_loss = 0.0
+        extra: dict = {}
         with policy():
             for _ in range(cfg.grad_accum):
                 loss, extra = batch_loss(next_batch())

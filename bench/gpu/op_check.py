@@ -69,7 +69,7 @@ def main() -> None:
     table = AdapterTable(shape, layers, device=DEV, dtype=bf)
     torch.cuda.synchronize()
     hot_bytes = torch.cuda.memory_allocated() - m0
-    rt = routing.Routing(512, table.ntok, DEV, table.stage)
+    rt = routing.Routing(512)
     results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cases": []}
 
     pool = {n: [Adapter.random(SPEC, tokens=n, start_layer=2, seed=100 * n + i, gate_scale=0.3) for i in range(64)] for n in (1, 4)}
@@ -116,7 +116,7 @@ def main() -> None:
 
         def run():
             op.set_worker_state(st)
-            rt.set_v2_tokens(ids)
+            st.set_tokens(ids)
             _forward[0] = object()
             for l in range(SPEC.num_layers):
                 op.apply_(out, q, l)

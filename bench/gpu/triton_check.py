@@ -1,6 +1,7 @@
 """GPU check of the fused Triton Aligner kernel: a correctness sweep, then kernel vs torch timings.
 
-Run by bench/gpu/run_triton_check.sh on a lent GPU machine (needs torch + triton + CUDA; no vllm, no
+Run by bench/gpu/run_triton_check.sh on a lent GPU machine (needs torch + triton + CUDA, and pytest: the
+correctness sweep draws its tables with tests/test_triton_kernel.py's `random_layer`; no vllm, no
 safetensors). Writes $OUT/triton_check.json (or ./triton_check.json) and prints a table.
 
 Timed, per layer call, in bf16 (q/out), one layer of a 65-slot table (64 adapters + slot 0):
@@ -28,6 +29,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from test_triton_kernel import random_layer  # noqa: E402  the tests' table layer: one layout for both
 
 from server.engine.aligner_math import delta_general, delta_grouped, token_runs  # noqa: E402
 from server.engine.triton_kernel import aligner_delta_triton, launch_params, triton_available  # noqa: E402
@@ -145,7 +149,7 @@ def correctness(dev):
                     seed = 1000 * D + 100 * G + 10 * N + (0, 1, 2)[(torch.float32, torch.bfloat16, torch.float16).index(dtype)]
                     gcpu = torch.Generator().manual_seed(seed)
                     ntok = [0] + torch.randint(1, N + 1, (S - 1,), generator=gcpu).tolist()
-                    k, v, mask, gate, _ = make_table_small(S, KVH, N, D, G, ntok, gcpu, dev)
+                    k, v, mask, gate, _ = random_layer(S, KVH, N, D, G, generator=gcpu, device=dev, ntok=ntok)
                     slots = torch.randint(0, S, (T,), generator=gcpu).to(dev)
                     qkv = torch.randn(T, (H + 2 * KVH) * D, generator=gcpu).to(dev, dtype)
                     q = qkv[:, : H * D]
@@ -170,20 +174,6 @@ def correctness(dev):
                                      rel_err_delta=rel, slot0_untouched=untouched,
                                      finite=bool(torch.isfinite(out).all().item())))  # fmt: skip
     return rows
-
-
-def make_table_small(S, KVH, N, D, G, ntok, gcpu, dev):
-    k = torch.randn(S, KVH, N, D, generator=gcpu)
-    v = torch.randn(S, KVH, N, D, generator=gcpu)
-    gate = torch.rand(S, KVH, G, generator=gcpu) * 2 - 1
-    mask = torch.full((S, N), float("-inf"))
-    mask[:, 0] = 0.0
-    for s, n in enumerate(ntok):
-        mask[s, :n] = 0.0
-        k[s, :, n:] = 0.0
-        v[s, :, n:] = 0.0
-    k[0], v[0], gate[0] = 0.0, 0.0, 0.0
-    return [x.to(dev) for x in (k, v, mask, gate)] + [None]
 
 
 def bench(dev):

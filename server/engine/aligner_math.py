@@ -4,13 +4,17 @@ Per adapted layer and token t (DESIGN.md section 2):
     a_t = softmax_N(q_t @ K_p.T / sqrt(D)) @ V_p      # separate softmax over the N prefix keys
     out_t += g[head] * a_t                             # per head, before o_proj
 
-`delta_reference` is the plain per-token loop that the fast paths are tested against.
+The reference of the term is `aligner_term`, written once in `aligner_core.reference` (the HF forward and
+training compute it too) and re-exported here; `delta_reference` applies it token by token, each token with
+its own adapter, and is what the fast paths, the Triton kernel and the C kernel are tested against.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from aligner_core.reference import aligner_term  # re-exported: the engine's tests compare against it
 
 
 def delta_general(
@@ -141,17 +145,14 @@ def delta_reference(
     vp: list[torch.Tensor | None],  # per token: [N, KVH, D]
     gates: list[torch.Tensor | None],  # per token: [H]
     scale: float,
-) -> torch.Tensor:  # [T, H, D]
-    """Token by token, head by head, with the GQA repeat spelled out. Slow; the ground truth."""
+) -> torch.Tensor:  # [T, H, D] float32
+    """`aligner_term` token by token, each with its own adapter, in float32; exact zeros where a token has
+    none. Slow; the ground truth."""
     T, H, D = q.shape
     out = torch.zeros(T, H, D, dtype=torch.float32, device=q.device)
     for t in range(T):
-        if kp[t] is None:
+        k, v, g = kp[t], vp[t], gates[t]
+        if k is None or v is None or g is None:
             continue
-        group = H // kp[t].shape[1]
-        for h in range(H):
-            keys = kp[t][:, h // group, :].float()  # [N, D]
-            vals = vp[t][:, h // group, :].float()
-            p = torch.softmax(keys @ q[t, h].float() * scale, dim=0)  # [N]
-            out[t, h] = gates[t][h] * (p @ vals)
+        out[t] = aligner_term(q[t, :, None].float(), k.float(), v.float(), g.float(), scale)[:, 0]  # q_t: [H, 1, D]
     return out

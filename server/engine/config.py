@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+# The key of SamplingParams.extra_args that carries a request's adapter (its content hash) to the worker.
+EXTRA_ARGS_KEY = "aligner"
+
 
 @dataclass(frozen=True)
 class AlignerEngineConfig:

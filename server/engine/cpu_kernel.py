@@ -130,7 +130,7 @@ class _Table(ctypes.Structure):  # aligner_table in cpu_kernel.c
 
 
 class _Step(ctypes.Structure):  # aligner_step
-    _fields_ = [("table", ctypes.POINTER(_Table)), ("tok_slot", _P)] + [(n, _I) for n in ("T", "n_cap", "q_row", "out_row", "dtype", "checked")]
+    _fields_ = [("table", ctypes.POINTER(_Table)), ("tok_slot", _P), *[(n, _I) for n in ("T", "n_cap", "q_row", "out_row", "dtype", "checked")]]
 
 
 def open_library(path: Path) -> ctypes.CDLL:

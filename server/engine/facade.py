@@ -1,8 +1,13 @@
-"""The engine as the API sees it: start/stop, adapter residency, and vLLM's serving objects.
+"""The engine as the API sees it: start/stop, adapter residency, and one operation per generation.
 
 The frontend owns adapter lifetimes, because the worker never sees request ids: a request `lease`s its
 adapter's key (pinning it and loading it if needed) before it is submitted and releases it when its last
 token has been streamed. Unpinned keys are evicted least-recently-used when the slot table is full.
+
+`generate` is the whole protocol of one request with vLLM's serving code: it leases the adapter, stamps
+the routing key, the prefix-cache salt, the model name and the priority on vLLM's request, asks for usage
+on a stream, and turns vLLM's refusals into `RequestRejected`. The API never touches vLLM's request
+fields or serving objects.
 """
 
 from __future__ import annotations
@@ -13,12 +18,13 @@ import json
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from server.engine import placement
-from server.engine.config import AlignerEngineConfig
+from server.engine.config import EXTRA_ARGS_KEY, AlignerEngineConfig
 from server.engine.plugin import aligner_architecture
 
 
@@ -32,6 +38,15 @@ class EngineBusy(EngineError):
 
 class EngineNotReady(EngineError):
     """The engine has not started, has stopped, or died."""
+
+
+class RequestRejected(EngineError):
+    """vLLM refused a request: its `ErrorResponse`, a stream's error event, or an error its serving code raised
+    about the request. `status` is the HTTP status vLLM chose, `param` the request field at fault if known."""
+
+    def __init__(self, message: str, *, status: int, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.status, self.param = message, status, param
 
 
 @dataclass(frozen=True)
@@ -81,7 +96,7 @@ class EngineOptions:
     def _routing(self) -> str:
         if self.routing != "auto":
             return self.routing
-        from vllm.platforms import current_platform
+        from server.engine.vllm_glue import current_platform
 
         return "v1" if current_platform.is_cpu() or os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "0" else "v2"
 
@@ -118,7 +133,7 @@ class AlignerEngine:
         self.options = options
         self.hooks = hooks or EngineHooks()
         self.client: Any = None
-        self.serving: Any = None  # vLLM's State with openai_serving_chat / openai_serving_completion
+        self._serving: Any = None  # vLLM's State with openai_serving_chat / openai_serving_completion
         self._stack: Any = None
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU order: oldest first
         self._lock = asyncio.Lock()
@@ -127,8 +142,6 @@ class AlignerEngine:
 
     # ---- lifecycle ----
     async def start(self) -> None:
-        from contextlib import AsyncExitStack
-
         from server.engine import vllm_glue
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.options.kv_cache_gib))
@@ -136,7 +149,7 @@ class AlignerEngine:
         self._stack = AsyncExitStack()
         try:
             self.client = await self._stack.enter_async_context(vllm_glue.open_engine(args))
-            self.serving = await vllm_glue.serving_state(self.client, args)
+            self._serving = await vllm_glue.serving_state(self.client, args)
             if self.options.isolate_worker_cores:
                 self._cores = os.sched_getaffinity(0)
                 placement.isolate_worker_cores()
@@ -147,17 +160,77 @@ class AlignerEngine:
     async def stop(self) -> None:
         if self._stack is not None:
             await self._stack.aclose()
-            self._stack, self.client, self.serving = None, None, None
+            self._stack, self.client, self._serving = None, None, None
         if self._cores is not None:
             placement.restore_cores(self._cores)
             self._cores = None
 
     async def check_health(self) -> None:
+        """Raise EngineNotReady unless the engine runs and answers."""
         if self.client is None:
             raise EngineNotReady("engine is not running")
         if self.client.errored:
             raise EngineNotReady(f"engine failed: {self.client.dead_error}")
-        await self.client.check_health()
+        try:
+            await self.client.check_health()
+        except Exception as e:
+            raise EngineNotReady(f"engine unhealthy: {e}") from e
+
+    # ---- generation ----
+    async def generate(self, endpoint: str, request: Any, raw_request: Any, *, adapter: AdapterUse | None,
+                       salt_scope: str | None, priority: int = 0) -> Generation:  # fmt: skip
+        """Run one chat ("chat") or completion ("completions") request, on `adapter` (None: the base model),
+        in the prefix cache of `salt_scope` (a tenant id; None: shared by every tenant), at `priority` (used
+        under vLLM's priority policy only).
+
+        Every value that decides sharing is set here: a client-sent `vllm_xargs["aligner"]` is dropped, the
+        salt is made from the scope, the adapter's content hash and the client's own salt. A stream is read
+        up to its first event, where vLLM reports some refusals (a constraint its grammar compiler refuses).
+        vLLM's refusals raise `RequestRejected`. The lease is held until `Generation.close()`; a complete
+        answer's, and a refused request's, is released before this returns."""
+        from server.engine.vllm_glue import ErrorResponse, StreamOptions
+
+        lease = await self.lease(adapter.key, adapter.load) if adapter is not None else None
+        try:
+            key = lease.key if lease is not None else None
+            xargs = {k: v for k, v in (request.vllm_xargs or {}).items() if k != EXTRA_ARGS_KEY}
+            if key is not None:
+                xargs[EXTRA_ARGS_KEY] = key
+            request.vllm_xargs = xargs or None
+            request.cache_salt = cache_salt(salt_scope, key, request.cache_salt)
+            request.priority = priority if self.options.priority_scheduling else 0  # vLLM refuses it otherwise
+            request.model = self.options.served_name
+            wanted = _usage_wanted(request)
+            if request.stream:  # usage on every chunk, so what was streamed is counted even if the client leaves early
+                request.stream_options = StreamOptions(include_usage=True, continuous_usage_stats=True)
+            result, first = await self._serve(endpoint, request, raw_request)
+            if isinstance(result, ErrorResponse):
+                raise RequestRejected(result.error.message, status=result.error.code, param=result.error.param)
+            if not isinstance(result, AsyncGenerator):
+                if lease is not None:
+                    await lease.release()
+                usage = (result.usage.prompt_tokens, result.usage.completion_tokens or 0) if result.usage is not None else None
+                return Generation(None, response=result.model_dump(), usage=usage)
+            refused = _error_event(first)
+            if refused is not None and refused.status == 400:
+                await result.aclose()
+                raise refused
+            return Generation(lease, source=result, first=first, wanted=wanted, n=max(1, int(request.n or 1)))
+        except BaseException:
+            if lease is not None:
+                await lease.release()
+            raise
+
+    async def _serve(self, endpoint: str, request: Any, raw_request: Any) -> tuple[Any, str | None]:
+        """vLLM's answer to `request`: a response, an ErrorResponse or a stream, with the stream's first event."""
+        if self._serving is None:
+            raise EngineNotReady("engine is not running")
+        chat, completion = self._serving.openai_serving_chat, self._serving.openai_serving_completion
+        handler = chat.create_chat_completion if endpoint == "chat" else completion.create_completion
+        with _rejecting(request):
+            result = await handler(request, raw_request)
+            first = await anext(result, None) if isinstance(result, AsyncGenerator) else None
+        return result, first
 
     # ---- adapters ----
     async def lease(self, key: str, load: Callable[[], Awaitable[bytes]]) -> Lease:
@@ -270,3 +343,180 @@ class Lease:
         if not self._released:
             self._released = True
             await self.engine._release(self.key)
+
+
+@dataclass(frozen=True)
+class AdapterUse:
+    """The adapter a request runs on: its engine key (the content hash) and how to read it if not resident."""
+
+    key: str
+    load: Callable[[], Awaitable[bytes]]
+
+
+class Generation:
+    """One request run by the engine: a complete answer (`response`, its JSON) or a stream (`events()`), and
+    its token `usage`. It holds the adapter's lease until `close()`, which also aborts a running stream."""
+
+    def __init__(self, lease: Lease | None, *, response: dict | None = None, usage: tuple[int, int] | None = None,
+                 source: AsyncGenerator[str, None] | None = None, first: str | None = None, wanted: str = "none",
+                 n: int = 1) -> None:  # fmt: skip
+        self.response = response
+        self._lease, self._usage = lease, usage
+        self._source, self._first, self._wanted = source, first, wanted
+        self._meter = _Meter(n)
+        self._events: AsyncGenerator[str, None] | None = None
+
+    @property
+    def streaming(self) -> bool:
+        return self._source is not None
+
+    def usage(self) -> tuple[int, int] | None:
+        """(prompt, completion) tokens: a complete answer's (None: vLLM reported none), or a stream's so far."""
+        return self._meter.totals() if self._source is not None else self._usage
+
+    def events(self) -> AsyncGenerator[str, None]:
+        """The stream's SSE events, with usage as the client asked for it; vLLM's error event raises
+        RequestRejected (the caller ends the stream with its own error event)."""
+        if self._source is None:
+            raise RuntimeError("a complete answer has no events")
+        self._events = self._relay(self._source)
+        return self._events
+
+    async def _relay(self, source: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
+        try:
+            chunk = self._first
+            while chunk is not None:
+                shown = self._shown(chunk)
+                if shown is not None:
+                    yield shown
+                chunk = await anext(source, None)
+        finally:
+            await source.aclose()
+
+    def _shown(self, chunk: str) -> str | None:
+        """`chunk` as the client sees it (None: a usage chunk it did not ask for), its usage counted.
+
+        vLLM's serving code yields SSE text, so usage is read back out of it here, where its format is known."""
+        error = _error_event(chunk)
+        if error is not None:
+            raise error
+        if not chunk.startswith("data: {") or '"usage"' not in chunk:
+            return chunk
+        event = json.loads(chunk[len("data: ") :])
+        self._meter.see(event)
+        if self._wanted == "continuous":
+            return chunk
+        if not event.get("choices"):  # the final usage chunk
+            return chunk if self._wanted == "final" else None
+        event.pop("usage", None)
+        return "data: " + json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n\n"
+
+    async def close(self) -> None:
+        """Close vLLM's stream (which aborts the request if it is still running) and release the lease; idempotent."""
+        try:
+            if self._events is not None:
+                await self._events.aclose()
+            if self._source is not None:
+                await self._source.aclose()
+        finally:
+            if self._lease is not None:
+                await self._lease.release()
+
+
+def _usage_wanted(request: Any) -> str:
+    """What the client asked of usage in a stream: "none", "final" or "continuous"."""
+    opts = request.stream_options
+    if not (opts and opts.include_usage):
+        return "none"
+    return "continuous" if opts.continuous_usage_stats else "final"
+
+
+class _Meter:
+    """Usage seen so far in a stream with continuous usage: per choice its completion tokens, per prompt
+    its prompt tokens (choice index = prompt index x n + i)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.prompt: dict[int, int] = {}
+        self.completion: dict[int, int] = {}
+        self.final: tuple[int, int] | None = None
+
+    def see(self, event: dict) -> None:
+        usage = event.get("usage")
+        if not usage:
+            return
+        choices = event.get("choices")
+        if not choices:
+            self.final = (usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+            return
+        for c in choices:
+            i = int(c.get("index", 0))
+            self.prompt[i // self.n] = usage.get("prompt_tokens", 0)
+            self.completion[i] = max(self.completion.get(i, 0), usage.get("completion_tokens", 0))
+
+    def totals(self) -> tuple[int, int]:
+        return self.final or (sum(self.prompt.values()), sum(self.completion.values()))
+
+
+# ---- vLLM's refusals ----
+
+
+def _error_event(chunk: str | None) -> RequestRejected | None:
+    """vLLM's error event in a stream (`data: {"error": {"message", "type", "param", "code": status}}`), else None."""
+    if chunk is None or not chunk.startswith('data: {"error"'):
+        return None
+    error = json.loads(chunk[len("data: ") :]).get("error") or {}
+    status = error.get("code")
+    return RequestRejected(str(error.get("message"))[:2000], status=status if isinstance(status, int) else 500,
+                           param=error.get("param"))  # fmt: skip
+
+
+def output_constraint(request: Any) -> Any:
+    """The request's structured-output constraint (vLLM's StructuredOutputsParams; None: unconstrained), or
+    RequestRejected when vLLM refuses it (two kinds of constraint at once)."""
+    with _rejecting(request):
+        return request.extract_structured_outputs()
+
+
+@contextmanager
+def _rejecting(request: Any) -> Iterator[None]:
+    """Raise RequestRejected (a 400) for an exception that vLLM raised about the request.
+
+    vLLM's own server answers its `VLLMClientError` family and, for code not yet migrated to it, a plain
+    ValueError, TypeError or OverflowError (e.g. an audio part sent to a text-only model) with a 400. Errors
+    from compiling a structured-output constraint (a regex with a lookbehind, a `$ref` to nothing) name no
+    parameter themselves: the request field holding the constraint is named."""
+    try:
+        yield
+    except Exception as exc:
+        if not (isinstance(exc, (ValueError, TypeError, OverflowError)) or is_vllm_client_error(exc)):
+            raise
+        param = getattr(exc, "parameter", None)
+        if param is None and _raised_checking_structured_outputs(exc):
+            param = constraint_field(request)
+        raise RequestRejected(str(exc)[:2000], status=400, param=param) from exc
+
+
+def is_vllm_client_error(exc: BaseException) -> bool:
+    """vLLM's errors caused by the request (its `VLLMClientError` family, e.g. an empty chat), which vLLM's
+    own server answers with a 4xx. Matched by name: vLLM is imported lazily."""
+    return any(c.__name__ == "VLLMClientError" and c.__module__ == "vllm.exceptions" for c in type(exc).__mro__)
+
+
+def constraint_field(request: Any) -> str | None:
+    """The request field that constrains the output (`response_format` wins over `structured_outputs`)."""
+    fmt = request.response_format
+    if fmt is not None and getattr(fmt, "type", "text") != "text":
+        return "response_format"
+    return "structured_outputs" if request.structured_outputs is not None else None
+
+
+def _raised_checking_structured_outputs(exc: BaseException) -> bool:
+    """Whether vLLM raised `exc` in `SamplingParams._validate_structured_outputs` (where the grammar backends
+    compile a request's constraint); matched by frame, as the messages differ per backend."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "_validate_structured_outputs":
+            return True
+        tb = tb.tb_next
+    return False

@@ -8,27 +8,30 @@ patching after load would be silently ignored by a compiled graph.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from vllm.config import VllmConfig
-from vllm.distributed import get_tensor_model_parallel_rank
-from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.models.llama import LlamaForCausalLM
-from vllm.model_executor.models.mistral import MistralForCausalLM
-from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
-from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
-from vllm.model_executor.models.utils import extract_layer_index
 
 import server.engine.op  # noqa: F401  registers torch.ops.aligner.apply_
 from server.engine.config import AlignerEngineConfig
 from server.engine.op import WorkerState, apply_term, resolve_cpu_kernel, resolve_triton, set_worker_state
 from server.engine.routing import Routing
 from server.engine.table import AdapterTable, LayerHandle, TableShape
+from server.engine.vllm_glue import (
+    Attention,
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+    VllmConfig,
+    extract_layer_index,
+    get_tensor_model_parallel_rank,
+)
 
 _attention_classes: dict[type, type] = {}
 
 
-def _aligner_attention(base: type) -> type:
+def _aligner_attention(base: type[Attention]) -> type:
     """A subclass of `base` whose forward adds the Aligner term to the attention output."""
     if base not in _attention_classes:
 
@@ -46,7 +49,8 @@ def _aligner_attention(base: type) -> type:
 
 def install(model: torch.nn.Module, vllm_config: VllmConfig) -> WorkerState:
     """Swap the attention classes and build this worker's adapter table."""
-    cfg = AlignerEngineConfig.from_additional_config(vllm_config.additional_config)
+    # vLLM types additional_config `dict | SupportsHash`; the engine's is a dict (plugin args, or empty)
+    cfg = AlignerEngineConfig.from_additional_config(cast("dict[str, Any]", vllm_config.additional_config))
     handles: list[LayerHandle] = []
     attn0: Attention | None = None
     for module in model.modules():
@@ -55,11 +59,11 @@ def install(model: torch.nn.Module, vllm_config: VllmConfig) -> WorkerState:
             continue
         index = extract_layer_index(attn.layer_name)
         attn.__class__ = _aligner_attention(type(attn))
-        attn.aligner_layer = index
+        cast(Any, attn).aligner_layer = index  # an attribute of the Aligner subclass, not typed on Attention
         handles.append(
             LayerHandle(
                 index=index,
-                qkv_proj=module.qkv_proj,
+                qkv_proj=cast(torch.nn.Module, module.qkv_proj),
                 k_norm=getattr(module, "k_norm", None),
                 q_size=attn.num_heads * attn.head_size,
                 kv_size=attn.num_kv_heads * attn.head_size,
@@ -80,21 +84,26 @@ def install(model: torch.nn.Module, vllm_config: VllmConfig) -> WorkerState:
         cold_slots=cfg.cold_slots,
         scratch=vllm_config.scheduler_config.max_num_seqs if cfg.cold_slots else 0,  # one per batch row
     )
-    dtype = vllm_config.model_config.dtype
+    dtype = cast(torch.dtype, vllm_config.model_config.dtype)  # resolved to a torch.dtype by ModelConfig
     use_cpu_kernel = resolve_cpu_kernel(cfg.path, param.device, dtype, attn0.head_size, cfg.max_tokens)
     # The C kernel reads a bfloat16 model's K_p/V_p in bfloat16 (exact: they are projected in it); the
     # torch and Triton paths read float32.
     kv_dtype = dtype if use_cpu_kernel and dtype == torch.bfloat16 else torch.float32
     table = AdapterTable(shape, handles, device=param.device, dtype=dtype, kv_dtype=kv_dtype)
-    stage = table.stage if cfg.cold_slots else None
-    routing = Routing(vllm_config.scheduler_config.max_num_seqs, table.ntok, param.device, stage)
+    routing = Routing(vllm_config.scheduler_config.max_num_seqs)
     state = WorkerState(table=table, routing=routing, scale=1.0 / math.sqrt(attn0.head_size), path=cfg.path,
                         use_triton=resolve_triton(cfg.path, param.device), use_cpu_kernel=use_cpu_kernel)  # fmt: skip
     set_worker_state(state)
     return state
 
 
-class AlignerMixin:
+if TYPE_CHECKING:
+    _MixinBase = torch.nn.Module  # the mixin comes before a vLLM model class, an nn.Module
+else:
+    _MixinBase = object
+
+
+class AlignerMixin(_MixinBase):
     """Build the base model, then attach the Aligner term. V2 runners get our ModelState."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:

@@ -2,21 +2,35 @@
 
 It is opaque to torch.compile (a `torch.library.custom_op` with a fake impl), so per-step routing is read
 at run time and never baked into a graph. The worker's table and routing live in one per-process
-`WorkerState`, set when the model is built.
+`WorkerState`, set when the model is built. The routers and the worker extension call its verbs only; the
+routing reads just the two views of the table it is built with (N per slot, the cold tier's staging), and
+the table never sees the routing:
+
+    V1 logits processor, V2 model state -- assign / release / move / set_batch --> WorkerState
+        assign: AdapterTable.lookup(key, Routing.slots_in_use()) -> slot -> Routing row (or counted unknown)
+    worker extension -- load / load_many / evict / counters / stats --> WorkerState -> AdapterTable
+    apply_term, once per layer -- plan --> WorkerState -> Routing.plan (once per forward) -> StepPlan
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from server.engine import cpu_kernel, triton_kernel
 from server.engine.aligner_math import delta_chunked, delta_general, delta_grouped, delta_single_token
-from server.engine.routing import Routing, StepPlan
+from server.engine import routing as _routing
+from server.engine.routing import Routing, StepPlan, step_plan
 from server.engine.table import AdapterTable
+
+if TYPE_CHECKING:
+    from aligner_core.adapter_format import Adapter
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +55,77 @@ class WorkerState:
     op_seconds: float = 0.0  # host time spent computing the term (on CUDA: launching it), for benchmarks
     _cpu: cpu_kernel.BoundKernel | None = None
     _cpu_plan: StepPlan | None = None  # the forward the kernel was begun for
+    _cached: tuple[object, int, int, StepPlan | None] | None = None  # (forward context, T, routing version, plan)
 
+    # ---- rows: the routers' verbs ----
+    def assign(self, row: int, key: str | None) -> int:
+        """Route batch row `row` (V2: the request's persistent index) to `key`'s adapter; returns its routing
+        id. A cold adapter is promoted into a hot slot no row uses, where one can be freed. A key the table
+        does not hold gets 0: the row runs as the base model, and is counted (`counters`)."""
+        slot = self.table.lookup(key, self.routing.slots_in_use()) if key else 0
+        if key and slot == 0:
+            self.routing.set_unknown(row)
+        else:
+            self.routing.set_row(row, slot)
+        return slot
+
+    def release(self, row: int) -> None:
+        self.routing.set_row(row, 0)
+
+    def move(self, src: int, dst: int, *, swap: bool) -> None:
+        self.routing.move(src, dst, swap=swap)
+
+    def set_batch(self, rows: np.ndarray, query_start_loc: np.ndarray) -> None:
+        """V2 runner, before each forward: batch entry i is row `rows[i]`, its tokens query_start_loc[i:i+2]."""
+        self.routing.set_batch(rows, query_start_loc)
+
+    def set_tokens(self, tok_slot: np.ndarray | None) -> None:
+        """Token -> routing id for the coming forward, as is (a V2-style layout made by hand)."""
+        self.routing.set_tokens(tok_slot)
+
+    def plan(self, num_tokens: int) -> StepPlan | None:
+        """The op's plan for the forward now running, or None: no token is adapted. Made at the forward's
+        first attention layer and reused by the others (the op runs once per layer)."""
+        ctx = _routing._current_forward_context()
+        c = self._cached
+        if c is not None and ctx is not None and c[0] is ctx and c[1] == num_tokens and c[2] == self.routing.version:
+            return c[3]
+        tokens = self.routing.tokens(ctx)
+        plan = self.plan_tokens(tokens, num_tokens) if tokens is not None else None
+        # Holding the context object keeps its id from being reused by a later forward.
+        self._cached = (ctx, num_tokens, self.routing.version, plan)
+        return plan
+
+    def plan_tokens(self, tokens: np.ndarray, num_tokens: int) -> StepPlan | None:
+        """The plan for a given token -> routing id layout (tests, benchmarks), cold adapters staged."""
+        t = self.table
+        return step_plan(tokens, num_tokens, t.ntok, t.k.device, t.stage if t.shape.cold_slots else None)
+
+    # ---- residency: the worker extension's verbs ----
+    def load(self, key: str, adapter: Adapter) -> int:
+        """Make `key` resident (idempotent); returns its routing id. Raises TableFull or ValueError."""
+        return self.table.put(key, adapter)
+
+    def load_many(self, items: Iterable[tuple[str, Adapter]]) -> int:
+        """`load` each; returns how many adapters are resident afterwards."""
+        for key, adapter in items:
+            self.load(key, adapter)
+        return len(self.table.raw)
+
+    def evict(self, key: str, *, force: bool = False) -> bool:
+        """Drop `key`; without `force`, refused (False) while a batch row still routes to it."""
+        return self.table.evict(key, in_use=set() if force else self.routing.slots_in_use())
+
+    def counters(self) -> dict[str, int]:
+        """The counters /metrics pulls on each scrape (cheap: no key list)."""
+        return {"unknown_key_events": self.routing.unknown_key_events}
+
+    def stats(self) -> dict[str, Any]:
+        t = self.table
+        return {**t.stats(), "kernel": self.kernel(), "kv_dtype": str(t.k.dtype).removeprefix("torch."),
+                "op_seconds": self.op_seconds, **self.counters(), "keys": t.keys()}  # fmt: skip
+
+    # ---- the op's ----
     def cpu_kernel_for(self, plan: StepPlan, out: torch.Tensor, q: torch.Tensor) -> cpu_kernel.BoundKernel:
         """The C kernel bound to the table, begun for this forward: the layout and token slots are checked at
         a forward's first layer only (its attention layers all give out and q the same layout)."""
@@ -117,7 +201,7 @@ def apply_term(out: torch.Tensor, q: torch.Tensor, layer: int) -> None:
     if st is None or layer not in st.table.adapted_layers:
         return
     t0 = time.perf_counter()
-    plan = st.routing.plan(q.shape[0])
+    plan = st.plan(q.shape[0])
     if plan is None:
         return
     t = st.table

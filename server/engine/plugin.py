@@ -21,7 +21,7 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from vllm import ModelRegistry
+    from server.engine.vllm_glue import ModelRegistry
 
     for base in BASE_ARCHITECTURES:
         name = aligner_architecture(base)

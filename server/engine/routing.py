@@ -1,6 +1,7 @@
 """Which adapter slot each token of the current forward uses.
 
-Rows (requests in the persistent batch) get their slot from a runner-specific tracker: the V1 logits
+Rows (requests in the persistent batch; on the V2 runner, persistent request indices) get their slot
+through the worker state (`op.WorkerState.assign`), called by a runner-specific tracker: the V1 logits
 processor (`routing_v1`) or the V2 model state (`routing_v2`). Per forward, rows expand to tokens with
 the step's `query_start_loc`, once, and the result is cached for all layers of that forward.
 """
@@ -66,24 +67,25 @@ class StepPlan:
 
 
 class Routing:
-    """Row -> slot state, and the per-forward token plan."""
+    """Row -> routing id state, and which tokens of the forward now running carry which id. Rows change
+    only through the worker state's verbs (`op.WorkerState`), which also does the table lookups and turns
+    the tokens into the op's `StepPlan` (`step_plan`)."""
 
-    def __init__(self, max_rows: int, ntok: np.ndarray, device: torch.device,
-                 stage: Callable[[np.ndarray], np.ndarray] | None = None):  # fmt: skip
+    def __init__(self, max_rows: int) -> None:
         self.row_slot = np.zeros(max_rows, dtype=np.int64)  # persistent-batch row -> routing id
-        self._ntok = ntok  # the table's N per slot
-        self._stage = stage  # the table's cold tier: routing ids -> slots, staging cold adapters
-        self._device = device
-        self._cache_ctx: object = None  # the forward context the cached plan belongs to
-        self._cache_tokens = -1
-        self._cache: StepPlan | None = None
-        self._v2_tokens: np.ndarray | None = None  # set by the V2 model state before each forward
-        self.unknown_key_events = 0
+        self._tokens: np.ndarray | None = None  # set before a forward on the V2 runner (`set_tokens`)
+        self.version = 0  # bumped by `set_tokens`: a plan cached for a forward is stale after it
+        self.unknown_key_events = 0  # rows whose adapter key the table did not hold: they ran as the base model
 
-    # ---- row bookkeeping (V1 logits processor) ----
+    # ---- row bookkeeping ----
     def set_row(self, row: int, slot: int) -> None:
         self._ensure(row)
         self.row_slot[row] = slot
+
+    def set_unknown(self, row: int) -> None:
+        """A row whose adapter key is not resident: it runs as the base model (slot 0), and is counted."""
+        self.set_row(row, 0)
+        self.unknown_key_events += 1
 
     def move(self, src: int, dst: int, *, swap: bool) -> None:
         self._ensure(max(src, dst))
@@ -93,8 +95,8 @@ class Routing:
 
     def slots_in_use(self) -> set[int]:
         used = set(np.unique(self.row_slot).tolist())
-        if self._v2_tokens is not None:
-            used |= set(np.unique(self._v2_tokens).tolist())
+        if self._tokens is not None:
+            used |= set(np.unique(self._tokens).tolist())
         used.discard(0)
         return used
 
@@ -104,27 +106,25 @@ class Routing:
             grown[: len(self.row_slot)] = self.row_slot
             self.row_slot = grown
 
-    # ---- token plan ----
-    def set_v2_tokens(self, tok_slot: np.ndarray | None) -> None:
-        """V2 runner: the model state hands over token -> slot for the coming forward."""
-        self._v2_tokens = tok_slot
-        self._cache_ctx = None
+    # ---- tokens of a forward ----
+    def set_tokens(self, tok_slot: np.ndarray | None) -> None:
+        """Token -> routing id for the coming forward (V2 runner), instead of reading rows from the forward
+        context; None: no token has an adapter."""
+        self._tokens = tok_slot
+        self.version += 1
 
-    def plan(self, num_tokens: int) -> StepPlan | None:
-        """The plan for the forward now running, or None when no token has an adapter."""
-        ctx = _current_forward_context()
-        if ctx is not None and ctx is self._cache_ctx and num_tokens == self._cache_tokens:
-            return self._cache
-        tokens = self._v2_tokens if self._v2_tokens is not None else self._v1_tokens(ctx)
-        plan = self.plan_tokens(tokens, num_tokens) if tokens is not None else None
-        # Holding the context object keeps its id from being reused by a later forward.
-        self._cache_ctx, self._cache_tokens, self._cache = ctx, num_tokens, plan
-        return plan
+    def set_batch(self, rows: np.ndarray, query_start_loc: np.ndarray) -> None:
+        """V2 runner, before each forward: batch entry i is row `rows[i]`, its tokens query_start_loc[i:i+2]."""
+        self.set_tokens(_expand(self.row_slot[rows], query_start_loc))
+
+    def tokens(self, ctx: object) -> np.ndarray | None:
+        """[T] routing id per token of the forward of context `ctx`, or None when no token has an adapter."""
+        return self._tokens if self._tokens is not None else self._v1_tokens(ctx)
 
     def _v1_tokens(self, ctx: object) -> np.ndarray | None:
         if ctx is None:
             return None
-        meta = ctx.attn_metadata
+        meta = ctx.attn_metadata  # type: ignore[attr-defined]  # vLLM's ForwardContext
         if not meta:
             return None  # profiling and warm-up runs
         if isinstance(meta, list):
@@ -136,22 +136,29 @@ class Routing:
             qsl = meta.query_start_loc.cpu()  # CPU backends: already on the host, no sync
         qsl = qsl.numpy() if isinstance(qsl, torch.Tensor) else np.asarray(qsl)
         rows = min(len(qsl) - 1, len(self.row_slot))
-        slots = self.row_slot[:rows]
-        if not slots.any():
-            return None
-        return np.repeat(slots, np.diff(qsl[: rows + 1]))
+        return _expand(self.row_slot[:rows], qsl[: rows + 1])
 
-    def plan_tokens(self, tokens: np.ndarray, num_tokens: int) -> StepPlan | None:
-        """The plan for a token -> slot layout (padded with slot 0 up to num_tokens)."""
-        tokens = tokens[:num_tokens]
-        if not tokens.any():
-            return None
-        if self._stage is not None:
-            tokens = self._stage(tokens)
-        if len(tokens) < num_tokens:  # padding tokens carry no adapter
-            tokens = np.concatenate([tokens, np.zeros(num_tokens - len(tokens), dtype=tokens.dtype)])
-        tokens = np.ascontiguousarray(tokens, dtype=np.int64)  # the CPU kernel reads it as int64
-        return StepPlan(tokens, int(self._ntok[tokens].max()), self._device)
+
+def step_plan(tokens: np.ndarray, num_tokens: int, ntok: np.ndarray, device: torch.device,
+              stage: Callable[[np.ndarray], np.ndarray] | None = None) -> StepPlan | None:  # fmt: skip
+    """The plan for a token -> routing id layout (padded with slot 0 up to num_tokens), None when no token
+    has an adapter. `ntok` is the table's N per slot, `stage` its cold tier (routing ids -> slots, staging
+    the cold adapters the tokens use)."""
+    tokens = tokens[:num_tokens]
+    if not tokens.any():
+        return None
+    if stage is not None:
+        tokens = stage(tokens)
+    if len(tokens) < num_tokens:  # padding tokens carry no adapter
+        tokens = np.concatenate([tokens, np.zeros(num_tokens - len(tokens), dtype=tokens.dtype)])
+    tokens = np.ascontiguousarray(tokens, dtype=np.int64)  # the CPU kernel reads it as int64
+    return StepPlan(tokens, int(ntok[tokens].max()), device)
+
+
+def _expand(slots: np.ndarray, query_start_loc: np.ndarray) -> np.ndarray | None:
+    """[R] slot per batch row -> [T] slot per token (row i owns tokens query_start_loc[i:i+2]); None when
+    no row has an adapter."""
+    return np.repeat(slots, np.diff(query_start_loc)) if slots.any() else None
 
 
 _context_fns: tuple | None = None  # vLLM's (is_forward_context_available, get_forward_context), imported once
@@ -161,7 +168,7 @@ def _current_forward_context() -> object:
     """vLLM's context of the forward now running, or None. Called once per layer: the import runs once."""
     global _context_fns
     if _context_fns is None:
-        from vllm.forward_context import get_forward_context, is_forward_context_available
+        from server.engine.vllm_glue import get_forward_context, is_forward_context_available
 
         _context_fns = (is_forward_context_available, get_forward_context)
     available, get = _context_fns

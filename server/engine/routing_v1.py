@@ -2,7 +2,8 @@
 
 A logits processor that never changes logits, used as a row-state tracker: `update_state` sees every
 added, removed and moved batch row with its SamplingParams, after condense and reorder and before the
-forward. Each row's adapter key (SamplingParams.extra_args["aligner"]) becomes its table slot.
+forward. Each row's adapter key (SamplingParams.extra_args["aligner"]) is handed to the worker state,
+which routes the row to the key's table slot.
 """
 
 from __future__ import annotations
@@ -10,13 +11,11 @@ from __future__ import annotations
 import logging
 
 import torch
-from vllm import SamplingParams
-from vllm.config import VllmConfig
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
+from server.engine.config import EXTRA_ARGS_KEY
 from server.engine.op import worker_state
+from server.engine.vllm_glue import BatchUpdate, LogitsProcessor, MoveDirectionality, SamplingParams, VllmConfig
 
-EXTRA_ARGS_KEY = "aligner"
 KEY_PREFIX_CHARS = 12  # enough of the sha256 key to find the adapter; names and tenants never reach the worker
 
 log = logging.getLogger(__name__)
@@ -43,16 +42,12 @@ class AlignerRoutingLP(LogitsProcessor):
         if not batch_update or st is None:
             return
         self._state = st
-        routing = st.routing
         for row, params, _, _ in batch_update.added:
             key = adapter_key(params)
-            slot = st.table.lookup(key, routing.slots_in_use()) if key else 0
-            if key and slot == 0:
-                routing.unknown_key_events += 1  # a logits processor cannot fail a request: run as base
+            if st.assign(row, key) == 0 and key:  # a logits processor cannot fail a request: run as base
                 log.error("unknown adapter key %s: batch row %d runs as the base model (the frontend's lease "
                           "should have made it resident)", key[:KEY_PREFIX_CHARS], row)  # fmt: skip
-            routing.set_row(row, slot)
         for row in batch_update.removed:
-            routing.set_row(row, 0)
+            st.release(row)
         for src, dst, direction in batch_update.moved:
-            routing.move(src, dst, swap=direction == MoveDirectionality.SWAP)
+            st.move(src, dst, swap=direction == MoveDirectionality.SWAP)

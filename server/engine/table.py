@@ -15,14 +15,16 @@ Routing ids: 1..max_slots hot slots, then `scratch` staging slots, then cold ids
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from aligner_core.adapter_format import Adapter
-from server.engine.aligner_math import single_token_bias
+from server.engine.aligner_math import delta_reference, single_token_bias
 from server.engine.raw_store import RawStore
 
 
@@ -39,6 +41,18 @@ class LayerHandle:
     k_norm: torch.nn.Module | None  # Qwen3-style per-head key norm, applied to K_p as to every key
     q_size: int  # local H * D
     kv_size: int  # local KVH * D
+
+    def project(self, prefix: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K_p, V_p [M, KVH, D] of prefix rows [M, hidden] (in the projection's dtype): the layer's own fused
+        projection, as for a real token's keys and values, and its key norm; no RoPE."""
+        proj = getattr(self.qkv_proj, "base_layer", self.qkv_proj)  # unwrap a LoRA wrapper
+        qkv = proj(prefix)
+        qkv = qkv[0] if isinstance(qkv, tuple) else qkv  # vLLM linears return (out, bias)
+        _, kp, vp = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        kp = kp.reshape(len(prefix), -1, head_dim)
+        if self.k_norm is not None:
+            kp = self.k_norm(kp)
+        return kp, vp.reshape(len(prefix), -1, head_dim)
 
 
 @dataclass(frozen=True)
@@ -71,7 +85,7 @@ class AdapterTable:
         L, KVH, N, D = shape.num_layers, shape.num_kv_heads, shape.max_tokens, shape.head_dim
         S = shape.max_slots + 1 + shape.scratch
         G = shape.num_heads // KVH
-        f32 = dict(device=device, dtype=torch.float32)
+        f32: dict[str, Any] = dict(device=device, dtype=torch.float32)
         self.k = torch.zeros(L, S, KVH, N, D, device=device, dtype=kv_dtype)  # K_p per layer and slot
         self.v = torch.zeros(L, S, KVH, N, D, device=device, dtype=kv_dtype)  # V_p
         self.gate = torch.zeros(L, S, KVH, G, **f32)  # gate after activation, grouped like q
@@ -116,7 +130,9 @@ class AdapterTable:
         """Make an adapter resident under `key` (idempotent); returns its routing id. Raises TableFull or
         ValueError. It goes hot when a slot is free, cold otherwise."""
         if key in self.raw:
-            return self._hot.get(key) or self.cold_base + self.raw.index(key)
+            c = self.raw.index(key)
+            assert c is not None  # key in self.raw
+            return self._hot.get(key) or self.cold_base + c
         s = self.shape
         if adapter.tokens > s.max_tokens:
             raise ValueError(f"adapter has {adapter.tokens} tokens; the engine allows {s.max_tokens}")
@@ -197,13 +213,7 @@ class AdapterTable:
             self._clear(idx)
             flat = prefix.reshape(U * n, -1)  # [U*N, hidden], the model's dtype
             for layer in self.layers:
-                proj = getattr(layer.qkv_proj, "base_layer", layer.qkv_proj)  # unwrap a LoRA wrapper
-                qkv = proj(flat)
-                qkv = qkv[0] if isinstance(qkv, tuple) else qkv  # vLLM linears return (out, bias)
-                _, kp, vp = qkv.split([layer.q_size, layer.kv_size, layer.kv_size], dim=-1)
-                kp = kp.reshape(U * n, KVH, D)
-                if layer.k_norm is not None:
-                    kp = layer.k_norm(kp)
+                kp, vp = layer.project(flat, D)  # [U*N, KVH, D]
                 l = layer.index
                 self.k[l, idx, :, :n] = kp.reshape(U, n, KVH, D).transpose(1, 2).to(self.k.dtype)  # [U, KVH, N, D]
                 self.v[l, idx, :, :n] = vp.reshape(U, n, KVH, D).transpose(1, 2).to(self.v.dtype)
@@ -238,3 +248,30 @@ class AdapterTable:
             "hot_bytes": hot_bytes,
             "raw_bytes": self.raw.nbytes(),
         }
+
+
+def reference_term(
+    layer: LayerHandle,
+    q: torch.Tensor,  # [T, H*D] post-RoPE queries (one rank holding every head)
+    adapters: list[Adapter | None],  # token t's adapter, or None
+    head_dim: int,
+) -> torch.Tensor:  # [T, H*D] float32
+    """The reference twin of a table slot read by the op: the term straight from the raw adapters, P projected
+    now by the layer (in its weights' dtype, on their device), with none of the table's slots, tiers or paths."""
+    weight = next(layer.qkv_proj.parameters())
+    kp: list[torch.Tensor | None] = []
+    vp: list[torch.Tensor | None] = []
+    gates: list[torch.Tensor | None] = []
+    for a in adapters:
+        if a is None or layer.index < a.start_layer:
+            kp.append(None)
+            vp.append(None)
+            gates.append(None)
+            continue
+        with torch.no_grad():
+            k, v = layer.project(a.prefix.to(weight.device, weight.dtype), head_dim)
+        kp.append(k)
+        vp.append(v)
+        gates.append(a.gate_values()[layer.index - a.start_layer].to(q.device))
+    T = q.shape[0]
+    return delta_reference(q.float().view(T, -1, head_dim), kp, vp, gates, 1 / math.sqrt(head_dim)).view(T, -1)

@@ -10,88 +10,67 @@ from urllib.parse import unquote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import ModelWrapValidatorHandler, model_validator
+from pydantic import BaseModel, ModelWrapValidatorHandler, model_validator
 
-from adapters_store import Tenant
 from server.deps import GenerationTenantDep, ManagedTenantDep, ServicesDep
+from server.engine.facade import constraint_field, is_vllm_client_error, output_constraint
 from server.engine.vllm_glue import ChatCompletionRequest, CompletionRequest
-from server.errors import APIError, InvalidRequest, bad_request_from_vllm, is_vllm_client_error
+from server.errors import InvalidRequest
 from server.inference import generate
 from server.schemas import AdapterPublic, ModelCard, ModelList
-from server.services import Services
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 _STARTED = int(time.time())
 
 
-def _malformed_is_invalid(cls, data: Any, handler: ModelWrapValidatorHandler) -> Any:
-    """vLLM's own request validators raise TypeError ("messages": null) or its VLLMValidationError on some
-    malformed bodies; pydantic turns only ValueError into a validation error, so re-raise as one: a 400."""
-    try:
-        return handler(data)
-    except (TypeError, AttributeError, KeyError, IndexError) as e:
-        raise ValueError(f"malformed request: {e}") from None
-    except Exception as e:
-        if is_vllm_client_error(e):
-            raise ValueError(str(e)) from None
-        raise
+class _MalformedIsInvalid(BaseModel):
+    """Mixed into our request models. vLLM's own request validators raise TypeError ("messages": null) or
+    its VLLMValidationError on some malformed bodies; pydantic turns only ValueError into a validation
+    error, so re-raise as one: a 400."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def malformed_is_invalid(cls, data: Any, handler: ModelWrapValidatorHandler) -> Any:
+        try:
+            return handler(data)
+        except (TypeError, AttributeError, KeyError, IndexError) as e:
+            raise ValueError(f"malformed request: {e}") from None
+        except Exception as e:
+            if is_vllm_client_error(e):
+                raise ValueError(str(e)) from None
+            raise
 
 
-class ChatRequest(ChatCompletionRequest):
+class ChatRequest(_MalformedIsInvalid, ChatCompletionRequest):
     adapter: str | None = None  # "name" or "name@version"; absent: the base model
 
-    malformed_is_invalid = model_validator(mode="wrap")(classmethod(_malformed_is_invalid))
 
-
-class CompletionsRequest(CompletionRequest):
+class CompletionsRequest(_MalformedIsInvalid, CompletionRequest):
     adapter: str | None = None
-
-    malformed_is_invalid = model_validator(mode="wrap")(classmethod(_malformed_is_invalid))
 
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatRequest, raw: Request, svc: ServicesDep, tenant: GenerationTenantDep) -> Response:
-    return await _generate(svc, tenant, body, raw, endpoint="chat")
+    _check_json_schema(body)
+    return await generate(svc, tenant, body, raw, endpoint="chat")
 
 
 @router.post("/completions")
 async def completions(body: CompletionsRequest, raw: Request, svc: ServicesDep, tenant: GenerationTenantDep) -> Response:
-    return await _generate(svc, tenant, body, raw, endpoint="completions")
-
-
-async def _generate(svc: Services, tenant: Tenant, body: ChatRequest | CompletionsRequest, raw: Request, *,
-                    endpoint: str) -> Response:  # fmt: skip
-    """vLLM's serving code reports some bad requests by raising (not by an ErrorResponse): those are 400s."""
-    constraint = _constraint_param(body)
-    try:
-        _check_json_schema(body, constraint)
-        return await generate(svc, tenant, body, raw, endpoint=endpoint)
-    except APIError:
-        raise
-    except Exception as exc:
-        bad = bad_request_from_vllm(exc, constraint_param=constraint)
-        if bad is None:
-            raise
-        raise bad from exc
+    _check_json_schema(body)
+    return await generate(svc, tenant, body, raw, endpoint="completions")
 
 
 # --- structured outputs: a JSON schema that admits no finite value ---
 
 
-def _constraint_param(body: ChatRequest | CompletionsRequest) -> str | None:
-    """The request field that constrains the output (`response_format` wins over `structured_outputs`)."""
-    fmt = body.response_format
-    if fmt is not None and getattr(fmt, "type", "text") != "text":
-        return "response_format"
-    return "structured_outputs" if body.structured_outputs is not None else None
-
-
-def _check_json_schema(body: ChatRequest | CompletionsRequest, param: str | None) -> None:
+def _check_json_schema(body: ChatRequest | CompletionsRequest) -> None:
     """Refuse a JSON schema whose recursion has no base case ({"$ref": "#"}, a required property or a non-empty
     array of itself): the grammar compiler accepts it, then the engine either rejects the first token (a failed
     request) or never lets the output end. Every other check is the grammar compiler's."""
-    constraint = body.extract_structured_outputs()
+    param = constraint_field(body)
+    constraint = output_constraint(body)
     schema = constraint.json if constraint is not None else None
     if isinstance(schema, str):
         try:

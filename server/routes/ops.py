@@ -7,17 +7,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.deps import MetricsReaderDep, ServicesDep
-from server.errors import ServiceUnavailable
 
 router = APIRouter(tags=["ops"])
 
 
 @router.get("/health")
 async def health(svc: ServicesDep) -> JSONResponse:
-    try:
-        await svc.engine.check_health()
-    except Exception as e:
-        raise ServiceUnavailable(f"engine unhealthy: {e}", code="engine_not_ready") from e
+    await svc.engine.check_health()  # else EngineNotReady: a 503
     return JSONResponse({"status": "ok", "model": svc.spec.identity})
 
 
