@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml Makefile
 serve: $(STAMP)
 	$(BIN)/aligner serve --seed-adapters examples/adapters
 
-test: $(STAMP)
+test: $(STAMP) lint
 	ALIGNER_TEST_POSTGRES_URL="$$(bash deploy/dev/test-services.sh)" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # ruff (format and check) over the tree, mypy over the packages (both configured in pyproject.toml).

@@ -124,7 +124,9 @@ def encode(adapter: Adapter) -> bytes:
     for name, t in sorted({"gate": adapter.gate, "prefix": adapter.prefix}.items()):
         t = t.detach().contiguous().cpu()
         if t.dtype not in codes:
-            raise AdapterFormatError(f"tensor '{name}' has dtype {t.dtype}; allowed: float32, bfloat16, float16", param=name)
+            raise AdapterFormatError(
+                f"tensor '{name}' has dtype {t.dtype}; allowed: float32, bfloat16, float16", param=name
+            )
         raw = t.view(torch.uint8).numpy().tobytes()
         header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
         chunks.append(raw)
@@ -188,9 +190,7 @@ def decode(data: bytes, *, max_bytes: int | None = None) -> Adapter:
     for name, info in header.items():
         if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPES:
             got = info.get("dtype") if isinstance(info, dict) else info
-            raise AdapterFormatError(
-                f"tensor '{name}' has dtype {got!r}; allowed: {', '.join(DTYPES)}", param=name
-            )
+            raise AdapterFormatError(f"tensor '{name}' has dtype {got!r}; allowed: {', '.join(DTYPES)}", param=name)
     try:
         tensors = st_load(data)
     except Exception as e:  # safetensors raises its own error type for every malformed layout
@@ -219,9 +219,7 @@ def decode(data: bytes, *, max_bytes: int | None = None) -> Adapter:
             param="gate",
         )
     if prefix.shape[1] != hidden:
-        raise AdapterFormatError(
-            f"prefix has hidden size {prefix.shape[1]}; metadata says {hidden}", param="prefix"
-        )
+        raise AdapterFormatError(f"prefix has hidden size {prefix.shape[1]}; metadata says {hidden}", param="prefix")
     return Adapter(
         prefix=prefix,
         gate=gate,

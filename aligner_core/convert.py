@@ -181,7 +181,9 @@ def convert_lit_llama(
         rows.append(g.reshape(num_heads))
     gate_dtypes = {r.dtype for r in rows}
     if len(gate_dtypes) != 1:
-        raise AdapterFormatError(f"{path}: gating factors have mixed dtypes {sorted(map(str, gate_dtypes))}", param="gate")
+        raise AdapterFormatError(
+            f"{path}: gating factors have mixed dtypes {sorted(map(str, gate_dtypes))}", param="gate"
+        )
     gate = torch.stack(rows)
 
     for layer in sorted(wtes):
@@ -224,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--base-model",
         default=None,
-        help="identity of the base model (default: LLaMA-2-7B, %s)" % llama2_7b_base_model(),
+        help=f"identity of the base model (default: LLaMA-2-7B, {llama2_7b_base_model()})",
     )
     parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="default: keep the checkpoint's")
     parser.add_argument("--num-layers", type=int, default=32)

@@ -1,9 +1,9 @@
 """Errors of the Aligner core.
 
-    AlignerError
-    ├── AdapterFormatError      the bytes are not a valid aligner/v1 file (or a malformed one)
-    │   └── AdapterMismatch     a valid file made for another model shape or base model
-    └── ModelPrepError          the base model could not be found or converted
+AlignerError
+├── AdapterFormatError      the bytes are not a valid aligner/v1 file (or a malformed one)
+│   └── AdapterMismatch     a valid file made for another model shape or base model
+└── ModelPrepError          the base model could not be found or converted
 """
 
 from __future__ import annotations

@@ -45,7 +45,9 @@ if TYPE_CHECKING:
 
 
 def _attention_modules(model: nn.Module) -> list[HFAttention]:
-    mods = [m for m in model.modules() if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx"))]
+    mods = [
+        m for m in model.modules() if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx"))
+    ]
     if not mods:
         raise ValueError(f"{type(model).__name__} has no Llama-style attention modules")
     return cast("list[HFAttention]", mods)
@@ -88,9 +90,19 @@ def layer_term(
     return aligner_term(q, *prefix_kv(attn, prefix), gate, attn.scaling).transpose(1, 2)
 
 
-def _forward_with_aligner(self: HFAttention, hidden_states: torch.Tensor, position_embeddings: Any = None,
-                          attention_mask: torch.Tensor | None = None, past_key_values: Any = None, **kwargs: Any):
-    from transformers.models.llama.modeling_llama import ALL_ATTENTION_FUNCTIONS, apply_rotary_pos_emb, eager_attention_forward
+def _forward_with_aligner(
+    self: HFAttention,
+    hidden_states: torch.Tensor,
+    position_embeddings: Any = None,
+    attention_mask: torch.Tensor | None = None,
+    past_key_values: Any = None,
+    **kwargs: Any,
+):
+    from transformers.models.llama.modeling_llama import (
+        ALL_ATTENTION_FUNCTIONS,
+        apply_rotary_pos_emb,
+        eager_attention_forward,
+    )
 
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)

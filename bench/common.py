@@ -49,7 +49,10 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def prompts(n: int, first: int = 0) -> list[str]:
-    return [f"Write a short paragraph about the {WORDS[i % len(WORDS)]} number {i}, in plain words." for i in range(first, first + n)]
+    return [
+        f"Write a short paragraph about the {WORDS[i % len(WORDS)]} number {i}, in plain words."
+        for i in range(first, first + n)
+    ]
 
 
 def chat_ids(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -60,8 +63,17 @@ def chat_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return out
 
 
-async def run_workload(engine, tokenizer, *, keys: list[str | None], max_tokens: int, label: str,
-                       lora: list | None = None, tokens: int = 0, first_prompt: int = 0) -> RunStats:  # fmt: skip
+async def run_workload(
+    engine,
+    tokenizer,
+    *,
+    keys: list[str | None],
+    max_tokens: int,
+    label: str,
+    lora: list | None = None,
+    tokens: int = 0,
+    first_prompt: int = 0,
+) -> RunStats:
     """Submit every request at once; per request, record time to first token and inter-token latency.
     Request i asks prompt `first_prompt + i`.
 
@@ -89,8 +101,9 @@ async def run_workload(engine, tokenizer, *, keys: list[str | None], max_tokens:
         prompt = TokensPrompt(prompt_token_ids=ids[i])
         if key:
             prompt["cache_salt"] = cache_salt(None, key)
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                                extra_args={"aligner": key} if key else None)  # fmt: skip
+        params = SamplingParams(
+            temperature=0.0, max_tokens=max_tokens, ignore_eos=True, extra_args={"aligner": key} if key else None
+        )
         kw = {"lora_request": lora[i]} if lora and lora[i] is not None else {}
         t0 = time.perf_counter()
         first = last = None
@@ -112,7 +125,9 @@ async def run_workload(engine, tokenizer, *, keys: list[str | None], max_tokens:
         busy = client.output_processor.get_num_unfinished_requests()
         tasks = [asyncio.create_task(one(i)) for i in range(len(keys))]
         if together:  # every request registered and sent; the resume travels behind them
-            while client.output_processor.get_num_unfinished_requests() < busy + len(keys) and not any(t.done() for t in tasks):
+            while client.output_processor.get_num_unfinished_requests() < busy + len(keys) and not any(
+                t.done() for t in tasks
+            ):
                 await asyncio.sleep(0.002)
             await asyncio.sleep(0.02)
         start = time.perf_counter()
@@ -122,23 +137,50 @@ async def run_workload(engine, tokenizer, *, keys: list[str | None], max_tokens:
     await asyncio.gather(*tasks)
     seconds = time.perf_counter() - start
     distinct = len({k for k in keys if k}) + len({x.lora_int_id for x in (lora or []) if x is not None})
-    return RunStats(label, distinct, tokens, len(keys), sum(counts), seconds, sum(counts) / seconds,
-                    percentile(ttft, 0.5), percentile(ttft, 0.99), percentile(itl, 0.5), percentile(itl, 0.99))  # fmt: skip
+    return RunStats(
+        label,
+        distinct,
+        tokens,
+        len(keys),
+        sum(counts),
+        seconds,
+        sum(counts) / seconds,
+        percentile(ttft, 0.5),
+        percentile(ttft, 0.99),
+        percentile(itl, 0.5),
+        percentile(itl, 0.99),
+    )
 
 
-def engine_options(*, compile: bool = False, max_slots: int = 64, max_tokens: int = 16, aligner: bool = True,
-                   extra: tuple = (), max_num_seqs: int = 256, cold_slots: int = 0, kv_cache_gib: int = 4):  # fmt: skip
+def engine_options(
+    *,
+    compile: bool = False,
+    max_slots: int = 64,
+    max_tokens: int = 16,
+    aligner: bool = True,
+    extra: tuple = (),
+    max_num_seqs: int = 256,
+    cold_slots: int = 0,
+    kv_cache_gib: int = 4,
+):
     """The one engine configuration every benchmark shares (dtype `DTYPE`, eager unless `compile`)."""
     from aligner_core.model_prep import prepare
     from server.engine.config import AlignerEngineConfig
     from server.engine.facade import EngineOptions
 
     pm = prepare()
-    opts = EngineOptions(model_path=str(pm.path), served_name=pm.spec.identity, dtype=DTYPE,
-                         enforce_eager=not compile, max_model_len=1024, max_num_seqs=max_num_seqs,
-                         kv_cache_gib=kv_cache_gib,
-                         aligner=AlignerEngineConfig(max_slots=max_slots, max_tokens=max_tokens, cold_slots=cold_slots),
-                         aligner_enabled=aligner, extra_args=extra)  # fmt: skip
+    opts = EngineOptions(
+        model_path=str(pm.path),
+        served_name=pm.spec.identity,
+        dtype=DTYPE,
+        enforce_eager=not compile,
+        max_model_len=1024,
+        max_num_seqs=max_num_seqs,
+        kv_cache_gib=kv_cache_gib,
+        aligner=AlignerEngineConfig(max_slots=max_slots, max_tokens=max_tokens, cold_slots=cold_slots),
+        aligner_enabled=aligner,
+        extra_args=extra,
+    )
     return opts, pm
 
 

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from common import REPO, pyplot, write_result
 
 ADMIN = "bench-admin-key"
@@ -36,18 +35,29 @@ def tenant(http: httpx.Client, name: str, quotas: dict) -> str:
 
 def b_latency(http: httpx.Client, key: str, model: str) -> float:
     t0 = time.perf_counter()
-    r = http.post("/v1/chat/completions", headers={"authorization": f"Bearer {key}"}, timeout=300,
-                  json={"model": model, "messages": QUICK, "max_tokens": 1})  # fmt: skip
+    r = http.post(
+        "/v1/chat/completions",
+        headers={"authorization": f"Bearer {key}"},
+        timeout=300,
+        json={"model": model, "messages": QUICK, "max_tokens": 1},
+    )
     r.raise_for_status()
     return (time.perf_counter() - t0) * 1000
 
 
 def flood(base: str, key: str, model: str, n: int, max_tokens: int, outcomes: list, stop: threading.Event) -> None:
-    body = {"model": model, "n": n, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
-            "messages": [{"role": "user", "content": "Write a long story."}]}  # fmt: skip
+    body = {
+        "model": model,
+        "n": n,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+        "messages": [{"role": "user", "content": "Write a long story."}],
+    }
     try:
-        with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=600,
-                          headers={"authorization": f"Bearer {key}"}) as r:  # fmt: skip
+        with httpx.stream(
+            "POST", base + "/v1/chat/completions", json=body, timeout=600, headers={"authorization": f"Bearer {key}"}
+        ) as r:
             if r.status_code != 200:
                 outcomes.append(r.status_code)
                 return
@@ -64,8 +74,10 @@ def scenario(http: httpx.Client, base: str, model: str, a_key: str, b_key: str, 
     outcomes: list = []
     stop = threading.Event()
     threads = [threading.Thread(target=flood, args=(base, a_key, model, args.big_n, args.max_tokens, outcomes, stop))]
-    threads += [threading.Thread(target=flood, args=(base, a_key, model, args.n, args.max_tokens, outcomes, stop))
-                for _ in range(args.streams)]  # fmt: skip
+    threads += [
+        threading.Thread(target=flood, args=(base, a_key, model, args.n, args.max_tokens, outcomes, stop))
+        for _ in range(args.streams)
+    ]
     for t in threads:
         t.start()
     time.sleep(args.settle)
@@ -74,18 +86,27 @@ def scenario(http: httpx.Client, base: str, model: str, a_key: str, b_key: str, 
     for t in threads:
         t.join(600)
     time.sleep(2)  # aborted streams leave the engine
-    return {"b_idle_ms": idle, "b_under_flood_ms": under, "b_idle_p50_ms": statistics.median(idle),
-            "b_under_flood_p50_ms": statistics.median(under), "b_under_flood_max_ms": max(under),
-            "a_admitted": outcomes.count(200), "a_refused_429": outcomes.count(429),
-            "a_other": [o for o in outcomes if o not in (200, 429)]}  # fmt: skip
+    return {
+        "b_idle_ms": idle,
+        "b_under_flood_ms": under,
+        "b_idle_p50_ms": statistics.median(idle),
+        "b_under_flood_p50_ms": statistics.median(under),
+        "b_under_flood_max_ms": max(under),
+        "a_admitted": outcomes.count(200),
+        "a_refused_429": outcomes.count(429),
+        "a_other": [o for o in outcomes if o not in (200, 429)],
+    }
 
 
 def plot(results: dict, path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
     labels = list(results)
-    bars = (("b_idle_p50_ms", "B idle, p50"), ("b_under_flood_p50_ms", "B under A's flood, p50"),
-            ("b_under_flood_max_ms", "B under A's flood, max"))  # fmt: skip
+    bars = (
+        ("b_idle_p50_ms", "B idle, p50"),
+        ("b_under_flood_p50_ms", "B under A's flood, p50"),
+        ("b_under_flood_max_ms", "B under A's flood, max"),
+    )
     for j, (field, name) in enumerate(bars):
         ax.bar([x + (j - 1) * 0.27 for x in range(len(labels))], [results[k][field] for k in labels], 0.27, label=name)
     ax.set_xticks(range(len(labels)), labels)
@@ -127,9 +148,12 @@ def main(argv: list[str] | None = None) -> int:
                 for label, quotas in (("limits", limited), ("no-limits", unlimited)):
                     a = tenant(http, f"a-{label}", quotas)
                     r = results[f"{policy}/{label}"] = scenario(http, srv.base, model, a, b, args)
-                    print(f"{policy:>9} {label:>9}: B idle p50 {r['b_idle_p50_ms']:7.0f} ms, under flood p50 "
-                          f"{r['b_under_flood_p50_ms']:7.0f} max {r['b_under_flood_max_ms']:7.0f} ms; "
-                          f"A admitted {r['a_admitted']}, 429 {r['a_refused_429']}", flush=True)  # fmt: skip
+                    print(
+                        f"{policy:>9} {label:>9}: B idle p50 {r['b_idle_p50_ms']:7.0f} ms, under flood p50 "
+                        f"{r['b_under_flood_p50_ms']:7.0f} max {r['b_under_flood_max_ms']:7.0f} ms; "
+                        f"A admitted {r['a_admitted']}, 429 {r['a_refused_429']}",
+                        flush=True,
+                    )
             finally:
                 http.close()
                 srv.stop()

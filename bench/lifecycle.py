@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from common import REPO, percentile, write_result
 
 CHAT = [{"role": "user", "content": "Say hello to the new tenant."}]
@@ -54,14 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.count = 20
     sys.path.insert(0, str(REPO / "tests"))
+    from support import Server
+
     from aligner_core.adapter_format import Adapter, encode
     from aligner_core.model_prep import prepare
-    from support import Server
 
     spec = prepare().spec
     with tempfile.TemporaryDirectory(prefix="lifecycle-") as tmp:
-        srv = Server(f"sqlite:///{tmp}/store.db", Path(tmp) / "server.log",
-                     env={"ALIGNER_MAX_RESIDENT_ADAPTERS": "64", "ALIGNER_KV_CACHE_GIB": "1"})  # fmt: skip
+        srv = Server(
+            f"sqlite:///{tmp}/store.db",
+            Path(tmp) / "server.log",
+            env={"ALIGNER_MAX_RESIDENT_ADAPTERS": "64", "ALIGNER_KV_CACHE_GIB": "1"},
+        )
         srv.start()
         # One keep-alive client, as an SDK user has: a fresh httpx call per request would add its own client
         # set-up (an SSL context, a TCP connect) of tens of milliseconds to every figure.
@@ -90,9 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     def pct(xs: list[float]) -> dict:
         return {"p50": statistics.median(xs), "p99": percentile(xs, 0.99), "max": max(xs)}
 
-    result = {"upload_ms": pct(upload), "engine_load_ms": pct(load), "upload_to_usable_ms": pct(usable),
-              "upload_to_first_token_ms": pct(first), "base_first_token_ms": pct(base_ttft),
-              "samples": {"upload_ms": upload, "engine_load_ms": load, "upload_to_first_token_ms": first}}  # fmt: skip
+    result = {
+        "upload_ms": pct(upload),
+        "engine_load_ms": pct(load),
+        "upload_to_usable_ms": pct(usable),
+        "upload_to_first_token_ms": pct(first),
+        "base_first_token_ms": pct(base_ttft),
+        "samples": {"upload_ms": upload, "engine_load_ms": load, "upload_to_first_token_ms": first},
+    }
     for k in ("upload_ms", "engine_load_ms", "upload_to_usable_ms", "upload_to_first_token_ms", "base_first_token_ms"):
         print(f"{k:>26}: p50 {result[k]['p50']:7.1f}  p99 {result[k]['p99']:7.1f}  max {result[k]['max']:7.1f}")
     name = "lifecycle-quick" if args.quick else "lifecycle"

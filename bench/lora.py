@@ -27,8 +27,15 @@ def module_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
     h, i = cfg["hidden_size"], cfg["intermediate_size"]
     d = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # fmt: skip
+    return {
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
 
 
 def write_lora(path: Path, model_path: Path, targets: list[str], rank: int, seed: int) -> Path:
@@ -49,10 +56,20 @@ def write_lora(path: Path, model_path: Path, targets: list[str], rank: int, seed
             tensors[f"{prefix}.lora_B.weight"] = torch.randn(fout, rank, generator=g) * 0.01
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / "adapter_model.safetensors"))
-    (path / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
-        "target_modules": targets, "bias": "none", "base_model_name_or_path": str(model_path),
-    }))  # fmt: skip
+    (path / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": rank,
+                "lora_alpha": 2 * rank,
+                "lora_dropout": 0.0,
+                "target_modules": targets,
+                "bias": "none",
+                "base_model_name_or_path": str(model_path),
+            }
+        )
+    )
     return path
 
 
@@ -62,7 +79,15 @@ def run_config(name: str, ks: list[int], requests: int, max_tokens: int, workdir
 
     peft_targets, vllm_targets = CONFIGS[name]
     max_loras = max(ks)
-    extra = ["--enable-lora", "--max-loras", str(max_loras), "--max-lora-rank", str(rank), "--max-cpu-loras", str(max_loras)]
+    extra = [
+        "--enable-lora",
+        "--max-loras",
+        str(max_loras),
+        "--max-lora-rank",
+        str(rank),
+        "--max-cpu-loras",
+        str(max_loras),
+    ]
     if vllm_targets:
         extra += ["--lora-target-modules", vllm_targets]
     opts, pm = engine_options(aligner=False, extra=tuple(extra), max_num_seqs=max(256, requests))
@@ -76,21 +101,44 @@ def run_config(name: str, ks: list[int], requests: int, max_tokens: int, workdir
         runner.run(run_workload(runner.engine, tok, keys=[None] * 8, max_tokens=8, label="warmup"))
         reqs = [LoRARequest(f"{name}-{j}", j + 1, str(p)) for j, p in enumerate(loras)]
         for k in ks:  # load every LoRA once first, so loading is not in the measured runs
-            runner.run(run_workload(runner.engine, tok, keys=[None] * k, max_tokens=2, label="load",
-                                    lora=[reqs[j] for j in range(k)]))  # fmt: skip
-        base = runner.run(run_workload(runner.engine, tok, keys=[None] * requests, max_tokens=max_tokens, label=f"lora-{name}-base"))
+            runner.run(
+                run_workload(
+                    runner.engine, tok, keys=[None] * k, max_tokens=2, label="load", lora=[reqs[j] for j in range(k)]
+                )
+            )
+        base = runner.run(
+            run_workload(runner.engine, tok, keys=[None] * requests, max_tokens=max_tokens, label=f"lora-{name}-base")
+        )
         rows.append({"K": 0, **base.as_dict()})
         print(f"LoRA {name}: own base {base.tok_per_s:.1f} tok/s", flush=True)
         for k in ks:
-            r = runner.run(run_workload(runner.engine, tok, keys=[None] * requests, max_tokens=max_tokens, label=f"lora-{name}-K{k}",
-                                        lora=[reqs[i % k] for i in range(requests)]))  # fmt: skip
+            r = runner.run(
+                run_workload(
+                    runner.engine,
+                    tok,
+                    keys=[None] * requests,
+                    max_tokens=max_tokens,
+                    label=f"lora-{name}-K{k}",
+                    lora=[reqs[i % k] for i in range(requests)],
+                )
+            )
             rows.append({"K": k, **r.as_dict(), "ratio_to_own_base": r.tok_per_s / base.tok_per_s})
-            print(f"LoRA {name} K={k:3d}: {r.tok_per_s:7.1f} tok/s ({r.tok_per_s / base.tok_per_s:.3f}x own base), "
-                  f"TTFT p50 {r.ttft_p50_ms:.0f} ms", flush=True)
+            print(
+                f"LoRA {name} K={k:3d}: {r.tok_per_s:7.1f} tok/s ({r.tok_per_s / base.tok_per_s:.3f}x own base), "
+                f"TTFT p50 {r.ttft_p50_ms:.0f} ms",
+                flush=True,
+            )
     finally:
         runner.close()
-    return {"config": name, "rank": rank, "peft_targets": peft_targets, "vllm_targets": vllm_targets or "all supported",
-            "max_loras": max_loras, "engine_start_s": start_s, "rows": rows}  # fmt: skip
+    return {
+        "config": name,
+        "rank": rank,
+        "peft_targets": peft_targets,
+        "vllm_targets": vllm_targets or "all supported",
+        "max_loras": max_loras,
+        "engine_start_s": start_s,
+        "rows": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

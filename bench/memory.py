@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import chat_ids, const, engine_options, engine_runner, percentile, write_result
+from common import chat_ids, engine_options, engine_runner, percentile, write_result
 
 GIB = 1 << 30
 
@@ -46,15 +46,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.count, args.store_loads = 100_000, 50
-    from transformers import AutoTokenizer
     from tqdm import tqdm
+    from transformers import AutoTokenizer
 
     from adapters_store import NewAdapter, open_store
     from aligner_core.adapter_format import Adapter, encode
 
     hot_slots = 64
-    opts, pm = engine_options(max_slots=hot_slots, cold_slots=args.count + args.store_loads + 8, max_tokens=args.max_tokens,
-                              max_num_seqs=64, kv_cache_gib=1)  # fmt: skip
+    opts, pm = engine_options(
+        max_slots=hot_slots,
+        cold_slots=args.count + args.store_loads + 8,
+        max_tokens=args.max_tokens,
+        max_num_seqs=64,
+        kv_cache_gib=1,
+    )
     runner = engine_runner(opts)
     eng = runner.engine
     tok = AutoTokenizer.from_pretrained(pm.path)
@@ -63,13 +68,19 @@ def main(argv: list[str] | None = None) -> int:
         # ---- hot tier, from the table's own shapes ----
         s = pm.spec
         G = s.num_heads // s.num_kv_heads
-        per_slot = 4 * s.num_layers * (2 * s.num_kv_heads * args.max_tokens * s.head_dim + s.num_kv_heads * G + s.num_heads * s.head_dim) + 4 * args.max_tokens
+        per_slot = (
+            4
+            * s.num_layers
+            * (2 * s.num_kv_heads * args.max_tokens * s.head_dim + s.num_kv_heads * G + s.num_heads * s.head_dim)
+            + 4 * args.max_tokens
+        )
         result["hot_bytes_per_slot"] = per_slot
         stats0 = runner.run(eng.stats())
         result["hot_table_bytes"] = stats0["hot_bytes"]
 
         # ---- cold load from the store ----
         with tempfile.TemporaryDirectory(prefix="memory-bench-") as tmp:
+
             async def store_loads() -> list[float]:
                 async with open_store(f"sqlite:///{tmp}/store.db") as store:
                     tenant = await store.ensure_tenant("bench")
@@ -77,8 +88,19 @@ def main(argv: list[str] | None = None) -> int:
                     for i in range(args.store_loads):
                         a = Adapter.random(s, tokens=1, seed=50_000 + i, gate_scale=0.05)
                         blob = encode(a)
-                        recs.append(await store.create_adapter(tenant.id, NewAdapter(
-                            name=f"a{i}", blob=blob, tokens=a.tokens, params=a.params, sha256=a.sha256(), base_model=a.base_model)))
+                        recs.append(
+                            await store.create_adapter(
+                                tenant.id,
+                                NewAdapter(
+                                    name=f"a{i}",
+                                    blob=blob,
+                                    tokens=a.tokens,
+                                    params=a.params,
+                                    sha256=a.sha256(),
+                                    base_model=a.base_model,
+                                ),
+                            )
+                        )
                     times = []
                     for rec in recs:
                         t0 = time.perf_counter()
@@ -92,8 +114,15 @@ def main(argv: list[str] | None = None) -> int:
                     return times
 
             times = runner.run(store_loads())
-        result["store_to_engine_load_ms"] = {"p50": statistics.median(times), "p99": percentile(times, 0.99), "max": max(times)}
-        print(f"cold load store -> engine: p50 {statistics.median(times):.1f} ms, p99 {percentile(times, 0.99):.1f} ms", flush=True)
+        result["store_to_engine_load_ms"] = {
+            "p50": statistics.median(times),
+            "p99": percentile(times, 0.99),
+            "max": max(times),
+        }
+        print(
+            f"cold load store -> engine: p50 {statistics.median(times):.1f} ms, p99 {percentile(times, 0.99):.1f} ms",
+            flush=True,
+        )
 
         # ---- the cold tier at scale ----
         pool = [encode(Adapter.random(s, tokens=1, seed=60_000 + j, gate_scale=0.05)) for j in range(64)]
@@ -113,17 +142,29 @@ def main(argv: list[str] | None = None) -> int:
         rss1, main1 = worker_rss(), _self_rss()
         stats = runner.run(eng.stats())
         stats.pop("keys", None)
-        result.update({
-            "cold_count": args.count, "bulk_load_s": load_s, "bulk_load_per_s": args.count / load_s,
-            "worker_rss_before": rss0, "worker_rss_after": rss1, "worker_rss_per_adapter": (rss1 - rss0) / args.count,
-            "frontend_rss_per_adapter": (main1 - main0) / args.count,
-            "raw_bytes_per_adapter": stats["raw_bytes"] / max(1, stats["resident"]), "table": stats,
-        })  # fmt: skip
+        result.update(
+            {
+                "cold_count": args.count,
+                "bulk_load_s": load_s,
+                "bulk_load_per_s": args.count / load_s,
+                "worker_rss_before": rss0,
+                "worker_rss_after": rss1,
+                "worker_rss_per_adapter": (rss1 - rss0) / args.count,
+                "frontend_rss_per_adapter": (main1 - main0) / args.count,
+                "raw_bytes_per_adapter": stats["raw_bytes"] / max(1, stats["resident"]),
+                "table": stats,
+            }
+        )
         per = result["worker_rss_per_adapter"] + max(0.0, result["frontend_rss_per_adapter"])
-        result["max_resident"] = {f"{b}GiB": {"hot_only": int(b * GIB // per_slot), "two_tier": int(b * GIB // per)} for b in (1, 4, 16)}
-        print(f"{args.count:,} cold adapters in {load_s:.0f} s; worker RSS {rss0 / GIB:.2f} -> {rss1 / GIB:.2f} GiB "
-              f"({result['worker_rss_per_adapter']:.0f} B/adapter; raw tensors {result['raw_bytes_per_adapter']:.0f} B); "
-              f"frontend {result['frontend_rss_per_adapter']:.0f} B/adapter", flush=True)  # fmt: skip
+        result["max_resident"] = {
+            f"{b}GiB": {"hot_only": int(b * GIB // per_slot), "two_tier": int(b * GIB // per)} for b in (1, 4, 16)
+        }
+        print(
+            f"{args.count:,} cold adapters in {load_s:.0f} s; worker RSS {rss0 / GIB:.2f} -> {rss1 / GIB:.2f} GiB "
+            f"({result['worker_rss_per_adapter']:.0f} B/adapter; raw tensors {result['raw_bytes_per_adapter']:.0f} B); "
+            f"frontend {result['frontend_rss_per_adapter']:.0f} B/adapter",
+            flush=True,
+        )
 
         # ---- a request through a cold adapter, among all of them, vs the same adapter hot ----
         from vllm import SamplingParams
@@ -134,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         async def gen(key: str) -> tuple[list[int], float]:
             params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, extra_args={"aligner": key})
             t0, first, out = time.perf_counter(), None, None
-            async for out in eng.client.generate(TokensPrompt(prompt_token_ids=prompt), params, request_id=f"m-{key}-{time.monotonic_ns()}"):
+            async for out in eng.client.generate(  # noqa: B007  (the last output is read after the loop)
+                TokensPrompt(prompt_token_ids=prompt), params, request_id=f"m-{key}-{time.monotonic_ns()}"
+            ):
                 first = first or time.perf_counter()
             return list(out.outputs[0].token_ids), (first - t0) * 1000
 
@@ -146,15 +189,23 @@ def main(argv: list[str] | None = None) -> int:
             cold_tokens, cold_ttft = await gen(key)
             await asyncio.gather(*busy)
             hot_tokens, hot_ttft = await gen(key)  # idle engine: promoted into a hot slot first
-            return {"cold_tokens": cold_tokens, "hot_tokens": hot_tokens, "same_tokens": cold_tokens == hot_tokens,
-                    "cold_ttft_ms": cold_ttft, "hot_ttft_ms": hot_ttft}  # fmt: skip
+            return {
+                "cold_tokens": cold_tokens,
+                "hot_tokens": hot_tokens,
+                "same_tokens": cold_tokens == hot_tokens,
+                "cold_ttft_ms": cold_ttft,
+                "hot_ttft_ms": hot_ttft,
+            }
 
         result["cold_generation"] = runner.run(both())
         after = runner.run(eng.stats())
         result["cold_generation"]["staged"] = after["staged"]
         result["cold_generation"]["promotions"] = after["promotions"]
-        print(f"generation through a cold adapter among {args.count:,}: same tokens as hot: "
-              f"{result['cold_generation']['same_tokens']} (staged {after['staged']})", flush=True)
+        print(
+            f"generation through a cold adapter among {args.count:,}: same tokens as hot: "
+            f"{result['cold_generation']['same_tokens']} (staged {after['staged']})",
+            flush=True,
+        )
     finally:
         runner.close()
     name = "memory-quick" if args.quick else "memory"

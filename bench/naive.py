@@ -38,18 +38,35 @@ def main(argv: list[str] | None = None) -> int:
     ids = chat_ids(tok, prompts(args.requests))
     adapters = [Adapter.random(pm.spec, tokens=1, seed=7000 + i, gate_scale=0.05) for i in range(args.requests)]
     rows = []
-    runs = (("hf-aligner-one-at-a-time", True),) if args.quick else (("hf-base", False), ("hf-aligner-one-at-a-time", True))
+    runs = (
+        (("hf-aligner-one-at-a-time", True),)
+        if args.quick
+        else (("hf-base", False), ("hf-aligner-one-at-a-time", True))
+    )
     for label, use in runs:
         produced, start = 0, time.perf_counter()
         for i in range(args.requests):
             with torch.no_grad(), attached_adapter(model, adapters[i] if use else None):
                 x = torch.tensor([ids[i]])
-                out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_tokens,
-                                     min_new_tokens=args.max_tokens, do_sample=False, pad_token_id=tok.eos_token_id)  # fmt: skip
+                out = model.generate(
+                    x,
+                    attention_mask=torch.ones_like(x),
+                    max_new_tokens=args.max_tokens,
+                    min_new_tokens=args.max_tokens,
+                    do_sample=False,
+                    pad_token_id=tok.eos_token_id,
+                )
             produced += out.shape[1] - x.shape[1]
         seconds = time.perf_counter() - start
-        rows.append({"label": label, "requests": args.requests, "output_tokens": produced, "seconds": seconds,
-                     "tok_per_s": produced / seconds})  # fmt: skip
+        rows.append(
+            {
+                "label": label,
+                "requests": args.requests,
+                "output_tokens": produced,
+                "seconds": seconds,
+                "tok_per_s": produced / seconds,
+            }
+        )
         print(f"{label}: {produced / seconds:.1f} tok/s ({produced} tokens in {seconds:.1f} s)", flush=True)
     name = "naive-quick" if args.quick else "naive"
     print(write_result(name, {"args": vars(args), "rows": rows}, **({"out": args.out} if args.out else {})))

@@ -30,7 +30,9 @@ MARKS = "<!-- bench-summary{}:start -->", "<!-- bench-summary{}:end -->"  # {} =
 
 
 def run_one(name: str, quick: bool, out: Path) -> tuple[bool, float]:
-    cmd = [sys.executable, str(BENCH / SCRIPTS.get(name, f"{name}.py")), "--out", str(out)] + (["--quick"] if quick else [])
+    cmd = [sys.executable, str(BENCH / SCRIPTS.get(name, f"{name}.py")), "--out", str(out)] + (
+        ["--quick"] if quick else []
+    )
     print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
     rc = subprocess.call(cmd, cwd=BENCH)
@@ -59,53 +61,91 @@ def targets(out: Path, quick: bool) -> list[dict]:
 
     for n, goal in ((1, 0.99), (4, 0.97), (16, 0.92)):
         r = summary.get((n, k))
-        add(f"{k} distinct N={n} adapters: throughput / base", f">= {goal}", r and r["ratio_median"],
+        add(
+            f"{k} distinct N={n} adapters: throughput / base",
+            f">= {goal}",
+            r and r["ratio_median"],
             r and r["ratio_median"] >= goal,
-            r and f"median of {r['pairs']} pairs {r['ratios']}" + _op_share(r))  # fmt: skip
+            r and f"median of {r['pairs']} pairs {r['ratios']}" + _op_share(r),
+        )
     single = [r for r in (tp or {}).get("latency", []) if r["K"] == k]
     if single:
         worst = max(single, key=lambda r: r["ratio_median"])
-        add(f"TTFT with {k} adapters / base, one request at a time (worst N)", "<= 1.05", worst["ratio_median"],
-            worst["ratio_median"] <= 1.05, f"N={worst['N']}: {worst['aligner_ttft_p50_ms']:.1f} vs {worst['base_ttft_p50_ms']:.1f} ms, "
-            f"median of {worst['pairs']} pairs; all N: " + ", ".join(f"{r['ratio_median']:.3f}" for r in single))  # fmt: skip
+        add(
+            f"TTFT with {k} adapters / base, one request at a time (worst N)",
+            "<= 1.05",
+            worst["ratio_median"],
+            worst["ratio_median"] <= 1.05,
+            f"N={worst['N']}: {worst['aligner_ttft_p50_ms']:.1f} vs {worst['base_ttft_p50_ms']:.1f} ms, "
+            f"median of {worst['pairs']} pairs; all N: " + ", ".join(f"{r['ratio_median']:.3f}" for r in single),
+        )
     ttfts = [summary[(n, k)]["ttft_ratio_median"] for n in (1, 4, 16) if (n, k) in summary]
-    add(f"TTFT p50 under a burst of {k} requests / base (worst N)", "<= 1.05", max(ttfts) if ttfts else None,
-        ttfts and max(ttfts) <= 1.05, "every request queued before the engine's first step; median of the rounds' pairs")
+    add(
+        f"TTFT p50 under a burst of {k} requests / base (worst N)",
+        "<= 1.05",
+        max(ttfts) if ttfts else None,
+        ttfts and max(ttfts) <= 1.05,
+        "every request queued before the engine's first step; median of the rounds' pairs",
+    )
     ours = summary.get((1, k)) or next((summary[key] for key in sorted(summary) if key[0] == 1), None)
     for cfg in (lora or {}).get("configs", []):
         mine = next((r for r in cfg["rows"] if ours and r["K"] == ours["K"]), None)
         if mine and ours:
             ratio = ours["aligner_tok_s"] / mine["tok_per_s"]
             goal = ">= 4" if cfg["config"] == "all" else "(reported)"
-            add(f"Aligner N=1 / vLLM LoRA rank 8 ({cfg['config']}), K={ours['K']}", goal, ratio,
+            add(
+                f"Aligner N=1 / vLLM LoRA rank 8 ({cfg['config']}), K={ours['K']}",
+                goal,
+                ratio,
                 ratio >= 4 if cfg["config"] == "all" else None,
-                f"{ours['aligner_tok_s']:.0f} vs {mine['tok_per_s']:.0f} tok/s; LoRA {mine['ratio_to_own_base']:.2f}x its own base")  # fmt: skip
+                f"{ours['aligner_tok_s']:.0f} vs {mine['tok_per_s']:.0f} tok/s; LoRA {mine['ratio_to_own_base']:.2f}x its own base",
+            )
     naive_row = next((r for r in (naive or {}).get("rows", []) if r["label"].startswith("hf-aligner")), None)
     if naive_row and ours:
         ratio = ours["aligner_tok_s"] / naive_row["tok_per_s"]
-        add(f"Aligner N=1 K={ours['K']} / HF one adapter at a time", ">= 10", ratio, ratio >= 10,
-            f"{ours['aligner_tok_s']:.0f} vs {naive_row['tok_per_s']:.1f} tok/s")  # fmt: skip
+        add(
+            f"Aligner N=1 K={ours['K']} / HF one adapter at a time",
+            ">= 10",
+            ratio,
+            ratio >= 10,
+            f"{ours['aligner_tok_s']:.0f} vs {naive_row['tok_per_s']:.1f} tok/s",
+        )
     if life:
         v = life["upload_to_usable_ms"]["p99"]
-        add("upload-to-usable p99 (ms)", "< 50", v, v < 50,
-            f"upload p99 {life['upload_ms']['p99']:.1f}, engine load p99 {life['engine_load_ms']['p99']:.1f}")  # fmt: skip
+        add(
+            "upload-to-usable p99 (ms)",
+            "< 50",
+            v,
+            v < 50,
+            f"upload p99 {life['upload_ms']['p99']:.1f}, engine load p99 {life['engine_load_ms']['p99']:.1f}",
+        )
     for res in (store or {}).get("results", []):
         v = res["lookup"]["all"]["p99_ms"]
         add(f"store lookup p99 at {res['count']:,} adapters, {res['backend']} (ms)", "< 2", v, v < 2)
     if memory:
-        add(f"engine resident adapters ({memory['cold_count']:,} cold): worker RSS (GiB)", "a few GB",
-            (memory["worker_rss_after"] - memory["worker_rss_before"]) / 2**30, None,
+        add(
+            f"engine resident adapters ({memory['cold_count']:,} cold): worker RSS (GiB)",
+            "a few GB",
+            (memory["worker_rss_after"] - memory["worker_rss_before"]) / 2**30,
+            None,
             f"{memory['worker_rss_per_adapter']:.0f} B/adapter in RSS, {memory['raw_bytes_per_adapter']:.0f} B raw tensors; "
-            f"cold generation same tokens as hot: {memory['cold_generation']['same_tokens']}")  # fmt: skip
+            f"cold generation same tokens as hot: {memory['cold_generation']['same_tokens']}",
+        )
     return rows
 
 
 def markdown(rows: list[dict], ran: dict, quick: bool) -> str:
     hw = hardware()
-    lines = [f"Measured by `python bench/run.py{' --quick' if quick else ''}` on {hw.get('cpu_model', '?')} "
-             f"({hw['cpus']} CPUs, {hw.get('ram_gib', '?')} GiB), {time.strftime('%Y-%m-%d')}; "
-             f"benchmark wall times: " + ", ".join(f"{k} {v['seconds']:.0f} s{'' if v['ok'] else ' (FAILED)'}" for k, v in ran.items()) + ".",
-             "", "| target | goal | measured | met | note |", "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"Measured by `python bench/run.py{' --quick' if quick else ''}` on {hw.get('cpu_model', '?')} "
+        f"({hw['cpus']} CPUs, {hw.get('ram_gib', '?')} GiB), {time.strftime('%Y-%m-%d')}; "
+        f"benchmark wall times: "
+        + ", ".join(f"{k} {v['seconds']:.0f} s{'' if v['ok'] else ' (FAILED)'}" for k, v in ran.items())
+        + ".",
+        "",
+        "| target | goal | measured | met | note |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         v = r["measured"]
         shown = "—" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
@@ -118,8 +158,11 @@ def plot(rows: list[dict], path: Path) -> None:
     plt = pyplot()
     ratio_rows = [r for r in rows if r["measured"] is not None and "/" in r["target"] and "(ms)" not in r["target"]]
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(ratio_rows) + 1.5))
-    ax.barh([r["target"] for r in ratio_rows], [r["measured"] for r in ratio_rows],
-            color=["tab:green" if r["met"] else ("tab:grey" if r["met"] is None else "tab:red") for r in ratio_rows])  # fmt: skip
+    ax.barh(
+        [r["target"] for r in ratio_rows],
+        [r["measured"] for r in ratio_rows],
+        color=["tab:green" if r["met"] else ("tab:grey" if r["met"] is None else "tab:red") for r in ratio_rows],
+    )
     ax.set_xscale("log")
     ax.axvline(1.0, color="black", lw=0.8)
     ax.set_xlabel("ratio (log scale; green = target met, red = missed)")
@@ -144,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             ran[name] = {"ok": ok, "seconds": seconds}
     rows = targets(args.out, args.quick)
     suffix = "-quick" if args.quick else ""
-    (args.out / f"summary{suffix}.json").write_text(json.dumps({"hardware": hardware(), "ran": ran, "targets": rows}, indent=1))
+    (args.out / f"summary{suffix}.json").write_text(
+        json.dumps({"hardware": hardware(), "ran": ran, "targets": rows}, indent=1)
+    )
     plot(rows, args.out / f"summary{suffix}.png")
     table = markdown(rows, ran, args.quick)
     print("\n" + table)

@@ -54,19 +54,35 @@ def grid(args) -> dict:
 
         def workload(keys: list, n: int, label: str) -> dict:
             before = runner.run(eng.stats())["op_seconds"]
-            run = runner.run(run_workload(eng, tok, keys=keys, max_tokens=args.max_tokens, label=label, tokens=n)).as_dict()
+            run = runner.run(
+                run_workload(eng, tok, keys=keys, max_tokens=args.max_tokens, label=label, tokens=n)
+            ).as_dict()
             # The share of the run's wall time spent inside the Aligner op, timed in the engine worker: both
             # parts come from the same seconds of the machine, so most of its noise cancels (unlike a ratio of runs).
             run["op_share"] = (runner.run(eng.stats())["op_seconds"] - before) / run["seconds"]
             return run
 
         def pair(rnd: int, n: int, k: int, requests: int, b: dict, ours: dict) -> None:
-            rows.append({"round": rnd, "N": n, "K": k, "requests": requests, "base": b, "aligner": ours,
-                         "ratio": ours["tok_per_s"] / b["tok_per_s"], "ttft_ratio": ours["ttft_p50_ms"] / b["ttft_p50_ms"],
-                         "itl_ratio": ours["itl_p50_ms"] / b["itl_p50_ms"], "op_share": ours["op_share"]})  # fmt: skip
-            print(f"round {rnd} N={n:2d} K={k:3d} R={requests}: base {b['tok_per_s']:7.1f} tok/s, aligner "
-                  f"{ours['tok_per_s']:7.1f} tok/s, ratio {rows[-1]['ratio']:.3f}, TTFT p50 {b['ttft_p50_ms']:.0f} -> "
-                  f"{ours['ttft_p50_ms']:.0f} ms, op {100 * ours['op_share']:.1f}% of the run", flush=True)  # fmt: skip
+            rows.append(
+                {
+                    "round": rnd,
+                    "N": n,
+                    "K": k,
+                    "requests": requests,
+                    "base": b,
+                    "aligner": ours,
+                    "ratio": ours["tok_per_s"] / b["tok_per_s"],
+                    "ttft_ratio": ours["ttft_p50_ms"] / b["ttft_p50_ms"],
+                    "itl_ratio": ours["itl_p50_ms"] / b["itl_p50_ms"],
+                    "op_share": ours["op_share"],
+                }
+            )
+            print(
+                f"round {rnd} N={n:2d} K={k:3d} R={requests}: base {b['tok_per_s']:7.1f} tok/s, aligner "
+                f"{ours['tok_per_s']:7.1f} tok/s, ratio {rows[-1]['ratio']:.3f}, TTFT p50 {b['ttft_p50_ms']:.0f} -> "
+                f"{ours['ttft_p50_ms']:.0f} ms, op {100 * ours['op_share']:.1f}% of the run",
+                flush=True,
+            )
 
         # The grid: one pair per (N, K) against a base run of the same request count.
         for n in args.tokens:
@@ -77,7 +93,14 @@ def grid(args) -> dict:
                 if requests not in bases:
                     bases[requests] = workload([None] * requests, 0, "base")
                 keys = keys_by[(n, k)]
-                pair(0, n, k, requests, bases[requests], workload([keys[i % k] for i in range(requests)], n, f"K{k}-N{n}"))
+                pair(
+                    0,
+                    n,
+                    k,
+                    requests,
+                    bases[requests],
+                    workload([keys[i % k] for i in range(requests)], n, f"K{k}-N{n}"),
+                )
         # The target K: rounds of base, N1, base, N4, base, N16, base ...; each adapter run is compared with the
         # mean of the base runs just before and after it, so a slow drift of the machine cancels out.
         k = args.target_k
@@ -95,8 +118,14 @@ def grid(args) -> dict:
     finally:
         runner.close()
     stats.pop("keys", None)
-    return {"rows": rows, "latency": latency, "engine_start_s": start_s, "load_ms_p50": statistics.median(load_ms),
-            "load_ms_p99": percentile(load_ms, 0.99), "table": stats}  # fmt: skip
+    return {
+        "rows": rows,
+        "latency": latency,
+        "engine_start_s": start_s,
+        "load_ms_p50": statistics.median(load_ms),
+        "load_ms_p99": percentile(load_ms, 0.99),
+        "table": stats,
+    }
 
 
 def ttft_one_at_a_time(runner, tok, keys: list[str], n: int, pairs: int) -> dict:
@@ -114,21 +143,35 @@ def ttft_one_at_a_time(runner, tok, keys: list[str], n: int, pairs: int) -> dict
         order = [None, keys[i % len(keys)]] if i % 2 == 0 else [keys[i % len(keys)], None]
         got = {}
         for key in order:
-            run = runner.run(run_workload(eng, tok, keys=[key], max_tokens=1, label="ttft", tokens=n, first_prompt=prompt))
+            run = runner.run(
+                run_workload(eng, tok, keys=[key], max_tokens=1, label="ttft", tokens=n, first_prompt=prompt)
+            )
             got[key is not None] = run.ttft_p50_ms
         base_ms.append(got[False])
         ours_ms.append(got[True])
         ratios.append(got[True] / got[False])
-    row = {"N": n, "K": len(keys), "pairs": pairs, "base_ttft_p50_ms": statistics.median(base_ms),
-           "aligner_ttft_p50_ms": statistics.median(ours_ms), "ratio_median": statistics.median(ratios)}  # fmt: skip
-    print(f"TTFT one request at a time, N={n:2d}: base {row['base_ttft_p50_ms']:.1f} ms, aligner "
-          f"{row['aligner_ttft_p50_ms']:.1f} ms, median ratio {row['ratio_median']:.3f} over {pairs} pairs", flush=True)  # fmt: skip
+    row = {
+        "N": n,
+        "K": len(keys),
+        "pairs": pairs,
+        "base_ttft_p50_ms": statistics.median(base_ms),
+        "aligner_ttft_p50_ms": statistics.median(ours_ms),
+        "ratio_median": statistics.median(ratios),
+    }
+    print(
+        f"TTFT one request at a time, N={n:2d}: base {row['base_ttft_p50_ms']:.1f} ms, aligner "
+        f"{row['aligner_ttft_p50_ms']:.1f} ms, median ratio {row['ratio_median']:.3f} over {pairs} pairs",
+        flush=True,
+    )
     return row
 
 
 def _mean(a: dict, b: dict) -> dict:
     """Two runs' figures averaged (numbers only)."""
-    return {key: (a[key] + b[key]) / 2 if isinstance(a[key], (int, float)) and not isinstance(a[key], bool) else a[key] for key in a}
+    return {
+        key: (a[key] + b[key]) / 2 if isinstance(a[key], (int, float)) and not isinstance(a[key], bool) else a[key]
+        for key in a
+    }
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -136,16 +179,28 @@ def summarise(rows: list[dict]) -> list[dict]:
     for r in rows:
         groups.setdefault((r["N"], r["K"]), []).append(r)
     med = statistics.median
-    return [{
-        "N": n, "K": k, "pairs": len(rs), "requests": rs[0]["requests"],
-        "base_tok_s": med(r["base"]["tok_per_s"] for r in rs), "aligner_tok_s": med(r["aligner"]["tok_per_s"] for r in rs),
-        "ratio_median": med(r["ratio"] for r in rs), "ratios": [round(r["ratio"], 4) for r in rs],
-        "ttft_p50_ms": med(r["aligner"]["ttft_p50_ms"] for r in rs), "ttft_p99_ms": med(r["aligner"]["ttft_p99_ms"] for r in rs),
-        "base_ttft_p50_ms": med(r["base"]["ttft_p50_ms"] for r in rs), "ttft_ratio_median": med(r["ttft_ratio"] for r in rs),
-        "itl_p50_ms": med(r["aligner"]["itl_p50_ms"] for r in rs), "itl_p99_ms": med(r["aligner"]["itl_p99_ms"] for r in rs),
-        "base_itl_p50_ms": med(r["base"]["itl_p50_ms"] for r in rs), "itl_ratio_median": med(r["itl_ratio"] for r in rs),
-        "op_share_median": med(r["op_share"] for r in rs),
-    } for (n, k), rs in sorted(groups.items())]  # fmt: skip
+    return [
+        {
+            "N": n,
+            "K": k,
+            "pairs": len(rs),
+            "requests": rs[0]["requests"],
+            "base_tok_s": med(r["base"]["tok_per_s"] for r in rs),
+            "aligner_tok_s": med(r["aligner"]["tok_per_s"] for r in rs),
+            "ratio_median": med(r["ratio"] for r in rs),
+            "ratios": [round(r["ratio"], 4) for r in rs],
+            "ttft_p50_ms": med(r["aligner"]["ttft_p50_ms"] for r in rs),
+            "ttft_p99_ms": med(r["aligner"]["ttft_p99_ms"] for r in rs),
+            "base_ttft_p50_ms": med(r["base"]["ttft_p50_ms"] for r in rs),
+            "ttft_ratio_median": med(r["ttft_ratio"] for r in rs),
+            "itl_p50_ms": med(r["aligner"]["itl_p50_ms"] for r in rs),
+            "itl_p99_ms": med(r["aligner"]["itl_p99_ms"] for r in rs),
+            "base_itl_p50_ms": med(r["base"]["itl_p50_ms"] for r in rs),
+            "itl_ratio_median": med(r["itl_ratio"] for r in rs),
+            "op_share_median": med(r["op_share"] for r in rs),
+        }
+        for (n, k), rs in sorted(groups.items())
+    ]
 
 
 def plot(table: list[dict], path: Path) -> None:
@@ -179,16 +234,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.quick:
-        args.adapters, args.target_k, args.requests, args.max_tokens, args.reps, args.latency_pairs = [32], 32, 32, 32, 1, 8
+        args.adapters, args.target_k, args.requests, args.max_tokens, args.reps, args.latency_pairs = (
+            [32],
+            32,
+            32,
+            32,
+            1,
+            8,
+        )
     result = grid(args)
     table = summarise(result["rows"])
     name = "throughput-quick" if args.quick else "throughput"
-    path = write_result(name, {"args": vars(args), "summary": table, **result}, **({"out": args.out} if args.out else {}))
+    path = write_result(
+        name, {"args": vars(args), "summary": table, **result}, **({"out": args.out} if args.out else {})
+    )
     plot(table, path.with_suffix(".png"))
-    print(f"\n{'N':>3} {'K':>4} {'base tok/s':>11} {'aligner tok/s':>14} {'ratio':>7} {'TTFT ratio':>11} {'ITL ratio':>10} {'op share':>9}")
+    print(
+        f"\n{'N':>3} {'K':>4} {'base tok/s':>11} {'aligner tok/s':>14} {'ratio':>7} {'TTFT ratio':>11} {'ITL ratio':>10} {'op share':>9}"
+    )
     for r in table:
-        print(f"{r['N']:>3} {r['K']:>4} {r['base_tok_s']:>11.1f} {r['aligner_tok_s']:>14.1f} {r['ratio_median']:>7.3f} "
-              f"{r['ttft_ratio_median']:>11.3f} {r['itl_ratio_median']:>10.3f} {100 * r['op_share_median']:>8.1f}%")  # fmt: skip
+        print(
+            f"{r['N']:>3} {r['K']:>4} {r['base_tok_s']:>11.1f} {r['aligner_tok_s']:>14.1f} {r['ratio_median']:>7.3f} "
+            f"{r['ttft_ratio_median']:>11.3f} {r['itl_ratio_median']:>10.3f} {100 * r['op_share_median']:>8.1f}%"
+        )
     print(f"adapter load into the engine: p50 {result['load_ms_p50']:.1f} ms, p99 {result['load_ms_p99']:.1f} ms")
     return 0
 

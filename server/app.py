@@ -24,7 +24,7 @@ from server.fair_share import watch_revocations
 from server.limits import BodyLimitMiddleware
 from server.metrics import Metrics
 from server.resolver import AdapterResolver
-from server.routes import adapters, admin, ops, openai, ui
+from server.routes import adapters, admin, openai, ops, ui
 from server.services import Services
 from server.settings import Settings
 
@@ -43,15 +43,21 @@ def engine_options(settings: Settings, model_path: str, identity: str) -> Engine
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.max_num_seqs,
         kv_cache_gib=settings.kv_cache_gib,
-        aligner=AlignerEngineConfig(max_slots=settings.max_resident_adapters, max_tokens=settings.max_adapter_tokens,
-                                    cold_slots=settings.cold_resident_adapters, path=settings.kernel_path),  # fmt: skip
+        aligner=AlignerEngineConfig(
+            max_slots=settings.max_resident_adapters,
+            max_tokens=settings.max_adapter_tokens,
+            cold_slots=settings.cold_resident_adapters,
+            path=settings.kernel_path,
+        ),
         extra_args=tuple(shlex.split(settings.engine_args)),
         isolate_worker_cores=settings.isolate_worker_cores,
         priority_scheduling=settings.fair_priority,
     )
 
 
-async def seed_public_adapters(store: Store, owner: Tenant, folder: Path, spec: ModelSpec, max_tokens: int) -> list[str]:
+async def seed_public_adapters(
+    store: Store, owner: Tenant, folder: Path, spec: ModelSpec, max_tokens: int
+) -> list[str]:
     """Publish every adapter file in `folder` (name = file stem) unless its newest version is identical."""
     seeded = []
     for path in sorted(folder.glob("*.safetensors")):
@@ -62,8 +68,14 @@ async def seed_public_adapters(store: Store, owner: Tenant, folder: Path, spec: 
                 continue
         except NotFound:
             pass
-        new = NewAdapter(name=path.stem, blob=encode(adapter), tokens=adapter.tokens, params=adapter.params,
-                         sha256=adapter.sha256(), base_model=adapter.base_model)  # fmt: skip
+        new = NewAdapter(
+            name=path.stem,
+            blob=encode(adapter),
+            tokens=adapter.tokens,
+            params=adapter.params,
+            sha256=adapter.sha256(),
+            base_model=adapter.base_model,
+        )
         await store.create_adapter(owner.id, new)
         seeded.append(path.stem)
     return seeded
@@ -75,7 +87,9 @@ async def exit_when_engine_dies(engine: AlignerEngine, interval_s: float = 0.5) 
     while True:
         await asyncio.sleep(interval_s)
         if engine.client is not None and engine.client.errored:
-            log.critical("the engine core died (%s); exiting so the supervisor restarts the server", engine.client.dead_error)
+            log.critical(
+                "the engine core died (%s); exiting so the supervisor restarts the server", engine.client.dead_error
+            )
             logging.shutdown()
             os._exit(3)
 
@@ -104,15 +118,20 @@ def create_app(settings: Settings) -> FastAPI:
             open_tenant = None if settings.admin_key else await store.ensure_tenant(OPEN_TENANT)
             public = await store.ensure_public_tenant()
             if settings.seed_adapters:
-                seeded = await seed_public_adapters(store, public, settings.seed_adapters, prepared.spec,
-                                                    settings.max_adapter_tokens)  # fmt: skip
+                seeded = await seed_public_adapters(
+                    store, public, settings.seed_adapters, prepared.spec, settings.max_adapter_tokens
+                )
                 log.info("published example adapters: %s", ", ".join(seeded) or "(already there)")
             await store.subscribe(resolver.on_change)
             await engine.start()
-            app.state.services = Services(settings, prepared.spec, store, engine, metrics, resolver, open_tenant, public)
+            app.state.services = Services(
+                settings, prepared.spec, store, engine, metrics, resolver, open_tenant, public
+            )
             services = app.state.services
-            watchers = [asyncio.create_task(exit_when_engine_dies(engine)),
-                        asyncio.create_task(watch_revocations(services.fair, key_is_valid(store)))]  # fmt: skip
+            watchers = [
+                asyncio.create_task(exit_when_engine_dies(engine)),
+                asyncio.create_task(watch_revocations(services.fair, key_is_valid(store))),
+            ]
             yield
             for task in watchers:
                 task.cancel()
@@ -122,7 +141,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="aligner-serve", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max(settings.max_request_bytes, settings.max_adapter_bytes + (64 << 10)))
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=max(settings.max_request_bytes, settings.max_adapter_bytes + (64 << 10))
+    )
     for module in (openai, adapters, admin, ops, ui):
         app.include_router(module.router)
     return app

@@ -26,8 +26,14 @@ def _serve(args: argparse.Namespace) -> int:
     from server.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30,
-                timeout_keep_alive=settings.keep_alive_seconds)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=30,
+        timeout_keep_alive=settings.keep_alive_seconds,
+    )
     return 0
 
 
@@ -51,7 +57,9 @@ def _random_adapter(args: argparse.Namespace) -> int:
     from aligner_core.model_prep import prepare
 
     spec = prepare(args.model).spec
-    adapter = Adapter.random(spec, tokens=args.tokens, start_layer=args.start_layer, seed=args.seed, gate_scale=args.gate_scale)
+    adapter = Adapter.random(
+        spec, tokens=args.tokens, start_layer=args.start_layer, seed=args.seed, gate_scale=args.gate_scale
+    )
     save(adapter, args.output)
     print(f"wrote {args.output}: tokens={adapter.tokens} params={adapter.params} base_model={spec.identity}")
     return 0

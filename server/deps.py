@@ -46,7 +46,9 @@ async def rate_limited_tenant(svc: ServicesDep, tenant: TenantDep) -> Tenant:
     """The tenant, counted against its requests-per-minute quota (generation endpoints)."""
     wait = svc.limiter.retry_after(tenant.id, tenant.quotas.requests_per_minute)
     if wait is not None:
-        raise RateLimited(f"Rate limit of {tenant.quotas.requests_per_minute} requests per minute reached.", retry_after=wait)
+        raise RateLimited(
+            f"Rate limit of {tenant.quotas.requests_per_minute} requests per minute reached.", retry_after=wait
+        )
     return tenant
 
 
@@ -59,8 +61,11 @@ async def management_tenant(svc: ServicesDep, tenant: TenantDep) -> Tenant:
     limit = svc.settings.tenant_management_per_minute if svc.multi_tenant else None
     wait = svc.management_limiter.retry_after(tenant.id, limit)
     if wait is not None:
-        raise RateLimited(f"Rate limit of {limit} adapter uploads, deletes and listings per minute reached "
-                          "(ALIGNER_TENANT_MANAGEMENT_PER_MINUTE).", retry_after=wait)  # fmt: skip
+        raise RateLimited(
+            f"Rate limit of {limit} adapter uploads, deletes and listings per minute reached "
+            "(ALIGNER_TENANT_MANAGEMENT_PER_MINUTE).",
+            retry_after=wait,
+        )
     return tenant
 
 
@@ -88,7 +93,9 @@ async def resolve_adapter(svc: Services, tenant: Tenant, ref: AdapterRef, *, via
         return await svc.resolver.resolve(tenant.id, ref.name, ref.version)
     except NotFound:
         if via == "model":
-            raise ModelNotFound(f"The model '{ref}' does not exist or you do not have access to it.", param="model") from None
+            raise ModelNotFound(
+                f"The model '{ref}' does not exist or you do not have access to it.", param="model"
+            ) from None
         raise AdapterNotFound.named(str(ref)) from None
 
 

@@ -54,15 +54,18 @@ class APIError(Exception):
         super().__init_subclass__(**kwargs)
         cls.status, cls.code = status, code
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message, self.param, self.headers = message, param, headers
         if code is not None:
             self.code = code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": openai_type(self.status), "param": self.param, "code": self.code}}
+        return {
+            "error": {"message": self.message, "type": openai_type(self.status), "param": self.param, "code": self.code}
+        }
 
 
 class InvalidRequest(APIError, status=400, code=None):
@@ -128,8 +131,9 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
-        return InvalidRequest(f"{'.'.join(loc) + ': ' if loc else ''}{first.get('msg', 'invalid request')}",
-                              param=".".join(loc) or None)  # fmt: skip
+        return InvalidRequest(
+            f"{'.'.join(loc) + ': ' if loc else ''}{first.get('msg', 'invalid request')}", param=".".join(loc) or None
+        )
     if isinstance(exc, StarletteHTTPException):
         return StatusError(str(exc.detail), status=exc.status_code)
     if isinstance(exc, NotFound):
@@ -139,7 +143,9 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, QuotaExceeded):
         return RateLimited(
             f"Quota exceeded: {exc.limit_name} is limited to {exc.limit} (currently {exc.current}); delete adapters first.",
-            retry_after=60, code="quota_exceeded", param="file",
+            retry_after=60,
+            code="quota_exceeded",
+            param="file",
         )
     if isinstance(exc, StoreUnavailable):
         return ServiceUnavailable("The adapter store is unavailable; retry shortly.", code="store_unavailable")
@@ -183,6 +189,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     # Only the catch-all `Exception` handler also re-raises into the server (which logs a traceback and may
     # drop the connection), so each error we answer on purpose is listed.
-    for cls in (Exception, RequestValidationError, StarletteHTTPException, APIError, StoreError, AdapterFormatError,
-                EngineError):  # fmt: skip
+    for cls in (
+        Exception,
+        RequestValidationError,
+        StarletteHTTPException,
+        APIError,
+        StoreError,
+        AdapterFormatError,
+        EngineError,
+    ):
         app.add_exception_handler(cls, answer)

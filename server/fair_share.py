@@ -95,23 +95,42 @@ class FairShare:
         q = tenant.quotas
         load = self._load.get(tenant.id) or _Load()
         if q.max_n is not None and demand.sequences > q.max_n:
-            raise _over("max_n", f"This request asks for {demand.sequences} sequences (n x prompts); the limit per "
-                                 f"request is {q.max_n}.", retry_after=60, param="n")  # fmt: skip
+            raise _over(
+                "max_n",
+                f"This request asks for {demand.sequences} sequences (n x prompts); the limit per "
+                f"request is {q.max_n}.",
+                retry_after=60,
+                param="n",
+            )
         if q.max_tokens_in_flight is not None and demand.tokens > q.max_tokens_in_flight:
-            raise _over("max_tokens_in_flight", f"This request may hold up to {demand.tokens} tokens (n x (prompt + "
-                        f"max_tokens)); your limit of tokens in flight is {q.max_tokens_in_flight}: lower max_tokens "
-                        "or n.", retry_after=60, param="max_tokens")  # fmt: skip
+            raise _over(
+                "max_tokens_in_flight",
+                f"This request may hold up to {demand.tokens} tokens (n x (prompt + "
+                f"max_tokens)); your limit of tokens in flight is {q.max_tokens_in_flight}: lower max_tokens "
+                "or n.",
+                retry_after=60,
+                param="max_tokens",
+            )
         if q.max_concurrent_requests is not None and load.requests >= q.max_concurrent_requests:
-            raise _over("max_concurrent_requests", f"Limit of {q.max_concurrent_requests} concurrent requests "
-                        "reached; retry when one finishes.")  # fmt: skip
+            raise _over(
+                "max_concurrent_requests",
+                f"Limit of {q.max_concurrent_requests} concurrent requests reached; retry when one finishes.",
+            )
         if q.max_tokens_in_flight is not None and load.tokens + demand.tokens > q.max_tokens_in_flight:
-            raise _over("max_tokens_in_flight", f"Limit of {q.max_tokens_in_flight} tokens in flight reached "
-                        f"({load.tokens} held, this request needs up to {demand.tokens}); retry when a request "
-                        "finishes.")  # fmt: skip
+            raise _over(
+                "max_tokens_in_flight",
+                f"Limit of {q.max_tokens_in_flight} tokens in flight reached "
+                f"({load.tokens} held, this request needs up to {demand.tokens}); retry when a request "
+                "finishes.",
+            )
         new_adapter = demand.adapter is not None and demand.adapter not in load.adapters
         if new_adapter and q.max_active_adapters is not None and len(load.adapters) >= q.max_active_adapters:
-            raise _over("max_active_adapters", f"Limit of {q.max_active_adapters} distinct adapters in flight at "
-                        "once reached; retry when a request finishes.", param="adapter")  # fmt: skip
+            raise _over(
+                "max_active_adapters",
+                f"Limit of {q.max_active_adapters} distinct adapters in flight at "
+                "once reached; retry when a request finishes.",
+                param="adapter",
+            )
         self._load[tenant.id] = load
         load.requests += 1
         load.sequences += demand.sequences
@@ -160,8 +179,9 @@ class FairShare:
         return len(hit)
 
 
-async def watch_revocations(share: FairShare, still_valid: Callable[[str], Awaitable[bool]],
-                            interval_s: float = 0.25) -> None:  # fmt: skip
+async def watch_revocations(
+    share: FairShare, still_valid: Callable[[str], Awaitable[bool]], interval_s: float = 0.25
+) -> None:
     """Every `interval_s`, check each key with requests in flight; end the requests of a revoked one.
     Polling the store covers a revocation through any replica."""
     while True:

@@ -34,7 +34,9 @@ def _target(svc: Services, adapter: str | None, model: str | None) -> tuple[Adap
     base_names = (None, "", svc.spec.identity, svc.spec.name)
     if adapter:
         if model not in base_names and model != adapter:
-            raise InvalidRequest(f"model {model!r} and adapter {adapter!r} disagree; name the base model or omit it", param="model")
+            raise InvalidRequest(
+                f"model {model!r} and adapter {adapter!r} disagree; name the base model or omit it", param="model"
+            )
         return AdapterRef.parse(adapter, param="adapter"), "adapter"
     if model in base_names:
         return None, "model"
@@ -65,8 +67,11 @@ async def generate(svc: Services, tenant: Tenant, body: Any, raw: Request, *, en
     key = record.sha256 if record else None
     priority = svc.fair.priority(tenant.id) if svc.multi_tenant else 0  # the tenant's load before this request
     try:
-        ticket = svc.fair.admit(tenant, demand_of(body, endpoint, svc.settings.max_model_len, key),
-                                api_key=getattr(raw.state, "api_key", None))  # fmt: skip
+        ticket = svc.fair.admit(
+            tenant,
+            demand_of(body, endpoint, svc.settings.max_model_len, key),
+            api_key=getattr(raw.state, "api_key", None),
+        )
     except RateLimited as e:
         svc.metrics.refused.labels(tenant.name, e.limit).inc()
         raise
@@ -75,8 +80,12 @@ async def generate(svc: Services, tenant: Tenant, body: Any, raw: Request, *, en
     adapter = AdapterUse(record.sha256, lambda: svc.store.get_blob(record.id)) if record else None
     shared = record is None and svc.settings.share_base_prefix_cache
     try:
-        gen = await _started(svc.engine.generate(endpoint, body, raw, adapter=adapter, priority=priority,
-                                                 salt_scope=None if shared else tenant.id), ticket)  # fmt: skip
+        gen = await _started(
+            svc.engine.generate(
+                endpoint, body, raw, adapter=adapter, priority=priority, salt_scope=None if shared else tenant.id
+            ),
+            ticket,
+        )
     except BaseException:
         ticket.release()
         raise

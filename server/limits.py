@@ -22,7 +22,9 @@ def declared_length(scope: Scope) -> int | None:
     if declared is None:
         return None
     if not CONTENT_LENGTH_RE.fullmatch(declared):
-        raise InvalidRequest(f"invalid Content-Length header {declared[:40].decode('latin-1')!r}: use ASCII digits only")
+        raise InvalidRequest(
+            f"invalid Content-Length header {declared[:40].decode('latin-1')!r}: use ASCII digits only"
+        )
     return int(declared)
 
 

@@ -17,21 +17,30 @@ class Metrics(EngineHooks):
         r = self.registry
         self.requests = Counter("aligner_requests", "Generation requests", ["tenant", "kind", "endpoint"], registry=r)
         self.prompt_tokens = Counter("aligner_prompt_tokens", "Prompt tokens processed", ["tenant", "kind"], registry=r)
-        self.completion_tokens = Counter("aligner_completion_tokens", "Tokens generated", ["tenant", "kind"], registry=r)
+        self.completion_tokens = Counter(
+            "aligner_completion_tokens", "Tokens generated", ["tenant", "kind"], registry=r
+        )
         self.adapter_loads = Counter("aligner_adapter_loads", "Adapters loaded into the engine", registry=r)
         self.adapter_evictions = Counter("aligner_adapter_evictions", "Adapters evicted from the engine", registry=r)
         self.load_seconds = Histogram(
-            "aligner_adapter_load_seconds", "Time to load one adapter into the engine",
-            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0), registry=r,
-        )  # fmt: skip
+            "aligner_adapter_load_seconds",
+            "Time to load one adapter into the engine",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
         self.resident = Gauge("aligner_adapters_resident", "Adapters resident in the engine", registry=r)
-        self.leases = Gauge("aligner_adapter_requests_in_flight", "Requests holding an adapter in the engine", registry=r)
+        self.leases = Gauge(
+            "aligner_adapter_requests_in_flight", "Requests holding an adapter in the engine", registry=r
+        )
         self.uploads = Counter("aligner_adapter_uploads", "Adapter uploads", ["outcome"], registry=r)
         self.unknown_rows = Counter(
-            "aligner_adapter_rows_unknown", "Batch rows whose adapter key the worker did not hold (ran as base: must stay 0)",
+            "aligner_adapter_rows_unknown",
+            "Batch rows whose adapter key the worker did not hold (ran as base: must stay 0)",
             registry=r,
-        )  # fmt: skip
-        self.refused = Counter("aligner_requests_refused", "Requests refused by a tenant limit", ["tenant", "limit"], registry=r)
+        )
+        self.refused = Counter(
+            "aligner_requests_refused", "Requests refused by a tenant limit", ["tenant", "limit"], registry=r
+        )
         self._unknown_seen = 0
 
     async def refresh(self, engine) -> None:

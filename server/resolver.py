@@ -16,8 +16,9 @@ _MISSING = None  # cached "not visible to this tenant"
 
 
 class AdapterResolver:
-    def __init__(self, store: Store, *, max_entries: int = 200_000,
-                 on_deleted: Callable[[str], Awaitable[None]] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, store: Store, *, max_entries: int = 200_000, on_deleted: Callable[[str], Awaitable[None]] | None = None
+    ) -> None:
         self.store = store
         self.max_entries = max_entries
         self.on_deleted = on_deleted  # called with the engine key (sha256) of each deleted record we knew
@@ -63,7 +64,10 @@ class AdapterResolver:
         dropped = list(self._by_name.pop(event.name, {}).values())
         self._size -= len(dropped)
         if event.kind == "adapter_deleted" and self.on_deleted is not None:
-            gone = {r.sha256 for r in dropped if r is not None and r.tenant_id == event.tenant_id
-                    and event.version in (None, r.version)}  # fmt: skip
+            gone = {
+                r.sha256
+                for r in dropped
+                if r is not None and r.tenant_id == event.tenant_id and event.version in (None, r.version)
+            }
             for key in gone:
                 await self.on_deleted(key)

@@ -65,9 +65,17 @@ class AdapterPublic(BaseModel):
     @classmethod
     def of(cls, r: AdapterRecord) -> AdapterPublic:
         return cls(
-            id=f"{r.name}@{r.version}", name=r.name, version=r.version, tokens=r.tokens, params=r.params,
-            bytes=r.bytes, sha256=r.sha256, base_model=r.base_model, public=r.public, created_at=r.created_at,
-        )  # fmt: skip
+            id=f"{r.name}@{r.version}",
+            name=r.name,
+            version=r.version,
+            tokens=r.tokens,
+            params=r.params,
+            bytes=r.bytes,
+            sha256=r.sha256,
+            base_model=r.base_model,
+            public=r.public,
+            created_at=r.created_at,
+        )
 
 
 class AdapterList(BaseModel):

@@ -47,7 +47,9 @@ class Settings(BaseSettings):
     tenant_max_concurrent_requests: int = 16  # generation requests in flight at once
     tenant_max_n: int = 8  # `n` (and `best_of`) of one request
     tenant_max_tokens_in_flight: int = 32768  # sum over in-flight requests of n x (prompt + max_tokens)
-    tenant_max_active_adapters: int | None = None  # distinct adapters in flight at once; None: a quarter of the hot slots
+    tenant_max_active_adapters: int | None = (
+        None  # distinct adapters in flight at once; None: a quarter of the hot slots
+    )
     fair_priority: bool = True  # vLLM's priority scheduling, each request's priority from its tenant's load
 
     # engine
@@ -56,7 +58,9 @@ class Settings(BaseSettings):
     max_model_len: int = 2048
     max_num_seqs: int = 256
     kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE: whole GiB
-    kernel_path: Literal["auto", "torch", "gather", "triton", "cpu"] = "auto"  # the Aligner op's paths (server/engine/op.py)
+    kernel_path: Literal["auto", "torch", "gather", "triton", "cpu"] = (
+        "auto"  # the Aligner op's paths (server/engine/op.py)
+    )
     engine_args: str = ""  # further `vllm serve` flags, shell-quoted
     isolate_worker_cores: bool = True  # CPU: the API process and engine core stay off the workers' cores
 

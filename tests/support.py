@@ -52,6 +52,7 @@ OPERATIONS = [  # (method, path template) of every operation; test_fuzz keeps it
     ("GET", "/metrics"),
 ]
 
+
 def real_model() -> PreparedModel:
     return prepare()
 
@@ -95,8 +96,9 @@ class EngineRunner:
         self.run(self.engine.stop())
         self.loop.close()
 
-    async def generate(self, prompt_ids: list[int], key: str | None, *, max_tokens: int = 24, delay: float = 0.0,
-                       salt: bool = True) -> Generation:
+    async def generate(
+        self, prompt_ids: list[int], key: str | None, *, max_tokens: int = 24, delay: float = 0.0, salt: bool = True
+    ) -> Generation:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -106,8 +108,13 @@ class EngineRunner:
         prompt = TokensPrompt(prompt_token_ids=prompt_ids)
         if key and salt:
             prompt["cache_salt"] = cache_salt(None, key)
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0,
-                                extra_args={"aligner": key} if key else None)  # fmt: skip
+        params = SamplingParams(
+            temperature=0.0,
+            max_tokens=max_tokens,
+            ignore_eos=True,
+            logprobs=0,
+            extra_args={"aligner": key} if key else None,
+        )
         final = None
         async for out in self.engine.client.generate(prompt, params, request_id=f"t{next(self._ids)}"):
             final = out
@@ -153,9 +160,25 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 600) -> None:
-        env = os.environ | {"ALIGNER_KV_CACHE_GIB": "1", "ALIGNER_MAX_MODEL_LEN": "1024", "ALIGNER_MAX_NUM_SEQS": "32"} | self.extra_env
-        cmd = [sys.executable, "-m", "server", "serve", "--enforce-eager", "--port", str(self.port), "--store", self.store_url]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        env = (
+            os.environ
+            | {"ALIGNER_KV_CACHE_GIB": "1", "ALIGNER_MAX_MODEL_LEN": "1024", "ALIGNER_MAX_NUM_SEQS": "32"}
+            | self.extra_env
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "server",
+            "serve",
+            "--enforce-eager",
+            "--port",
+            str(self.port),
+            "--store",
+            self.store_url,
+        ]
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

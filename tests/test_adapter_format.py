@@ -9,10 +9,10 @@ import struct
 import pytest
 import torch
 from safetensors.torch import save as st_save
+from support import tiny_spec
 
 from aligner_core.adapter_format import Adapter, check_fits, decode, encode
 from aligner_core.errors import AdapterFormatError, AdapterMismatch
-from support import tiny_spec
 
 SPEC = tiny_spec()
 
@@ -46,7 +46,9 @@ def test_encoding_is_canonical_so_the_hash_is_content() -> None:
 
 def test_smollm_param_count() -> None:
     spec = tiny_spec(hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64)
-    assert Adapter.random(spec, tokens=1, start_layer=2).params == 828  # one prefix token (576) + a gate per head (9) for each of the 28 layers from 2 on
+    assert (
+        Adapter.random(spec, tokens=1, start_layer=2).params == 828
+    )  # one prefix token (576) + a gate per head (9) for each of the 28 layers from 2 on
 
 
 def test_check_fits_accepts_its_own_model() -> None:
@@ -93,9 +95,13 @@ def test_truncated_file() -> None:
 
 def test_header_lies_about_sizes() -> None:
     a = _good()
-    text = json.dumps({"prefix": {"dtype": "F32", "shape": [100000, 64], "data_offsets": [0, 25600000]},
-                       "gate": {"dtype": "F32", "shape": [3, 4], "data_offsets": [25600000, 25600048]},
-                       "__metadata__": a.metadata()}).encode()  # fmt: skip
+    text = json.dumps(
+        {
+            "prefix": {"dtype": "F32", "shape": [100000, 64], "data_offsets": [0, 25600000]},
+            "gate": {"dtype": "F32", "shape": [3, 4], "data_offsets": [25600000, 25600048]},
+            "__metadata__": a.metadata(),
+        }
+    ).encode()
     _expect(struct.pack("<Q", len(text)) + text + b"\0" * 64, "not a valid safetensors file")
 
 

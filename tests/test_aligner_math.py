@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support import tiny_spec
 from torch import nn
 
 from aligner_core.adapter_format import Adapter
@@ -17,7 +18,6 @@ from server.engine.aligner_math import delta_general, token_runs
 from server.engine.op import GROUPED_MIN_RUN, WorkerState, aligner_delta
 from server.engine.routing import Routing, step_plan
 from server.engine.table import AdapterTable, LayerHandle, TableShape, reference_term
-from support import tiny_spec
 
 SPEC = tiny_spec()  # hidden 64, 4 layers, 4 heads, 2 kv heads, head_dim 16
 H, KVH, D = SPEC.num_heads, SPEC.num_kv_heads, SPEC.head_dim
@@ -27,15 +27,29 @@ H, KVH, D = SPEC.num_heads, SPEC.num_kv_heads, SPEC.head_dim
 def layers() -> list[LayerHandle]:
     torch.manual_seed(0)
     return [
-        LayerHandle(index=i, qkv_proj=nn.Linear(SPEC.hidden_size, (H + 2 * KVH) * D, bias=True), k_norm=None,
-                    q_size=H * D, kv_size=KVH * D)  # fmt: skip
+        LayerHandle(
+            index=i,
+            qkv_proj=nn.Linear(SPEC.hidden_size, (H + 2 * KVH) * D, bias=True),
+            k_norm=None,
+            q_size=H * D,
+            kv_size=KVH * D,
+        )
         for i in range(SPEC.num_layers)
     ]
 
 
 def make_state(layers: list[LayerHandle], path: str, max_slots: int = 4, cold_slots: int = 0) -> WorkerState:
-    shape = TableShape(num_layers=SPEC.num_layers, num_heads=H, num_kv_heads=KVH, head_dim=D, head_offset=0,
-                       max_slots=max_slots, max_tokens=4, cold_slots=cold_slots, scratch=8 if cold_slots else 0)  # fmt: skip
+    shape = TableShape(
+        num_layers=SPEC.num_layers,
+        num_heads=H,
+        num_kv_heads=KVH,
+        head_dim=D,
+        head_offset=0,
+        max_slots=max_slots,
+        max_tokens=4,
+        cold_slots=cold_slots,
+        scratch=8 if cold_slots else 0,
+    )
     table = AdapterTable(shape, layers, device=torch.device("cpu"), dtype=torch.float32)
     routing = Routing(8)
     return WorkerState(table=table, routing=routing, scale=1 / math.sqrt(D), path=path)
@@ -57,7 +71,9 @@ def reference(layers: list[LayerHandle], layer: int, q: torch.Tensor, names: lis
 def run_paths(layers, names: list[str | None]) -> dict[str, list[torch.Tensor]]:
     torch.manual_seed(5)
     q = torch.randn(len(names), H * D)
-    results: dict[str, list[torch.Tensor]] = {"reference": [reference(layers, l, q, names) for l in range(SPEC.num_layers)]}
+    results: dict[str, list[torch.Tensor]] = {
+        "reference": [reference(layers, l, q, names) for l in range(SPEC.num_layers)]
+    }
     for path in ("auto", "gather"):
         st = make_state(layers, path)
         slots = {n: st.table.put(n, ADAPTERS[n]) for n in sorted({n for n in names if n})}
@@ -140,11 +156,15 @@ def test_routing_rows_moves_and_swaps() -> None:
 # ---- two-tier table: cold adapters (raw P and gates) projected on the fly ----
 
 
-def cold_paths(layers, names: list[str | None], *, max_slots: int, in_use_all: bool = True) -> dict[str, list[torch.Tensor]]:
+def cold_paths(
+    layers, names: list[str | None], *, max_slots: int, in_use_all: bool = True
+) -> dict[str, list[torch.Tensor]]:
     """Like `run_paths`, on a table with `max_slots` hot slots and a cold tier holding the rest."""
     torch.manual_seed(5)
     q = torch.randn(len(names), H * D)
-    results: dict[str, list[torch.Tensor]] = {"reference": [reference(layers, l, q, names) for l in range(SPEC.num_layers)]}
+    results: dict[str, list[torch.Tensor]] = {
+        "reference": [reference(layers, l, q, names) for l in range(SPEC.num_layers)]
+    }
     for path in ("auto", "gather"):
         st = make_state(layers, path, max_slots=max_slots, cold_slots=8)
         for n in sorted({n for n in names if n}):
@@ -244,8 +264,10 @@ def test_raw_store_first_adapter_of_a_size_does_not_touch_its_whole_chunk() -> N
     prefix, gates = torch.randn(16, 576), torch.randn(30, 9)
     c = raw.add("big", prefix, gates)
     grown = proc.memory_info().rss - before
-    assert grown < chunk_bytes / 8, f"RSS grew {grown / 2**20:.0f} MiB for one adapter (chunk {chunk_bytes / 2**20:.0f} MiB)"
-    (positions, got_p, got_g), = raw.fetch([c]).values()
+    assert grown < chunk_bytes / 8, (
+        f"RSS grew {grown / 2**20:.0f} MiB for one adapter (chunk {chunk_bytes / 2**20:.0f} MiB)"
+    )
+    ((positions, got_p, got_g),) = raw.fetch([c]).values()
     assert positions == [0] and torch.equal(got_p[0], prefix) and torch.equal(got_g[0], gates)
 
 
@@ -261,7 +283,9 @@ def test_op_dispatches_to_the_triton_kernel_with_the_right_tensors(layers, monke
         T = q.shape[0]
         qg = q.view(T, KVH, -1, D).float()
         n = n_max_used
-        delta = delta_general(qg, k_layer[tok_slot, :, :n], v_layer[tok_slot, :, :n], mask[tok_slot, :n], gate_layer[tok_slot], scale)
+        delta = delta_general(
+            qg, k_layer[tok_slot, :, :n], v_layer[tok_slot, :, :n], mask[tok_slot, :n], gate_layer[tok_slot], scale
+        )
         out.add_(delta.reshape(T, -1).to(out.dtype))
         return out
 
@@ -410,7 +434,9 @@ def test_cpu_kernel_is_checked_once_per_forward_and_again_for_the_next(layers, m
     slot = {n: st.table.lookup(n) for n in "abcd"} | {None: 0}
     begun = []
     real_begin = cpu_kernel.BoundKernel.begin
-    monkeypatch.setattr(cpu_kernel.BoundKernel, "begin", lambda self, *a: begun.append(a[2].copy()) or real_begin(self, *a))
+    monkeypatch.setattr(
+        cpu_kernel.BoundKernel, "begin", lambda self, *a: begun.append(a[2].copy()) or real_begin(self, *a)
+    )
     ctx = [None]
     monkeypatch.setattr(routing, "_current_forward_context", lambda: ctx[0])
     op.set_worker_state(st)
@@ -424,7 +450,9 @@ def test_cpu_kernel_is_checked_once_per_forward_and_again_for_the_next(layers, m
             for l in range(SPEC.num_layers):
                 out = base.clone()
                 op.apply_term(out, q, l)
-                torch.testing.assert_close(out - base, reference(layers, l, q, names), atol=2e-5, rtol=1e-4, msg=f"forward {i} layer {l}")
+                torch.testing.assert_close(
+                    out - base, reference(layers, l, q, names), atol=2e-5, rtol=1e-4, msg=f"forward {i} layer {l}"
+                )
             assert len(begun) == i + 1  # one check per forward
             assert begun[-1].tolist() == [slot[n] for n in names]
     finally:
@@ -440,9 +468,13 @@ def test_a_bfloat16_table_holds_a_bfloat16_models_projections_exactly(layers) ->
     from server.engine import op
 
     bf = [dataclasses.replace(h, qkv_proj=copy.deepcopy(h.qkv_proj).bfloat16()) for h in layers]
-    shape = TableShape(num_layers=SPEC.num_layers, num_heads=H, num_kv_heads=KVH, head_dim=D, head_offset=0,
-                       max_slots=4, max_tokens=4)  # fmt: skip
-    tables = {kv: AdapterTable(shape, bf, device=torch.device("cpu"), dtype=torch.bfloat16, kv_dtype=kv) for kv in (torch.float32, torch.bfloat16)}
+    shape = TableShape(
+        num_layers=SPEC.num_layers, num_heads=H, num_kv_heads=KVH, head_dim=D, head_offset=0, max_slots=4, max_tokens=4
+    )
+    tables = {
+        kv: AdapterTable(shape, bf, device=torch.device("cpu"), dtype=torch.bfloat16, kv_dtype=kv)
+        for kv in (torch.float32, torch.bfloat16)
+    }
     for t in tables.values():
         for name in "abcd":
             t.put(name, ADAPTERS[name])
@@ -506,7 +538,14 @@ def kernel_build(request, tmp_path_factory):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "D, G",
-    [(64, 3), (128, 3), (80, 3), (64, 1), (128, 4), (64, 5)],  # unrolled and generic head sizes; G past the vector body's 4
+    [
+        (64, 3),
+        (128, 3),
+        (80, 3),
+        (64, 1),
+        (128, 4),
+        (64, 5),
+    ],  # unrolled and generic head sizes; G past the vector body's 4
 )
 def test_cpu_kernel_matches_the_general_path(kernel_build, dtype, kv_dtype, D, G) -> None:
     from server.engine import cpu_kernel
@@ -522,7 +561,9 @@ def test_cpu_kernel_matches_the_general_path(kernel_build, dtype, kv_dtype, D, G
     out = base.clone()
     cpu_kernel.aligner_apply(out, q, tok, k, v, gate, ntok, scale, N, kernel_build)
     ts = torch.from_numpy(tok)
-    delta = delta_general(q.float().view(T, KVH, G, D), k.float()[ts], v.float()[ts], mask[ts], gate[ts], scale).reshape(T, -1)
+    delta = delta_general(
+        q.float().view(T, KVH, G, D), k.float()[ts], v.float()[ts], mask[ts], gate[ts], scale
+    ).reshape(T, -1)
     want = base.clone().add_(delta.to(dtype))  # what the torch paths write
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=8e-3)  # bf16: one ulp
     torch.testing.assert_close(out, want, **tol)
@@ -552,8 +593,13 @@ def test_cpu_kernel_layer_calls_need_a_begun_step_and_a_real_layer() -> None:
     from server.engine import cpu_kernel
 
     k, v, gate, ntok, _ = random_table(4, 1, 2, 2, 16)
-    bound = cpu_kernel.BoundKernel(k[None].expand(3, -1, -1, -1, -1).contiguous(), v[None].expand(3, -1, -1, -1, -1).contiguous(),
-                                   gate[None].expand(3, -1, -1, -1).contiguous(), ntok, 0.25)  # fmt: skip
+    bound = cpu_kernel.BoundKernel(
+        k[None].expand(3, -1, -1, -1, -1).contiguous(),
+        v[None].expand(3, -1, -1, -1, -1).contiguous(),
+        gate[None].expand(3, -1, -1, -1).contiguous(),
+        ntok,
+        0.25,
+    )
     out, q = torch.zeros(3, 32), torch.randn(3, 32)
     with pytest.raises(ValueError, match="no begun step"):
         bound.layer(out, q, 0)
@@ -623,8 +669,10 @@ def test_loading_the_cpu_kernel_leaves_the_process_floating_point_mode_alone() -
     import subprocess
     import sys
 
-    code = ("import sys; from server.engine import cpu_kernel; cpu_kernel.load(); "
-            "import torch; assert sys.float_info.min / 2 > 0, 'flush-to-zero'; "
-            "assert (torch.tensor(1e-40) * 1).item() > 0, 'denormals-are-zero'")  # fmt: skip
+    code = (
+        "import sys; from server.engine import cpu_kernel; cpu_kernel.load(); "
+        "import torch; assert sys.float_info.min / 2 > 0, 'flush-to-zero'; "
+        "assert (torch.tensor(1e-40) * 1).item() > 0, 'denormals-are-zero'"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

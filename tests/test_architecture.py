@@ -34,13 +34,20 @@ def imports(package: str) -> dict[Path, set[str]]:
     ],
 )
 def test_dependencies_point_one_way(package: str, forbidden: set[str]) -> None:
-    bad = {str(p.relative_to(REPO)): sorted(names & forbidden) for p, names in imports(package).items() if names & forbidden}
+    bad = {
+        str(p.relative_to(REPO)): sorted(names & forbidden)
+        for p, names in imports(package).items()
+        if names & forbidden
+    }
     assert not bad, bad
 
 
 def test_only_the_engine_package_imports_vllm() -> None:
-    outside = {str(p.relative_to(REPO)) for p, names in imports("server").items()
-               if "vllm" in names and "engine" not in p.relative_to(REPO).parts}  # fmt: skip
+    outside = {
+        str(p.relative_to(REPO))
+        for p, names in imports("server").items()
+        if "vllm" in names and "engine" not in p.relative_to(REPO).parts
+    }
     assert not outside, outside
 
 

@@ -12,7 +12,6 @@ for /health.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import re
@@ -20,7 +19,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +26,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from support import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,8 +39,26 @@ COMPOSE_FILES = [DEPLOY / "compose.yaml", DEPLOY / "compose.cuda.yaml"]
 # A small Dockerfile parser
 # ---------------------------------------------------------------------------------------------------------
 
-INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "MAINTAINER", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT",
-                "VOLUME", "USER", "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}  # fmt: skip
+INSTRUCTIONS = {
+    "FROM",
+    "RUN",
+    "CMD",
+    "LABEL",
+    "MAINTAINER",
+    "EXPOSE",
+    "ENV",
+    "ADD",
+    "COPY",
+    "ENTRYPOINT",
+    "VOLUME",
+    "USER",
+    "WORKDIR",
+    "ARG",
+    "ONBUILD",
+    "STOPSIGNAL",
+    "HEALTHCHECK",
+    "SHELL",
+}
 
 
 @dataclass
@@ -65,7 +80,9 @@ class Instr:
         text = self.args.strip()
         if text.startswith("["):
             value = json.loads(text)
-            assert isinstance(value, list) and all(isinstance(v, str) for v in value), f"line {self.line}: bad JSON form"
+            assert isinstance(value, list) and all(isinstance(v, str) for v in value), (
+                f"line {self.line}: bad JSON form"
+            )
             return value
         return None
 
@@ -160,7 +177,9 @@ def parse_dockerfile(text: str) -> Dockerfile:
         if i.cmd == "FROM":
             flags, words = i.flags_and_rest()
             assert set(flags) <= {"platform"}, f"line {i.line}: FROM flags {flags}"
-            assert len(words) in (1, 3) and (len(words) == 1 or words[1].upper() == "AS"), f"line {i.line}: FROM {i.args}"
+            assert len(words) in (1, 3) and (len(words) == 1 or words[1].upper() == "AS"), (
+                f"line {i.line}: FROM {i.args}"
+            )
             base = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: global_args[m[1] or m[2]], words[0])
             name = words[2].lower() if len(words) == 3 else None
             assert name is None or name not in [s.name for s in stages], f"line {i.line}: stage {name} defined twice"
@@ -341,7 +360,10 @@ def test_dockerfile_parses_with_cpu_and_cuda_targets() -> None:
     assert "cpu" in names and "cuda" in names, names
     assert len(df.stages) >= 4, "multi-stage: a shared stage, two engines, two targets"
     # Both targets build on the same shared stage (COPY --from=<the same stage>).
-    shared = [{i.flags_and_rest()[0].get("from") for i in df.stage(t).instrs if i.cmd == "COPY"} - {None} for t in ("cpu", "cuda")]
+    shared = [
+        {i.flags_and_rest()[0].get("from") for i in df.stage(t).instrs if i.cmd == "COPY"} - {None}
+        for t in ("cpu", "cuda")
+    ]
     assert shared[0] & shared[1], f"cpu and cuda share no build stage: {shared}"
     # The targets' base images: a CUDA base for cuda, not for cpu.
     assert df.stage("cuda").chain()[0].base.startswith("nvidia/cuda:"), df.stage("cuda").chain()[0].base
@@ -458,18 +480,33 @@ def test_dockerfile_env_gives_valid_settings_only_with_a_key(monkeypatch) -> Non
         monkeypatch.setenv("ALIGNER_ADMIN_KEY", "k")
         s = Settings()
         assert (s.host, s.port, str(s.cache_dir), s.store, s.model) == (
-            "0.0.0.0", int(env["ALIGNER_PORT"]), env["ALIGNER_CACHE_DIR"], env["ALIGNER_STORE"], env["ALIGNER_MODEL"])
+            "0.0.0.0",
+            int(env["ALIGNER_PORT"]),
+            env["ALIGNER_CACHE_DIR"],
+            env["ALIGNER_STORE"],
+            env["ALIGNER_MODEL"],
+        )
         monkeypatch.delenv("ALIGNER_ADMIN_KEY")
 
 
 def test_dockerignore_keeps_the_context_small_and_complete() -> None:
     patterns = dockerignore_patterns()
-    for rel in (".venv/bin/python", ".git/HEAD", "data/aligner.db", "server/__pycache__/app.cpython-311.pyc",
-                "aligner_serve.egg-info/PKG-INFO", "tests/test_deploy.py"):  # fmt: skip
+    for rel in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "data/aligner.db",
+        "server/__pycache__/app.cpython-311.pyc",
+        "aligner_serve.egg-info/PKG-INFO",
+        "tests/test_deploy.py",
+    ):
         assert is_ignored(rel, patterns), f"{rel} would be sent to the Docker daemon"
     needed = ["pyproject.toml", "deploy/docker/install-app.sh", "examples/adapters/x.safetensors"]
-    needed += [p.relative_to(REPO).as_posix() for pkg in ("server", "aligner_core", "adapters_store") for p in (REPO / pkg).rglob("*.py")
-               if "__pycache__" not in p.parts]  # fmt: skip
+    needed += [
+        p.relative_to(REPO).as_posix()
+        for pkg in ("server", "aligner_core", "adapters_store")
+        for p in (REPO / pkg).rglob("*.py")
+        if "__pycache__" not in p.parts
+    ]
     missing = [rel for rel in needed if is_ignored(rel, patterns)]
     assert not missing, f".dockerignore excludes files the image needs: {missing[:5]}"
     # The matcher itself: a nested pattern, a negation.
@@ -540,7 +577,9 @@ def _compose_secret_mounts(svc: dict) -> dict[str, str]:
     """A compose service's secrets: container path -> secret name (short form: /run/secrets/<name>)."""
     out = {}
     for entry in svc.get("secrets", []):
-        name, target = (entry, entry) if isinstance(entry, str) else (entry["source"], entry.get("target", entry["source"]))
+        name, target = (
+            (entry, entry) if isinstance(entry, str) else (entry["source"], entry.get("target", entry["source"]))
+        )
         out[target if target.startswith("/") else f"/run/secrets/{target}"] = name
     return out
 
@@ -584,7 +623,9 @@ def test_prometheus_scrapes_with_the_metrics_token() -> None:
     assert auth, "the scrape job sends no credential: multi-tenant /metrics answers it 401"
     assert auth.get("type", "Bearer") == "Bearer" and "credentials" not in auth, "a token file, never the token inline"
     secrets = _compose_secret_mounts(services["prometheus"])
-    assert auth["credentials_file"] in secrets, f"{auth['credentials_file']} is not a secret mounted in prometheus: {secrets}"
+    assert auth["credentials_file"] in secrets, (
+        f"{auth['credentials_file']} is not a secret mounted in prometheus: {secrets}"
+    )
     source = doc["secrets"][secrets[auth["credentials_file"]]]
     assert set(source) == {"environment"}, f"the secret must come from the host variable the server reads too: {source}"
     server_env = services["aligner"]["environment"]
@@ -602,7 +643,9 @@ def test_grafana_provisioning_points_at_prometheus_and_the_dashboards() -> None:
     prom = next(d for d in datasources if d["type"] == "prometheus")
     assert prom["url"] == "http://prometheus:9090" and "prometheus" in services
     assert "--web.listen-address" not in " ".join(services["prometheus"].get("command", []))  # default 9090
-    providers = [p for f in sorted((prov / "dashboards").glob("*.y*ml")) for p in yaml.safe_load(f.read_text())["providers"]]
+    providers = [
+        p for f in sorted((prov / "dashboards").glob("*.y*ml")) for p in yaml.safe_load(f.read_text())["providers"]
+    ]
     assert providers
     for provider in providers:
         folder = mounts[provider["options"]["path"]]
@@ -635,8 +678,13 @@ def test_dashboard_promql_uses_only_exported_metrics() -> None:
                 assert label in labels, f"{expr!r} groups by {label!r}, not a label of {names}"
         used |= names
     # requests, tokens, latency, adapters resident: the panels the deployment promises.
-    for needed in ("aligner_requests_total", "aligner_prompt_tokens_total", "aligner_completion_tokens_total",
-                   "aligner_adapter_load_seconds_bucket", "aligner_adapters_resident"):  # fmt: skip
+    for needed in (
+        "aligner_requests_total",
+        "aligner_prompt_tokens_total",
+        "aligner_completion_tokens_total",
+        "aligner_adapter_load_seconds_bucket",
+        "aligner_adapters_resident",
+    ):
         assert needed in used, f"the dashboard has no panel on {needed}"
 
 
@@ -651,7 +699,15 @@ def test_k8s_kustomization_lists_every_manifest_with_the_required_kinds() -> Non
     on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
     assert listed == on_disk, f"listed {sorted(listed)}, on disk {sorted(on_disk)}"
     kinds = [o["kind"] for o in k8s_objects()]
-    for kind in ("Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget", "HorizontalPodAutoscaler", "StatefulSet"):
+    for kind in (
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "Secret",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "StatefulSet",
+    ):
         assert kind in kinds, f"no {kind}"
     assert kinds.count("Service") >= 2, "a Service for the server and one for PostgreSQL"
     for o in k8s_objects():
@@ -686,7 +742,10 @@ def test_k8s_deployment_probes_gpu_and_graceful_shutdown() -> None:
     security = pod["securityContext"]
     assert security["runAsNonRoot"] is True and security["runAsUser"] == stage_uid(df.stage("cuda"))
     # The image's pre-converted model is only used when the cache folder is the image's.
-    assert config.get("ALIGNER_CACHE_DIR", df.stage("cuda").env()["ALIGNER_CACHE_DIR"]) == df.stage("cuda").env()["ALIGNER_CACHE_DIR"]
+    assert (
+        config.get("ALIGNER_CACHE_DIR", df.stage("cuda").env()["ALIGNER_CACHE_DIR"])
+        == df.stage("cuda").env()["ALIGNER_CACHE_DIR"]
+    )
     assert config["ALIGNER_HOST"] == "0.0.0.0"
 
 
@@ -696,16 +755,28 @@ def test_k8s_objects_reference_each_other() -> None:
     assert deploy["spec"]["selector"]["matchLabels"].items() <= labels.items()
     c = _container(deploy)
     config_names = {o["metadata"]["name"] for o in k8s_objects() if o["kind"] == "ConfigMap"}
-    secrets = {o["metadata"]["name"]: o.get("stringData", {}) | o.get("data", {}) for o in k8s_objects() if o["kind"] == "Secret"}
+    secrets = {
+        o["metadata"]["name"]: o.get("stringData", {}) | o.get("data", {})
+        for o in k8s_objects()
+        if o["kind"] == "Secret"
+    }
     assert {e["configMapRef"]["name"] for e in c["envFrom"]} <= config_names
-    env_refs = [e["valueFrom"]["secretKeyRef"] for o in k8s_objects() if o["kind"] in ("Deployment", "StatefulSet")
-                for ct in o["spec"]["template"]["spec"]["containers"] for e in ct.get("env", []) if "valueFrom" in e]  # fmt: skip
+    env_refs = [
+        e["valueFrom"]["secretKeyRef"]
+        for o in k8s_objects()
+        if o["kind"] in ("Deployment", "StatefulSet")
+        for ct in o["spec"]["template"]["spec"]["containers"]
+        for e in ct.get("env", [])
+        if "valueFrom" in e
+    ]
     assert {r["key"] for r in env_refs} >= {"ALIGNER_ADMIN_KEY", "ALIGNER_STORE", "POSTGRES_PASSWORD"}
     for ref in env_refs:
         assert ref["key"] in secrets[ref["name"]], f"secret {ref['name']} has no key {ref['key']}"
     services = {o["metadata"]["name"]: o for o in k8s_objects() if o["kind"] == "Service"}
     server_svc = next(s for s in services.values() if s["spec"]["selector"].items() <= labels.items())
-    assert server_svc["spec"]["ports"][0]["targetPort"] in {p["name"] for p in c["ports"]} | {p["containerPort"] for p in c["ports"]}
+    assert server_svc["spec"]["ports"][0]["targetPort"] in {p["name"] for p in c["ports"]} | {
+        p["containerPort"] for p in c["ports"]
+    }
     pdb = k8s_one("PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     hpa = k8s_one("HorizontalPodAutoscaler")
@@ -729,12 +800,16 @@ def test_k8s_servicemonitor_scrapes_with_the_metrics_token() -> None:
     assert component["kind"] == "Component" and K8S_MONITORING.name in (K8S / "kustomization.yaml").read_text()
     (monitor,) = [d for f in component["resources"] for d in load_yaml_docs(K8S_MONITORING / f)]
     assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "ServiceMonitor")
-    assert monitor["metadata"].get("namespace", kust["namespace"]) == kust["namespace"], "the Operator reads the Secret there"
+    assert monitor["metadata"].get("namespace", kust["namespace"]) == kust["namespace"], (
+        "the Operator reads the Secret there"
+    )
     deploy = k8s_one("Deployment")
     pod = deploy["spec"]["template"]["metadata"]
     assert "prometheus.io/scrape" not in pod.get("annotations", {}), "annotation scrapes carry no token: 401"
     wanted = monitor["spec"]["selector"]["matchLabels"].items()
-    (service,) = [o for o in k8s_objects() if o["kind"] == "Service" and wanted <= o["metadata"].get("labels", {}).items()]
+    (service,) = [
+        o for o in k8s_objects() if o["kind"] == "Service" and wanted <= o["metadata"].get("labels", {}).items()
+    ]
     assert service["spec"]["selector"].items() <= pod["labels"].items(), "the monitored Service is the server's"
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
@@ -743,24 +818,34 @@ def test_k8s_servicemonitor_scrapes_with_the_metrics_token() -> None:
     assert auth and auth.get("type", "Bearer") == "Bearer", "no credential: multi-tenant /metrics answers 401"
     ref = auth["credentials"]
     secret = k8s_one("Secret", ref["name"])
-    assert ref["key"] in secret.get("stringData", {}) | secret.get("data", {}), f"secret {ref['name']} has no key {ref['key']}"
+    assert ref["key"] in secret.get("stringData", {}) | secret.get("data", {}), (
+        f"secret {ref['name']} has no key {ref['key']}"
+    )
     env = {e["name"]: e for e in _container(deploy)["env"]}
-    assert env["ALIGNER_METRICS_TOKEN"]["valueFrom"]["secretKeyRef"] == ref, "the server must get the token Prometheus sends"
+    assert env["ALIGNER_METRICS_TOKEN"]["valueFrom"]["secretKeyRef"] == ref, (
+        "the server must get the token Prometheus sends"
+    )
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) is not installed")
 def test_k8s_kustomization_builds_with_and_without_the_servicemonitor(tmp_path) -> None:
     def build(root: Path) -> list[dict]:
-        out = subprocess.run(["kubectl", "kustomize", root], check=True, capture_output=True, text=True, timeout=60).stdout
+        out = subprocess.run(
+            ["kubectl", "kustomize", root], check=True, capture_output=True, text=True, timeout=60
+        ).stdout
         return [d for d in yaml.safe_load_all(out) if d is not None]
 
     base = build(K8S)
     assert sorted(o["kind"] for o in base) == sorted(o["kind"] for o in k8s_objects())
-    assert "ServiceMonitor" not in {o["kind"] for o in base}, "opt-in: without the Operator's CRDs `kubectl apply` fails"
+    assert "ServiceMonitor" not in {o["kind"] for o in base}, (
+        "opt-in: without the Operator's CRDs `kubectl apply` fails"
+    )
     overlay = tmp_path / "overlay"  # what a user with the Prometheus Operator writes (or uncomments)
     overlay.mkdir()
     rel = os.path.relpath(K8S, overlay)
-    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({"resources": [rel], "components": [f"{rel}/{K8S_MONITORING.name}"]}))
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump({"resources": [rel], "components": [f"{rel}/{K8S_MONITORING.name}"]})
+    )
     monitored = build(overlay)
     assert sorted(o["kind"] for o in monitored) == sorted([o["kind"] for o in base] + ["ServiceMonitor"])
     namespace = yaml.safe_load((K8S / "kustomization.yaml").read_text())["namespace"]
@@ -836,19 +921,56 @@ def test_image_build_steps_and_start_command_serve_health_and_models(tmp_path) -
     assert not (ctx / ".venv").exists() and (ctx / "pyproject.toml").is_file()
     (ctx / "examples/adapters").mkdir(parents=True, exist_ok=True)  # the source stage's `mkdir -p`
     project_python = REPO / ".venv/bin/python"
-    subprocess.run([project_python, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", tmp_path / "wheels", ctx], check=True, cwd=tmp_path)  # fmt: skip
+    subprocess.run(
+        [
+            project_python,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            tmp_path / "wheels",
+            ctx,
+        ],
+        check=True,
+        cwd=tmp_path,
+    )
     (wheel,) = (tmp_path / "wheels").glob("aligner_serve-*.whl")
 
     venv = tmp_path / "venv"
     subprocess.run([project_python, "-m", "venv", "--without-pip", venv], check=True)
-    engine_site = subprocess.run([project_python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                 check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
-    venv_site = Path(subprocess.run([venv / "bin/python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                    check=True, capture_output=True, text=True).stdout.strip())  # fmt: skip
+    engine_site = subprocess.run(
+        [project_python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    venv_site = Path(
+        subprocess.run(
+            [venv / "bin/python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     (venv_site / "zz_engine_stage.pth").write_text(engine_site + "\n")
-    subprocess.run([project_python, "-m", "pip", "--python", venv / "bin/python", "install", "--quiet", "--no-deps",
-                    "--no-index", wheel], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            project_python,
+            "-m",
+            "pip",
+            "--python",
+            venv / "bin/python",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-index",
+            wheel,
+        ],
+        check=True,
+    )
 
     app = root / "app"  # WORKDIR /app, with what the source stage copies into it
     shutil.copytree(ctx / "examples", app / "examples")
@@ -862,8 +984,14 @@ def test_image_build_steps_and_start_command_serve_health_and_models(tmp_path) -
             env[key] = _to_host(value, root)
     for folder in ("data", "home/aligner"):
         (root / folder).mkdir(parents=True, exist_ok=True)
-    where = subprocess.run(["python", "-c", "import server, aligner_core, adapters_store as a; print(server.__file__, a.__file__)"],
-                           env=env, cwd=app, check=True, capture_output=True, text=True).stdout  # fmt: skip
+    where = subprocess.run(
+        ["python", "-c", "import server, aligner_core, adapters_store as a; print(server.__file__, a.__file__)"],
+        env=env,
+        cwd=app,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert str(REPO) not in where and where.count(str(venv_site)) == 2, f"not the wheel's code: {where}"
 
     # The model pre-conversion step, exactly as the Dockerfile's RUN line (shell form).
@@ -879,8 +1007,9 @@ def test_image_build_steps_and_start_command_serve_health_and_models(tmp_path) -
     key, metrics_token = "deploy-test-admin-key", "deploy-test-metrics-token"
     log = tmp_path / "server.log"
     secrets = {"ALIGNER_ADMIN_KEY": key, "ALIGNER_METRICS_TOKEN": metrics_token}
-    proc = subprocess.Popen(argv, env=env | secrets, cwd=app, stdout=log.open("wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        argv, env=env | secrets, cwd=app, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600  # generous: a loaded 2-core machine once took over 300 s

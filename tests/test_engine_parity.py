@@ -12,12 +12,12 @@ import json
 import os
 
 import pytest
+from support import LOGPROB_TOLERANCE, PROMPTS, EngineRunner, adapter_set, chat_ids, parity, real_model
 
 from aligner_core.adapter_format import encode
 from aligner_core.reference import load_hf_model
 from server.engine.config import AlignerEngineConfig
 from server.engine.facade import EngineOptions
-from support import LOGPROB_TOLERANCE, PROMPTS, EngineRunner, adapter_set, chat_ids, parity, real_model
 
 pytestmark = pytest.mark.engine
 
@@ -27,11 +27,16 @@ RESULTS: dict[str, object] = {}  # parity figures, written to the test log at th
 def options(**kw) -> EngineOptions:
     pm = real_model()
     base = dict(
-        model_path=str(pm.path), served_name=pm.spec.identity, dtype="float32", enforce_eager=True,
-        max_model_len=1024, max_num_seqs=16, kv_cache_gib=1,
+        model_path=str(pm.path),
+        served_name=pm.spec.identity,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=1024,
+        max_num_seqs=16,
+        kv_cache_gib=1,
         aligner=AlignerEngineConfig(max_slots=8, max_tokens=16),
         extra_args=("--max-num-batched-tokens", "64", "--block-size", "32", "--enable-prefix-caching"),
-    )  # fmt: skip
+    )
     return EngineOptions(**(base | kw))
 
 
@@ -100,8 +105,15 @@ def check(hf, adapters, reqs, gens, label: str) -> None:
     rows = []
     for (_, key, _), gen in zip(reqs, gens):
         p = parity(hf, adapters.get(key) if key else None, gen)
-        rows.append({"adapter": key, "prompt_tokens": len(gen.prompt_ids), "matched": p.matched, "total": p.total,
-                     "max_logprob_diff": p.max_logprob_diff})  # fmt: skip
+        rows.append(
+            {
+                "adapter": key,
+                "prompt_tokens": len(gen.prompt_ids),
+                "matched": p.matched,
+                "total": p.total,
+                "max_logprob_diff": p.max_logprob_diff,
+            }
+        )
     RESULTS[label] = rows
     print(f"\n[parity:{label}] " + json.dumps(rows))
     for row in rows:
@@ -147,8 +159,10 @@ def test_no_adapter_requests_equal_the_stock_engine(eager, tokenizer) -> None:
     and adapters resident, no-adapter requests give the stock engine's tokens, and logprobs equal to float32
     noise. Runs measured 0.0 and up to 3e-6: two vLLM-CPU engine instances are not bitwise reproducible here
     (the op returns before touching anything when no row has an adapter)."""
-    reqs = [(chat_ids(tokenizer, f"Name {n} animals that live in the {place}."), None, 0.0)
-            for n, place in ((2, "desert"), (3, "arctic"), (4, "ocean"), (5, "forest"))]  # fmt: skip
+    reqs = [
+        (chat_ids(tokenizer, f"Name {n} animals that live in the {place}."), None, 0.0)
+        for n, place in ((2, "desert"), (3, "arctic"), (4, "ocean"), (5, "forest"))
+    ]
     ours = run_batch(eager, reqs)
     stock = EngineRunner(options(aligner_enabled=False))
     try:

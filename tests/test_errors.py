@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException
 
 from adapters_store import Conflict, NotFound, QuotaExceeded, StoreUnavailable
 from server.engine.facade import EngineBusy, EngineNotReady, RequestRejected
-from server.errors import APIError, RateLimited, Unauthorized, error_event, error_response, to_api_error
+from server.errors import APIError, RateLimited, Unauthorized, error_event, error_response
 
 KEYS = {"message", "type", "param", "code"}
 
@@ -39,7 +39,9 @@ def test_every_error_answers_openai_shape_with_the_type_of_its_status() -> None:
     for exc, (status, type_, code) in cases.items():
         got, err = answer(exc)
         assert (got, err["type"], err["code"]) == (status, type_, code), (exc, err)
-    assert answer(RequestRejected("bad regex", status=400, param="structured_outputs"))[1]["param"] == "structured_outputs"
+    assert (
+        answer(RequestRejected("bad regex", status=400, param="structured_outputs"))[1]["param"] == "structured_outputs"
+    )
     assert answer(EngineBusy("slots"))[1]["param"] == "adapter"
 
 
@@ -65,4 +67,6 @@ def test_a_new_api_error_names_status_and_code_once() -> None:
     class Gone(APIError, status=410, code="gone"):
         pass
 
-    assert Gone("bye").body() == {"error": {"message": "bye", "type": "invalid_request_error", "param": None, "code": "gone"}}
+    assert Gone("bye").body() == {
+        "error": {"message": "bye", "type": "invalid_request_error", "param": None, "code": "gone"}
+    }

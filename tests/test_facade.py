@@ -128,9 +128,17 @@ def test_generate_stamps_the_request_and_hides_usage_the_client_did_not_ask_for(
 
     async def main():
         eng, serving = serving_engine(lambda s: _events(s, CHUNKS))
-        body = CompletionRequest(prompt="hi", stream=True, model="x", priority=5, cache_salt="mine",
-                                 vllm_xargs={"aligner": "forged", "other": 1})  # fmt: skip
-        gen = await eng.generate("completions", body, None, adapter=AdapterUse("k" * 64, _data), salt_scope="ten_1", priority=7)
+        body = CompletionRequest(
+            prompt="hi",
+            stream=True,
+            model="x",
+            priority=5,
+            cache_salt="mine",
+            vllm_xargs={"aligner": "forged", "other": 1},
+        )
+        gen = await eng.generate(
+            "completions", body, None, adapter=AdapterUse("k" * 64, _data), salt_scope="ten_1", priority=7
+        )
         assert eng.leases == 1 and gen.streaming
         events = [e async for e in gen.events()]
         usage = gen.usage()
@@ -143,8 +151,11 @@ def test_generate_stamps_the_request_and_hides_usage_the_client_did_not_ask_for(
     assert sent.vllm_xargs == {"other": 1, "aligner": "k" * 64} and sent.model == "m:1" and sent.priority == 0
     assert sent.cache_salt == cache_salt("ten_1", "k" * 64, "mine")
     assert sent.stream_options.include_usage and sent.stream_options.continuous_usage_stats
-    assert events == ['data: {"choices":[{"index":0,"text":"a"}]}\n\n', 'data: {"choices":[{"index":0,"text":"b"}]}\n\n',
-                      "data: [DONE]\n\n"]  # fmt: skip
+    assert events == [
+        'data: {"choices":[{"index":0,"text":"a"}]}\n\n',
+        'data: {"choices":[{"index":0,"text":"b"}]}\n\n',
+        "data: [DONE]\n\n",
+    ]
     assert usage == (3, 2) and serving.closed and eng.leases == 0
 
 
@@ -183,7 +194,9 @@ def test_a_stream_error_event_after_the_first_raises() -> None:
 
     async def main():
         eng, serving = serving_engine(lambda s: _events(s, CHUNKS[:1] + [died, "data: [DONE]\n\n"]))
-        gen = await eng.generate("completions", CompletionRequest(prompt="hi", stream=True), None, adapter=None, salt_scope=None)
+        gen = await eng.generate(
+            "completions", CompletionRequest(prompt="hi", stream=True), None, adapter=None, salt_scope=None
+        )
         seen = []
         with pytest.raises(RequestRejected) as e:
             async for event in gen.events():

@@ -11,17 +11,17 @@ import statistics
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import httpx
 import openai
 import pytest
+from support import Generation, parity, real_model, record, serve
 
 from adapters_store import Quotas, Tenant
 from aligner_core.adapter_format import Adapter, encode
 from server.errors import RateLimited
 from server.fair_share import Demand, FairShare
-from support import Generation, parity, real_model, record, serve
 
 ADMIN = "admin-secret-for-fair-share"
 
@@ -30,7 +30,7 @@ ADMIN = "admin-secret-for-fair-share"
 
 
 def _tenant(tid: str, **q: int) -> Tenant:
-    return Tenant(id=tid, name=tid, created_at=datetime.now(timezone.utc), quotas=Quotas(**q))
+    return Tenant(id=tid, name=tid, created_at=datetime.now(UTC), quotas=Quotas(**q))
 
 
 async def _admit_all() -> None:
@@ -99,7 +99,11 @@ pytest_server = pytest.mark.server
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    env = {"ALIGNER_ADMIN_KEY": ADMIN, "ALIGNER_MAX_RESIDENT_ADAPTERS": "4", "ALIGNER_TENANT_MANAGEMENT_PER_MINUTE": "40"}
+    env = {
+        "ALIGNER_ADMIN_KEY": ADMIN,
+        "ALIGNER_MAX_RESIDENT_ADAPTERS": "4",
+        "ALIGNER_TENANT_MANAGEMENT_PER_MINUTE": "40",
+    }
     yield from serve(tmp_path_factory.mktemp("fair-share"), env)
 
 
@@ -157,14 +161,25 @@ def metric(server, name: str, **labels: str) -> float:
     """The sum of a metric's samples whose labels include `labels`."""
     text = call(server, "GET", "/metrics", ADMIN).text
     want = [f'{k}="{v}"' for k, v in labels.items()]
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.split("{")[0].split(" ")[0] == name and all(w in line for w in want))  # fmt: skip
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.split("{")[0].split(" ")[0] == name and all(w in line for w in want)
+    )
 
 
-def complete_ids(server, key: str, prompt: list[int], adapter: str | None, *, salt: str | None = None,
-                 max_tokens: int = 8) -> Generation:  # fmt: skip
-    body = {"model": real_model().spec.identity, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "logprobs": 0, "return_tokens_as_token_ids": True, "ignore_eos": True}  # fmt: skip
+def complete_ids(
+    server, key: str, prompt: list[int], adapter: str | None, *, salt: str | None = None, max_tokens: int = 8
+) -> Generation:
+    body = {
+        "model": real_model().spec.identity,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "logprobs": 0,
+        "return_tokens_as_token_ids": True,
+        "ignore_eos": True,
+    }
     if adapter:
         body["adapter"] = adapter
     if salt is not None:
@@ -187,8 +202,9 @@ def ttft(server, key: str, prompt: list[int], adapter: str | None) -> float:
     if adapter:
         body["adapter"] = adapter
     started = time.perf_counter()
-    with httpx.stream("POST", server.base + "/v1/completions", json=body, timeout=120,
-                      headers={"authorization": f"Bearer {key}"}) as r:  # fmt: skip
+    with httpx.stream(
+        "POST", server.base + "/v1/completions", json=body, timeout=120, headers={"authorization": f"Bearer {key}"}
+    ) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
             if line.startswith("data: {"):
@@ -214,8 +230,12 @@ def test_no_salt_a_client_sends_poisons_another_tenant(server, house, hf, tokeni
         p = parity(hf, house, got)
         assert p.matched == p.total, f"salt {salt!r}: A's tokens diverge from the reference at {p.matched}"
         checked += p.total
-    record("test_no_salt_a_client_sends_poisons_another_tenant", salts_tried=len(salts), prompt_tokens=len(prompt),
-           tokens_checked=checked)  # fmt: skip
+    record(
+        "test_no_salt_a_client_sends_poisons_another_tenant",
+        salts_tried=len(salts),
+        prompt_tokens=len(prompt),
+        tokens_checked=checked,
+    )
 
 
 def _median_ttft(server, key, prompt_of, adapter, reps=3, warm=None) -> float:
@@ -238,15 +258,25 @@ def test_prefix_cache_is_no_timing_channel_between_tenants(server, house, tokeni
         label = adapter or "base"
         tag = uuid.uuid4().hex[:8]
 
-        def prompt(kind: str):
+        def prompt(kind: str, tag: str = tag):
             return lambda i: long_prompt(tokenizer, f"{tag} {kind} {i}", tokens=900)
 
         fresh = _median_ttft(server, b, prompt("fresh"), adapter)
-        after_a = _median_ttft(server, b, prompt("shared"), adapter, warm=lambda p: complete_ids(server, a, p, adapter, max_tokens=1))
+        after_a = _median_ttft(
+            server,
+            b,
+            prompt("shared"),
+            adapter,
+            warm=lambda p, adapter=adapter: complete_ids(server, a, p, adapter, max_tokens=1),
+        )
         a_repeat = _median_ttft(server, a, prompt("shared"), adapter)  # A sent these just before
-        figures[label] = {"b_fresh_ms": round(fresh * 1000), "b_after_a_ms": round(after_a * 1000),
-                          "a_repeat_ms": round(a_repeat * 1000), "b_ratio": round(after_a / fresh, 3),
-                          "a_ratio": round(a_repeat / fresh, 3)}  # fmt: skip
+        figures[label] = {
+            "b_fresh_ms": round(fresh * 1000),
+            "b_after_a_ms": round(after_a * 1000),
+            "a_repeat_ms": round(a_repeat * 1000),
+            "b_ratio": round(after_a / fresh, 3),
+            "a_ratio": round(a_repeat / fresh, 3),
+        }
         assert after_a / fresh > 0.7, f"{label}: B is faster on A's prompt: {figures[label]}"
         assert a_repeat / fresh < 0.5, f"{label}: A's own repeat missed the cache: {figures[label]}"
     record("test_prefix_cache_is_no_timing_channel_between_tenants", prompt_tokens=len(prompt("x")(0)), **figures)
@@ -254,16 +284,25 @@ def test_prefix_cache_is_no_timing_channel_between_tenants(server, house, tokeni
 
 def _stream_tokens(server, key: str, n: int, max_tokens: int, results: list, stop: threading.Event) -> None:
     try:
-        with httpx.stream("POST", server.base + "/v1/chat/completions", timeout=300,
-                          headers={"authorization": f"Bearer {key}"},
-                          json={"model": real_model().spec.identity, "n": n, "max_tokens": max_tokens,
-                                "ignore_eos": True, "stream": True,
-                                "messages": [{"role": "user", "content": "Write a long story."}]}) as r:  # fmt: skip
+        with httpx.stream(
+            "POST",
+            server.base + "/v1/chat/completions",
+            timeout=300,
+            headers={"authorization": f"Bearer {key}"},
+            json={
+                "model": real_model().spec.identity,
+                "n": n,
+                "max_tokens": max_tokens,
+                "ignore_eos": True,
+                "stream": True,
+                "messages": [{"role": "user", "content": "Write a long story."}],
+            },
+        ) as r:
             if r.status_code != 200:
                 r.read()
                 results.append(r.status_code)
                 return
-            for line in r.iter_lines():
+            for _ in r.iter_lines():
                 if stop.is_set():
                     break
             results.append(200)
@@ -288,7 +327,9 @@ def test_a_flood_does_not_starve_another_tenant(server) -> None:
 
     idle = statistics.median(b_ttft() for _ in range(5))
     big = call(server, "POST", "/v1/chat/completions", a, json=quick | {"n": 256, "max_tokens": 1500})
-    assert big.status_code == 429 and big.headers["retry-after"] and big.json()["error"]["type"] == "rate_limit_error", big.text
+    assert (
+        big.status_code == 429 and big.headers["retry-after"] and big.json()["error"]["type"] == "rate_limit_error"
+    ), big.text
     results: list = []
     stop = threading.Event()
     flood = [threading.Thread(target=_stream_tokens, args=(server, a, 4, 300, results, stop)) for _ in range(12)]
@@ -301,14 +342,21 @@ def test_a_flood_does_not_starve_another_tenant(server) -> None:
     for t in flood:
         t.join(300)
     bound = max(2.0, 10 * idle)  # a couple of engine steps at A's full batch, far below the 50 s before
-    figures = {"b_idle_ms": round(idle * 1000), "b_under_flood_ms": [round(x * 1000) for x in under],
-               "bound_ms": round(bound * 1000), "a_outcomes": sorted(map(str, results)), "a_extra": over.status_code}  # fmt: skip
+    figures = {
+        "b_idle_ms": round(idle * 1000),
+        "b_under_flood_ms": [round(x * 1000) for x in under],
+        "bound_ms": round(bound * 1000),
+        "a_outcomes": sorted(map(str, results)),
+        "a_extra": over.status_code,
+    }
     record("test_a_flood_does_not_starve_another_tenant", **figures)
     assert over.status_code == 429, figures
     assert results.count(429) >= 1 and results.count(200) >= 1, figures
     assert max(under) < bound, figures
-    refused = {lim: metric(server, "aligner_requests_refused_total", tenant="flood-a", limit=lim)
-               for lim in ("max_n", "max_concurrent_requests")}  # fmt: skip
+    refused = {
+        lim: metric(server, "aligner_requests_refused_total", tenant="flood-a", limit=lim)
+        for lim in ("max_n", "max_concurrent_requests")
+    }
     assert refused == {"max_n": 1, "max_concurrent_requests": results.count(429) + 1}, refused
 
 
@@ -326,9 +374,13 @@ def test_one_tenant_cannot_take_every_hot_slot(server, model, house, hf, tokeniz
     held: list = []
 
     def hold(name: str) -> None:
-        with httpx.stream("POST", server.base + "/v1/completions", timeout=300, headers={"authorization": f"Bearer {a}"},
-                          json={"model": name, "prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True,
-                                "stream": True}) as r:  # fmt: skip
+        with httpx.stream(
+            "POST",
+            server.base + "/v1/completions",
+            timeout=300,
+            headers={"authorization": f"Bearer {a}"},
+            json={"model": name, "prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True, "stream": True},
+        ) as r:
             held.append(r.status_code)  # headers come after admission: this request holds its adapter
             for _ in r.iter_lines():
                 if stop.is_set():
@@ -366,8 +418,13 @@ def test_usage_counts_streams_the_client_closed(server) -> None:
     client = openai.OpenAI(base_url=server.base + "/v1", api_key=key, max_retries=0)
     seen = 0
     for _ in range(3):
-        stream = client.completions.create(model=real_model().spec.identity, prompt="Count to a hundred:",
-                                           max_tokens=200, stream=True, extra_body={"ignore_eos": True})  # fmt: skip
+        stream = client.completions.create(
+            model=real_model().spec.identity,
+            prompt="Count to a hundred:",
+            max_tokens=200,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         for i, _chunk in enumerate(stream):
             if i == 9:
                 break
@@ -392,8 +449,9 @@ def test_revoking_a_key_ends_its_requests_within_a_second(server) -> None:
     other = call(server, "POST", f"/admin/tenants/{tid}/keys", ADMIN).json()["key"]
     client = openai.OpenAI(base_url=server.base + "/v1", api_key=issued["key"], max_retries=0)
     model = real_model().spec.identity
-    stream = client.completions.create(model=model, prompt="Tell me everything:", max_tokens=600, stream=True,
-                                       extra_body={"ignore_eos": True})  # fmt: skip
+    stream = client.completions.create(
+        model=model, prompt="Tell me everything:", max_tokens=600, stream=True, extra_body={"ignore_eos": True}
+    )
     it = iter(stream)
     next(it)
     outcome: dict = {}
@@ -420,8 +478,13 @@ def test_revoking_a_key_ends_its_requests_within_a_second(server) -> None:
     stream_end = time.perf_counter() - revoked_at
     t.join(60)
     plain_end = time.perf_counter() - revoked_at
-    record("test_revoking_a_key_ends_its_requests_within_a_second", delete_answered_s=round(answered, 3),
-           stream_ended_s=round(stream_end, 3), plain_ended_s=round(plain_end, 3), plain=outcome.get("plain"))  # fmt: skip
+    record(
+        "test_revoking_a_key_ends_its_requests_within_a_second",
+        delete_answered_s=round(answered, 3),
+        stream_ended_s=round(stream_end, 3),
+        plain_ended_s=round(plain_end, 3),
+        plain=outcome.get("plain"),
+    )
     assert err is not None and "revoked" in str(err), err
     assert stream_end < 1.0 and plain_end < 1.5 and outcome.get("plain") == 401, outcome
     # the tenant's other key goes on working
@@ -438,15 +501,28 @@ def test_uploads_deletes_and_listings_are_rate_limited(server, model) -> None:
     other = make_tenant(server, "calm")
     codes = [call(server, "GET", "/v1/adapters", key).status_code for _ in range(40)]
     assert codes == [200] * 40
-    for method, path, kw in (("GET", "/v1/adapters", {}), ("GET", "/v1/models", {}), ("DELETE", "/v1/adapters/x", {}),
-                             ("POST", "/v1/adapters", {"files": {"file": ("a.safetensors", encode(strong(model, 1)))},
-                                                       "data": {"name": "x"}})):  # fmt: skip
+    for method, path, kw in (
+        ("GET", "/v1/adapters", {}),
+        ("GET", "/v1/models", {}),
+        ("DELETE", "/v1/adapters/x", {}),
+        (
+            "POST",
+            "/v1/adapters",
+            {"files": {"file": ("a.safetensors", encode(strong(model, 1)))}, "data": {"name": "x"}},
+        ),
+    ):
         r = call(server, method, path, key, **kw)
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1, (method, path, r.text)
         assert r.json()["error"]["type"] == "rate_limit_error"
     assert call(server, "GET", "/v1/adapters", other).status_code == 200  # another tenant is not affected
     # generation has its own limit
-    r = call(server, "POST", "/v1/completions", key, json={"model": real_model().spec.identity, "prompt": "Hi", "max_tokens": 1})
+    r = call(
+        server,
+        "POST",
+        "/v1/completions",
+        key,
+        json={"model": real_model().spec.identity, "prompt": "Hi", "max_tokens": 1},
+    )
     assert r.status_code == 200, r.text
 
 
@@ -454,10 +530,19 @@ def test_uploads_deletes_and_listings_are_rate_limited(server, model) -> None:
 def test_new_tenants_get_the_default_limits(server) -> None:
     r = call(server, "POST", "/admin/tenants", ADMIN, json={"name": "defaults", "quotas": {"max_n": 2}})
     q = r.json()["quotas"]
-    assert q == {"max_adapters": 1000, "max_adapter_bytes": 256 << 20, "requests_per_minute": 600,
-                 "max_concurrent_requests": 16, "max_n": 2, "max_tokens_in_flight": 32768, "max_active_adapters": 1}  # fmt: skip
+    assert q == {
+        "max_adapters": 1000,
+        "max_adapter_bytes": 256 << 20,
+        "requests_per_minute": 600,
+        "max_concurrent_requests": 16,
+        "max_n": 2,
+        "max_tokens_in_flight": 32768,
+        "max_active_adapters": 1,
+    }
     tid = r.json()["id"]
-    q2 = call(server, "PATCH", f"/admin/tenants/{tid}", ADMIN, json={"max_concurrent_requests": None, "max_n": 3}).json()["quotas"]
+    q2 = call(
+        server, "PATCH", f"/admin/tenants/{tid}", ADMIN, json={"max_concurrent_requests": None, "max_n": 3}
+    ).json()["quotas"]
     assert q2 == q | {"max_concurrent_requests": None, "max_n": 3}  # PATCH keeps what it does not name
 
 

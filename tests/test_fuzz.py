@@ -16,12 +16,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
+import support
 import torch
+from support import Server, require_in_ci, serve, tiny_spec
 
 from aligner_core.adapter_format import Adapter, decode, encode
 from aligner_core.errors import AdapterFormatError
-import support
-from support import Server, require_in_ci, serve, tiny_spec
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 
@@ -72,9 +72,13 @@ def tally() -> Iterator[Counter]:
     counts: Counter = Counter()
     yield counts
     if counts:
-        figure("test_fuzz::test_schemathesis", operations=len(OPERATIONS), roles=2,
-               calls=sum(v for k, v in counts.items() if k[0] == "calls"),
-               **{f"status_{k[1]}": v for k, v in sorted(counts.items()) if k[0] == "status"})  # fmt: skip
+        figure(
+            "test_fuzz::test_schemathesis",
+            operations=len(OPERATIONS),
+            roles=2,
+            calls=sum(v for k, v in counts.items() if k[0] == "calls"),
+            **{f"status_{k[1]}": v for k, v in sorted(counts.items()) if k[0] == "status"},
+        )
 
 
 @pytest.mark.server
@@ -87,8 +91,13 @@ def _cap_generation(body: object) -> None:
     """Keep generation requests cheap: at most MAX_TOKENS new tokens per choice, at most 2 choices."""
     if not isinstance(body, dict):
         return
-    for field, cap in (("max_tokens", MAX_TOKENS), ("max_completion_tokens", MAX_TOKENS), ("n", 2), ("best_of", 2),
-                       ("min_tokens", 1)):  # fmt: skip
+    for field, cap in (
+        ("max_tokens", MAX_TOKENS),
+        ("max_completion_tokens", MAX_TOKENS),
+        ("n", 2),
+        ("best_of", 2),
+        ("min_tokens", 1),
+    ):
         value = body.get(field)
         if isinstance(value, int) and not isinstance(value, bool) and value > cap:
             body[field] = cap
@@ -110,20 +119,29 @@ def check_response(case, response) -> None:
 @pytest.mark.server
 @pytest.mark.parametrize("role", ["tenant", "admin"])
 @pytest.mark.parametrize(("method", "path"), OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])
-def test_schemathesis(fuzz_server: Server, api_schema, keys: dict[str, str], tally: Counter, role: str, method: str,
-                      path: str) -> None:  # fmt: skip
+def test_schemathesis(
+    fuzz_server: Server, api_schema, keys: dict[str, str], tally: Counter, role: str, method: str, path: str
+) -> None:
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import strategies as st
     from schemathesis import GenerationMode
 
     operation = api_schema[path][method]
-    strategy = st.one_of(operation.as_strategy(generation_mode=GenerationMode.POSITIVE),
-                         operation.as_strategy(generation_mode=GenerationMode.NEGATIVE))  # fmt: skip
+    strategy = st.one_of(
+        operation.as_strategy(generation_mode=GenerationMode.POSITIVE),
+        operation.as_strategy(generation_mode=GenerationMode.NEGATIVE),
+    )
     right_role = path.startswith("/admin") == (role == "admin") or not path.startswith(("/v1", "/admin"))
     examples = EXAMPLES if right_role else WRONG_ROLE_EXAMPLES
 
-    @settings(max_examples=examples, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck),
-              phases=[Phase.explicit, Phase.generate])  # fmt: skip  # no shrinking: bounded time, the example is printed
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate],
+    )  # no shrinking: bounded time, the example is printed
     @given(case=strategy)
     def run(case) -> None:
         if path in ("/v1/chat/completions", "/v1/completions"):
@@ -149,16 +167,28 @@ def test_found_by_fuzzing_are_4xx(fuzz_server: Server, keys: dict[str, str]) -> 
         ("/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": [audio]}]}}),  # ValueError
         ("/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 10**6}}),
         ("/v1/completions", {"json": {"prompt": None}}),
-        ("/v1/adapters", {"files": {"file": ("a", container(b"[" * 60000))}, "data": {"name": "deep"}}),  # RecursionError
-        ("/v1/adapters", {"files": {"file": ("a", container(dict(header, gate={"dtype": ["F32"]}), payload))},
-                          "data": {"name": "unhashable"}}),  # TypeError in decode  # fmt: skip
+        (
+            "/v1/adapters",
+            {"files": {"file": ("a", container(b"[" * 60000))}, "data": {"name": "deep"}},
+        ),  # RecursionError
+        (
+            "/v1/adapters",
+            {
+                "files": {"file": ("a", container(dict(header, gate={"dtype": ["F32"]}), payload))},
+                "data": {"name": "unhashable"},
+            },
+        ),  # TypeError in decode
     ]
     for path, kw in cases:
         r = httpx.post(fuzz_server.base + path, headers={"authorization": f"Bearer {keys['tenant']}"}, timeout=60, **kw)
         assert 400 <= r.status_code < 500, (path, kw, r.text)
         assert set(r.json()["error"]) == ERROR_KEYS
-    r = httpx.post(fuzz_server.base + "/admin/tenants", headers={"authorization": f"Bearer {ADMIN}"}, timeout=30,
-                   json={"name": "big", "quotas": {"max_adapter_bytes": 2**64}})  # fmt: skip
+    r = httpx.post(
+        fuzz_server.base + "/admin/tenants",
+        headers={"authorization": f"Bearer {ADMIN}"},
+        timeout=30,
+        json={"name": "big", "quotas": {"max_adapter_bytes": 2**64}},
+    )
     assert r.status_code == 400 and set(r.json()["error"]) == ERROR_KEYS, r.text
 
 
@@ -167,8 +197,12 @@ def test_server_survived_the_fuzz(fuzz_server: Server, keys: dict[str, str]) -> 
     import httpx
 
     assert httpx.get(fuzz_server.base + "/health", timeout=30).status_code == 200
-    r = httpx.post(fuzz_server.base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2},
-                   headers={"authorization": f"Bearer {keys['tenant']}"}, timeout=60)  # fmt: skip
+    r = httpx.post(
+        fuzz_server.base + "/v1/completions",
+        json={"prompt": "Hi", "max_tokens": 2},
+        headers={"authorization": f"Bearer {keys['tenant']}"},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     log = fuzz_server.log.read_text(errors="replace")
     for sign in (" 500 Internal Server Error", "unhandled error", "Exception in ASGI application"):
@@ -190,8 +224,14 @@ def container(header: object, payload: bytes = b"", *, declared: int | None = No
 
 def valid_files(rng: random.Random) -> bytes:
     dtype = rng.choice([torch.float32, torch.bfloat16, torch.float16])
-    adapter = Adapter.random(SPEC, tokens=rng.randint(1, 4), start_layer=rng.randint(0, 3), seed=rng.randrange(1 << 30),
-                             gate_activation=rng.choice(["identity", "tanh"]), dtype=dtype)  # fmt: skip
+    adapter = Adapter.random(
+        SPEC,
+        tokens=rng.randint(1, 4),
+        start_layer=rng.randint(0, 3),
+        seed=rng.randrange(1 << 30),
+        gate_activation=rng.choice(["identity", "tanh"]),
+        dtype=dtype,
+    )
     return encode(adapter)
 
 
@@ -199,9 +239,11 @@ def tensor_header(rng: random.Random) -> tuple[dict, bytes]:
     """A header for a valid tiny adapter, with its payload, ready to be bent in one place."""
     n, start = rng.randint(1, 3), rng.randint(0, 3)
     prefix, gate = n * SPEC.hidden_size * 4, (SPEC.num_layers - start) * SPEC.num_heads * 4
-    header = {"__metadata__": META | {"start_layer": str(start)},
-              "gate": {"dtype": "F32", "shape": [SPEC.num_layers - start, SPEC.num_heads], "data_offsets": [0, gate]},
-              "prefix": {"dtype": "F32", "shape": [n, SPEC.hidden_size], "data_offsets": [gate, gate + prefix]}}  # fmt: skip
+    header = {
+        "__metadata__": META | {"start_layer": str(start)},
+        "gate": {"dtype": "F32", "shape": [SPEC.num_layers - start, SPEC.num_heads], "data_offsets": [0, gate]},
+        "prefix": {"dtype": "F32", "shape": [n, SPEC.hidden_size], "data_offsets": [gate, gate + prefix]},
+    }
     return header, b"\0" * (gate + prefix)
 
 
@@ -254,20 +296,41 @@ def bad_tensor_info(rng: random.Random) -> bytes:
     name = rng.choice(["prefix", "gate"])
     field = rng.choice(["shape", "data_offsets", "dtype", "whole"])
     if field == "shape":
-        header[name]["shape"] = rng.choice([
-            [rng.choice(HUGE), rng.choice(HUGE)], [rng.choice(HUGE)] * rng.randint(1, 6), [2**32, 2**32, 2**32],
-            [0, SPEC.hidden_size], [SPEC.hidden_size], [], [1, 1, 1, SPEC.hidden_size], [rng.choice(ODD)], rng.choice(ODD),
-            [rng.randint(0, 9), rng.randint(0, 99)],
-        ])  # fmt: skip
+        header[name]["shape"] = rng.choice(
+            [
+                [rng.choice(HUGE), rng.choice(HUGE)],
+                [rng.choice(HUGE)] * rng.randint(1, 6),
+                [2**32, 2**32, 2**32],
+                [0, SPEC.hidden_size],
+                [SPEC.hidden_size],
+                [],
+                [1, 1, 1, SPEC.hidden_size],
+                [rng.choice(ODD)],
+                rng.choice(ODD),
+                [rng.randint(0, 9), rng.randint(0, 99)],
+            ]
+        )
     elif field == "data_offsets":
         size = len(payload)
-        header[name]["data_offsets"] = rng.choice([
-            [0, rng.choice(HUGE)], [rng.choice(HUGE), rng.choice(HUGE)], [size, 0], [0, size + 4], [4, 4],
-            [-4, 0], [0], [0, 1, 2], rng.choice(ODD), [rng.choice(ODD), 0], [0, size],
-        ])  # fmt: skip
+        header[name]["data_offsets"] = rng.choice(
+            [
+                [0, rng.choice(HUGE)],
+                [rng.choice(HUGE), rng.choice(HUGE)],
+                [size, 0],
+                [0, size + 4],
+                [4, 4],
+                [-4, 0],
+                [0],
+                [0, 1, 2],
+                rng.choice(ODD),
+                [rng.choice(ODD), 0],
+                [0, size],
+            ]
+        )
     elif field == "dtype":
-        header[name]["dtype"] = rng.choice(["F64", "I8", "U8", "I64", "BOOL", "F8_E4M3", "F8_E5M2", "C64", "f32", "F32 ",
-                                            "", "BF16\0", *ODD])  # fmt: skip
+        header[name]["dtype"] = rng.choice(
+            ["F64", "I8", "U8", "I64", "BOOL", "F8_E4M3", "F8_E5M2", "C64", "f32", "F32 ", "", "BF16\0", *ODD]
+        )
     else:
         header[name] = rng.choice(ODD)
     return container(header, payload)
@@ -311,19 +374,48 @@ def wrong_structure(rng: random.Random) -> bytes:
         elif rng.random() < 0.3:
             del meta[key]
         else:
-            meta[key] = rng.choice(["", "-1", "1e3", "9" * 5000, "0x10", " 2 ", "tanh", "aligner/v2", "relu",
-                                    str(SPEC.num_layers), "4.0", "nan", "\x00", *ODD])  # fmt: skip
+            meta[key] = rng.choice(
+                [
+                    "",
+                    "-1",
+                    "1e3",
+                    "9" * 5000,
+                    "0x10",
+                    " 2 ",
+                    "tanh",
+                    "aligner/v2",
+                    "relu",
+                    str(SPEC.num_layers),
+                    "4.0",
+                    "nan",
+                    "\x00",
+                    *ODD,
+                ]
+            )
     return container(header, payload)
 
 
 def not_json(rng: random.Random) -> bytes:
     header, payload = tensor_header(rng)
     text = json.dumps(header).encode()
-    raw = rng.choice([
-        text[: rng.randrange(len(text))], b"\xff\xfe" + text, text.replace(b'"', b"'", 3), b"[" * rng.randint(1, 60000),
-        b'{"a":' * rng.randint(1, 12000), b"NaN", b"null", b'"aligner"', b"[1, 2]", b"1e999", b"\x00" * 64,
-        rng.randbytes(rng.randint(1, 512)), text + b"}", b"{" + b'"k": 1,' * 5000 + b'"k": 2}',
-    ])  # fmt: skip
+    raw = rng.choice(
+        [
+            text[: rng.randrange(len(text))],
+            b"\xff\xfe" + text,
+            text.replace(b'"', b"'", 3),
+            b"[" * rng.randint(1, 60000),
+            b'{"a":' * rng.randint(1, 12000),
+            b"NaN",
+            b"null",
+            b'"aligner"',
+            b"[1, 2]",
+            b"1e999",
+            b"\x00" * 64,
+            rng.randbytes(rng.randint(1, 512)),
+            text + b"}",
+            b"{" + b'"k": 1,' * 5000 + b'"k": 2}',
+        ]
+    )
     raw += b" " * (-len(raw) % 8)
     return container(raw, payload if rng.random() < 0.5 else b"")
 
@@ -393,7 +485,12 @@ def test_decode_fuzz(family: str) -> None:
             assert torch.isfinite(adapter.prefix.float()).all() and torch.isfinite(adapter.gate.float()).all()
             outcomes["decoded"] += 1
         slowest = max(slowest, time.perf_counter() - t0)
-    figure(f"test_fuzz::test_decode_fuzz[{family}]", cases=CASES_PER_FAMILY, slowest_ms=round(slowest * 1000, 1), **outcomes)
+    figure(
+        f"test_fuzz::test_decode_fuzz[{family}]",
+        cases=CASES_PER_FAMILY,
+        slowest_ms=round(slowest * 1000, 1),
+        **outcomes,
+    )
     assert slowest < 2.0, slowest
     if family not in ("mutated_valid", "random_bytes"):
         assert outcomes["refused"] > 0.5 * CASES_PER_FAMILY, outcomes  # the family really is malformed
@@ -405,7 +502,10 @@ def test_decode_known_tricky_inputs() -> None:
     """Found by the fuzz above, kept as named cases: each once raised something other than AdapterFormatError."""
     header, payload = tensor_header(random.Random(0))
     unhashable = dict(header, prefix=dict(header["prefix"], dtype=["F32"]))
-    for data in (container(b"[" * 60000), container(unhashable, payload),
-                 container(dict(header, gate=dict(header["gate"], dtype={"F32": 1})), payload)):  # fmt: skip
+    for data in (
+        container(b"[" * 60000),
+        container(unhashable, payload),
+        container(dict(header, gate=dict(header["gate"], dtype={"F32": 1})), payload),
+    ):
         with pytest.raises(AdapterFormatError):
             decode(data)

@@ -29,7 +29,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 # SmolLM2-135M's attention shape, fewer layers
-SPEC = ModelSpec(name="gpu-op", hidden_size=576, num_layers=6, num_heads=9, num_kv_heads=3, head_dim=64, fingerprint="0" * 12)
+SPEC = ModelSpec(
+    name="gpu-op", hidden_size=576, num_layers=6, num_heads=9, num_kv_heads=3, head_dim=64, fingerprint="0" * 12
+)
 H, KVH, D = SPEC.num_heads, SPEC.num_kv_heads, SPEC.head_dim
 ADAPTERS = {
     "a": Adapter.random(SPEC, tokens=1, start_layer=2, seed=1, gate_scale=0.5),
@@ -46,8 +48,13 @@ BF16 = dict(atol=2e-2, rtol=2e-2)  # bf16 `out` against the fp32 reference
 def layers() -> list[LayerHandle]:
     torch.manual_seed(0)
     return [
-        LayerHandle(index=i, qkv_proj=nn.Linear(SPEC.hidden_size, (H + 2 * KVH) * D, bias=True).cuda().to(torch.bfloat16),
-                    k_norm=None, q_size=H * D, kv_size=KVH * D)  # fmt: skip
+        LayerHandle(
+            index=i,
+            qkv_proj=nn.Linear(SPEC.hidden_size, (H + 2 * KVH) * D, bias=True).cuda().to(torch.bfloat16),
+            k_norm=None,
+            q_size=H * D,
+            kv_size=KVH * D,
+        )
         for i in range(SPEC.num_layers)
     ]
 
@@ -63,8 +70,17 @@ def no_vllm(monkeypatch):
 
 
 def make_state(layers, *, use_triton: bool, path: str = "auto") -> WorkerState:
-    shape = TableShape(num_layers=SPEC.num_layers, num_heads=H, num_kv_heads=KVH, head_dim=D, head_offset=0,
-                       max_slots=2, max_tokens=4, cold_slots=16, scratch=16)  # fmt: skip
+    shape = TableShape(
+        num_layers=SPEC.num_layers,
+        num_heads=H,
+        num_kv_heads=KVH,
+        head_dim=D,
+        head_offset=0,
+        max_slots=2,
+        max_tokens=4,
+        cold_slots=16,
+        scratch=16,
+    )
     table = AdapterTable(shape, layers, device=torch.device("cuda"), dtype=torch.bfloat16)
     rt = routing.Routing(16)
     return WorkerState(table=table, routing=rt, scale=1 / math.sqrt(D), path=path, use_triton=use_triton)
@@ -114,8 +130,14 @@ def test_cold_and_hot_adapters_match_the_reference_on_gpu(layers, batch, use_tri
     for l, g in enumerate(got):
         want = reference(layers, l, q, names)
         per_token = (g - want).abs().amax(1).tolist()
-        torch.testing.assert_close(g, want, **BF16, msg=lambda m: f"layer {l}: {m}\nper-token max |diff|: "
-                                   + ", ".join(f"{n}:{d:.3g}" for n, d in zip(names, per_token)))  # fmt: skip
+        torch.testing.assert_close(
+            g,
+            want,
+            **BF16,
+            msg=lambda m, l=l, per_token=per_token: (
+                f"layer {l}: {m}\nper-token max |diff|: " + ", ".join(f"{n}:{d:.3g}" for n, d in zip(names, per_token))
+            ),
+        )
         for i, n in enumerate(names):
             if n is None or l < ADAPTERS[n].start_layer:
                 assert torch.equal(g[i], torch.zeros_like(g[i])), f"token {i} ({n}) layer {l} must be untouched"

@@ -31,9 +31,9 @@ import httpx
 import openai
 import psutil
 import pytest
+from support import PROMPTS, Server, real_model, serve
 
 from aligner_core.adapter_format import Adapter, encode
-from support import PROMPTS, Server, real_model, serve
 
 ADAPTERS = 100
 CLIENTS = 200
@@ -111,7 +111,9 @@ def check_sse(lines: list[str], result: Result, max_tokens: int) -> Result:
     """Raw SSE lines of one response: `data: {...}` events, then exactly one `data: [DONE]`, last."""
     events = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
     if not events or events[-1] != "[DONE]":
-        raise StreamError(f"stream does not end with data: [DONE] (last event: {events[-1][:80] if events else None!r})")
+        raise StreamError(
+            f"stream does not end with data: [DONE] (last event: {events[-1][:80] if events else None!r})"
+        )
     if events.count("[DONE]") != 1:
         raise StreamError("more than one [DONE]")
     chunks = [json.loads(e) for e in events[:-1]]
@@ -125,15 +127,29 @@ def check_sse(lines: list[str], result: Result, max_tokens: int) -> Result:
 
 
 def _body(model: str, adapter: str, prompt: str, max_tokens: int) -> dict:
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt}]  # short: prefill is most of the work
-    return {"model": model, "messages": messages, "max_tokens": max_tokens,
-            "temperature": 0.8, "stream": True, "stream_options": {"include_usage": True}, "logprobs": True,
-            "adapter": adapter, "ignore_eos": True}  # fmt: skip
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": prompt},
+    ]  # short: prefill is most of the work
+    return {
+        "model": model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0.8,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "logprobs": True,
+        "adapter": adapter,
+        "ignore_eos": True,
+    }
 
 
 async def one_openai(client: openai.AsyncOpenAI, body: dict, result: Result) -> Result:
     body = dict(body)
-    kw = {k: body.pop(k) for k in ("model", "messages", "max_tokens", "temperature", "stream", "stream_options", "logprobs")}
+    kw = {
+        k: body.pop(k)
+        for k in ("model", "messages", "max_tokens", "temperature", "stream", "stream_options", "logprobs")
+    }
     t0 = time.monotonic()
     chunks = []
     stream = await client.chat.completions.create(**kw, extra_body=body)
@@ -161,14 +177,20 @@ async def one_raw(client: httpx.AsyncClient, body: dict, result: Result) -> Resu
     return check_sse(lines, result, body["max_tokens"])
 
 
-async def drive(base: str, model: str, names: list[str], *, clients: int, rounds: int, seconds: float,
-                max_tokens: int, tally: Tally) -> float:  # fmt: skip
+async def drive(
+    base: str, model: str, names: list[str], *, clients: int, rounds: int, seconds: float, max_tokens: int, tally: Tally
+) -> float:
     """`clients` concurrent clients, each sending `rounds` streaming requests back to back (or looping until
     `seconds` have passed, when > 0). Returns the wall time."""
     limits = httpx.Limits(max_connections=clients + 10, max_keepalive_connections=clients + 10)
     timeout = httpx.Timeout(REQUEST_TIMEOUT, connect=60)
-    oa = openai.AsyncOpenAI(base_url=base + "/v1", api_key="open-mode", max_retries=0, timeout=timeout,
-                            http_client=httpx.AsyncClient(limits=limits, timeout=timeout))  # fmt: skip
+    oa = openai.AsyncOpenAI(
+        base_url=base + "/v1",
+        api_key="open-mode",
+        max_retries=0,
+        timeout=timeout,
+        http_client=httpx.AsyncClient(limits=limits, timeout=timeout),
+    )
     raw = httpx.AsyncClient(base_url=base, limits=limits, timeout=timeout)
     start = time.monotonic()
     deadline = start + seconds
@@ -184,8 +206,10 @@ async def drive(base: str, model: str, names: list[str], *, clients: int, rounds
                 body = _body(model, adapter, prompt, max_tokens)
                 tally.results.append(await (one_raw(raw, body, result) if use_raw else one_openai(oa, body, result)))
             except Exception as e:  # every failure is counted and reported, none is retried
-                tally.failures.append(f"client {i} request {n} ({'raw' if use_raw else 'openai'}, {adapter}): {type(e).__name__}: {e}"
-                                      + (f" (from {e.__cause__!r})" if e.__cause__ else ""))  # fmt: skip
+                tally.failures.append(
+                    f"client {i} request {n} ({'raw' if use_raw else 'openai'}, {adapter}): {type(e).__name__}: {e}"
+                    + (f" (from {e.__cause__!r})" if e.__cause__ else "")
+                )
             n += 1
 
     try:
@@ -261,7 +285,18 @@ def test_200_streaming_clients_over_100_adapters(server, tmp_path) -> None:
     # warm-up: one request per adapter, all at once; loads every adapter into the engine
     warm = Tally()
     t0 = time.monotonic()
-    asyncio.run(drive(server.base, spec.identity, names, clients=ADAPTERS, rounds=1, seconds=0, max_tokens=WARMUP_TOKENS, tally=warm))
+    asyncio.run(
+        drive(
+            server.base,
+            spec.identity,
+            names,
+            clients=ADAPTERS,
+            rounds=1,
+            seconds=0,
+            max_tokens=WARMUP_TOKENS,
+            tally=warm,
+        )
+    )
     warmup_seconds = time.monotonic() - t0
     assert not warm.failures, "\n".join(warm.failures[:20])
     assert len(warm.results) == ADAPTERS
@@ -274,8 +309,18 @@ def test_200_streaming_clients_over_100_adapters(server, tmp_path) -> None:
     sampler.start()
     tally = Tally()
     try:
-        duration = asyncio.run(drive(server.base, spec.identity, names, clients=CLIENTS, rounds=ROUNDS, seconds=SOAK_SECONDS,
-                                     max_tokens=MAX_TOKENS, tally=tally))  # fmt: skip
+        duration = asyncio.run(
+            drive(
+                server.base,
+                spec.identity,
+                names,
+                clients=CLIENTS,
+                rounds=ROUNDS,
+                seconds=SOAK_SECONDS,
+                max_tokens=MAX_TOKENS,
+                tally=tally,
+            )
+        )
     finally:
         sampler.halt.set()
         sampler.join()
@@ -287,22 +332,35 @@ def test_200_streaming_clients_over_100_adapters(server, tmp_path) -> None:
     tokens = sum(r.completion_tokens for r in results)
     ttfts = sorted(r.ttft for r in results) or [0.0]
     summary = {
-        "requests": len(results) + len(tally.failures), "failures": len(tally.failures), "clients": CLIENTS,
-        "adapters": ADAPTERS, "raw_sse_requests": sum(r.raw for r in results), "max_tokens": MAX_TOKENS,
-        "duration_s": round(duration, 2), "completion_tokens": tokens, "tok_per_s": round(tokens / duration, 1),
+        "requests": len(results) + len(tally.failures),
+        "failures": len(tally.failures),
+        "clients": CLIENTS,
+        "adapters": ADAPTERS,
+        "raw_sse_requests": sum(r.raw for r in results),
+        "max_tokens": MAX_TOKENS,
+        "duration_s": round(duration, 2),
+        "completion_tokens": tokens,
+        "tok_per_s": round(tokens / duration, 1),
         "req_per_s": round(len(results) / duration, 2),
-        "ttft_p50_s": round(statistics.median(ttfts), 3), "ttft_p95_s": round(ttfts[int(0.95 * (len(ttfts) - 1))], 3),
-        "rss_start_mb": round(rss_start), "rss_end_mb": round(rss_end), "rss_peak_mb": round(max(sampler.peak, rss_end)),
+        "ttft_p50_s": round(statistics.median(ttfts), 3),
+        "ttft_p95_s": round(ttfts[int(0.95 * (len(ttfts) - 1))], 3),
+        "rss_start_mb": round(rss_start),
+        "rss_end_mb": round(rss_end),
+        "rss_peak_mb": round(max(sampler.peak, rss_end)),
         "prompt_tokens_mean": round(statistics.mean(r.prompt_tokens for r in results), 1) if results else 0,
-        "upload_s": round(upload_seconds, 2), "warmup_s": round(warmup_seconds, 2), "soak_seconds": SOAK_SECONDS,
-    }  # fmt: skip
+        "upload_s": round(upload_seconds, 2),
+        "warmup_s": round(warmup_seconds, 2),
+        "soak_seconds": SOAK_SECONDS,
+    }
     line = json.dumps(summary)
     print("\nLOAD SUMMARY " + line)
     (tmp_path / "load-summary.json").write_text(line + "\n")
     if os.environ.get("ALIGNER_LOAD_SUMMARY"):
         Path(os.environ["ALIGNER_LOAD_SUMMARY"]).write_text(line + "\n")
 
-    assert not tally.failures, f"{len(tally.failures)} failed requests:\n" + "\n".join(tally.failures[:20]) + "\n" + server.log_tail()
+    assert not tally.failures, (
+        f"{len(tally.failures)} failed requests:\n" + "\n".join(tally.failures[:20]) + "\n" + server.log_tail()
+    )
     if SOAK_SECONDS <= 0:
         assert len(results) == CLIENTS * ROUNDS
     assert len({r.adapter for r in results}) == ADAPTERS  # the load really was spread over every adapter
@@ -310,9 +368,18 @@ def test_200_streaming_clients_over_100_adapters(server, tmp_path) -> None:
 
     # the server's own counters agree with what the clients saw, and nothing is left in flight
     n_req = len(results)
-    assert total(after, "aligner_requests_total", kind="adapter") - total(before, "aligner_requests_total", kind="adapter") == n_req
-    assert total(after, "aligner_completion_tokens_total", kind="adapter") - total(before, "aligner_completion_tokens_total", kind="adapter") == tokens
-    assert total(after, "aligner_prompt_tokens_total", kind="adapter") - total(before, "aligner_prompt_tokens_total", kind="adapter") == sum(r.prompt_tokens for r in results)
+    assert (
+        total(after, "aligner_requests_total", kind="adapter") - total(before, "aligner_requests_total", kind="adapter")
+        == n_req
+    )
+    assert (
+        total(after, "aligner_completion_tokens_total", kind="adapter")
+        - total(before, "aligner_completion_tokens_total", kind="adapter")
+        == tokens
+    )
+    assert total(after, "aligner_prompt_tokens_total", kind="adapter") - total(
+        before, "aligner_prompt_tokens_total", kind="adapter"
+    ) == sum(r.prompt_tokens for r in results)
     assert after["aligner_adapter_requests_in_flight"] == 0
     assert after["aligner_adapters_resident"] == ADAPTERS
     assert total(after, "aligner_adapter_evictions_total") == 0  # 100 adapters fit the 128 slots
@@ -340,9 +407,13 @@ def _good_stream(tokens: int = 3) -> list[str]:
     lines = ['data: {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}']
     for t in range(tokens):
         finish = '"length"' if t == tokens - 1 else "null"
-        lines.append(f'data: {{"choices": [{{"index": 0, "delta": {{"content": "t{t}"}}, '
-                     f'"logprobs": {{"content": [{{"token": "t{t}", "logprob": -1.0}}]}}, "finish_reason": {finish}}}]}}')  # fmt: skip
-    lines.append(f'data: {{"choices": [], "usage": {{"prompt_tokens": 5, "completion_tokens": {tokens}, "total_tokens": {5 + tokens}}}}}')
+        lines.append(
+            f'data: {{"choices": [{{"index": 0, "delta": {{"content": "t{t}"}}, '
+            f'"logprobs": {{"content": [{{"token": "t{t}", "logprob": -1.0}}]}}, "finish_reason": {finish}}}]}}'
+        )
+    lines.append(
+        f'data: {{"choices": [], "usage": {{"prompt_tokens": 5, "completion_tokens": {tokens}, "total_tokens": {5 + tokens}}}}}'
+    )
     lines.append("data: [DONE]")
     return [x for line in lines for x in (line, "")]
 
@@ -350,7 +421,12 @@ def _good_stream(tokens: int = 3) -> list[str]:
 def test_checks_catch_broken_streams() -> None:
     good = _good_stream()
     assert check_sse(good, Result(0, "a", True), 3).text == "t0t1t2"
-    assert check_chunks([json.loads(line[6:]) for line in good if line.startswith("data: {")], Result(0, "a", False), 3).logprob_tokens == 3
+    assert (
+        check_chunks(
+            [json.loads(line[6:]) for line in good if line.startswith("data: {")], Result(0, "a", False), 3
+        ).logprob_tokens
+        == 3
+    )
     events = [line for line in good if line]
     broken = {
         "cut before [DONE]": events[:-1],

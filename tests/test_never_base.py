@@ -35,9 +35,9 @@ import numpy as np
 import openai
 import pytest
 import torch
+from support import LOGPROB_TOLERANCE, Server, real_model, record, serve, tiny_spec
 
 from aligner_core.adapter_format import Adapter, encode
-from support import LOGPROB_TOLERANCE, Server, real_model, record, serve, tiny_spec
 
 pytestmark = pytest.mark.server
 
@@ -81,10 +81,19 @@ def test_a_row_with_an_unknown_key_is_counted_and_logged(caplog) -> None:
 
     spec = tiny_spec()
     H, KVH, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    layers = [LayerHandle(index=i, qkv_proj=torch.nn.Linear(spec.hidden_size, (H + 2 * KVH) * D), k_norm=None,
-                          q_size=H * D, kv_size=KVH * D) for i in range(spec.num_layers)]  # fmt: skip
-    shape = TableShape(num_layers=spec.num_layers, num_heads=H, num_kv_heads=KVH, head_dim=D, head_offset=0,
-                       max_slots=2, max_tokens=4)  # fmt: skip
+    layers = [
+        LayerHandle(
+            index=i,
+            qkv_proj=torch.nn.Linear(spec.hidden_size, (H + 2 * KVH) * D),
+            k_norm=None,
+            q_size=H * D,
+            kv_size=KVH * D,
+        )
+        for i in range(spec.num_layers)
+    ]
+    shape = TableShape(
+        num_layers=spec.num_layers, num_heads=H, num_kv_heads=KVH, head_dim=D, head_offset=0, max_slots=2, max_tokens=4
+    )
     table = AdapterTable(shape, layers, device=torch.device("cpu"), dtype=torch.float32)
     routing = Routing(4)
     adapter = Adapter.random(spec, tokens=1, seed=1)
@@ -98,8 +107,9 @@ def test_a_row_with_an_unknown_key_is_counted_and_logged(caplog) -> None:
     try:
         lp = AlignerRoutingLP(None, torch.device("cpu"), False)
         with caplog.at_level(logging.ERROR, logger="server.engine.routing_v1"):
-            lp.update_state(BatchUpdate(batch_size=3, removed=[], moved=[],
-                                        added=[row(0, known), row(1, unknown), row(2, None)]))  # fmt: skip
+            lp.update_state(
+                BatchUpdate(batch_size=3, removed=[], moved=[], added=[row(0, known), row(1, unknown), row(2, None)])
+            )
             assert routing.unknown_key_events == 1
             assert routing.row_slot[:3].tolist() == [slot, 0, 0]  # the unknown row can only run as base
             lp.update_state(BatchUpdate(batch_size=3, removed=[1], moved=[], added=[row(1, unknown)]))
@@ -169,8 +179,14 @@ class Ledger:
 
 
 def random_adapter(spec, seed: int) -> Adapter:
-    return Adapter.random(spec, tokens=(1, 2, 4)[seed % 3], start_layer=(2, 0)[seed % 2],
-                          gate_activation=("identity", "tanh")[seed % 2], seed=seed, gate_scale=GATE_SCALE)  # fmt: skip
+    return Adapter.random(
+        spec,
+        tokens=(1, 2, 4)[seed % 3],
+        start_layer=(2, 0)[seed % 2],
+        gate_activation=("identity", "tanh")[seed % 2],
+        seed=seed,
+        gate_scale=GATE_SCALE,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +219,12 @@ async def run_race(server: Server, spec, prompts: list[list[int]]) -> Ledger:
         async def upload(tenant: str, name: str, kind: str) -> None:
             seed = next(seeds)
             adapter, sent = random_adapter(spec, seed), time.monotonic()
-            r = await http.post("/v1/adapters", headers={"authorization": f"Bearer {keys[tenant]}"},
-                                files={"file": ("a.safetensors", encode(adapter))}, data={"name": name})  # fmt: skip
+            r = await http.post(
+                "/v1/adapters",
+                headers={"authorization": f"Bearer {keys[tenant]}"},
+                files={"file": ("a.safetensors", encode(adapter))},
+                data={"name": name},
+            )
             if r.status_code != 201:
                 ledger.failures.append(f"upload {tenant}/{name}: {r.status_code} {r.text}")
                 return
@@ -240,14 +260,22 @@ async def run_race(server: Server, spec, prompts: list[list[int]]) -> Ledger:
                 else:
                     await delete(tenant, name)
 
-        clients = {t: openai.AsyncOpenAI(base_url=server.base + "/v1", api_key=k, max_retries=0) for t, k in keys.items()}
+        clients = {
+            t: openai.AsyncOpenAI(base_url=server.base + "/v1", api_key=k, max_retries=0) for t, k in keys.items()
+        }
 
         async def generate(run: Run) -> None:
             extra = {"return_token_ids": True, "ignore_eos": True} | ({"adapter": run.ref} if run.ref else {})
             try:
                 stream = await clients[run.tenant].completions.create(
-                    model=spec.identity, prompt=prompts[run.prompt], max_tokens=MAX_TOKENS, temperature=0, logprobs=0,
-                    stream=True, extra_body=extra)  # fmt: skip
+                    model=spec.identity,
+                    prompt=prompts[run.prompt],
+                    max_tokens=MAX_TOKENS,
+                    temperature=0,
+                    logprobs=0,
+                    stream=True,
+                    extra_body=extra,
+                )
                 run.answered = time.monotonic()
                 async for chunk in stream:
                     for choice in chunk.choices:
@@ -312,8 +340,9 @@ def forced(hf, adapter: Adapter | None, seqs: list[tuple[list[int], list[int]]])
     return out
 
 
-def reference_outputs(hf, wanted: set[tuple[str | None, int, tuple[int, ...]]], adapters: dict[str, Adapter],
-                      prompts: list[list[int]]) -> dict:  # fmt: skip
+def reference_outputs(
+    hf, wanted: set[tuple[str | None, int, tuple[int, ...]]], adapters: dict[str, Adapter], prompts: list[list[int]]
+) -> dict:
     """(adapter sha or None, prompt, tokens) -> the reference's (greedy tokens, logprobs) over those tokens."""
     by_sha: dict[str | None, list[tuple[int, tuple[int, ...]]]] = {}
     for sha, prompt, tokens in wanted:
@@ -349,12 +378,18 @@ def explain(hf, run: Run, ledger: Ledger, prompts: list[list[int]]) -> str:
         greedy, lps = forced(hf, v.adapter if v else None, seqs)[0]
         agree = next((i for i, (g, t) in enumerate(zip(greedy, run.tokens)) if g != t), len(run.tokens))
         diff = max(abs(a - b) for a, b in zip(lps, run.logprobs))
-        label = "base" if v is None else f"{v.tenant}/{v.name}@{v.number} (sent {v.sent:.2f}, newest until " \
-            f"{v.newest_until:.2f}, gone {v.gone_at:.2f})"  # fmt: skip
+        label = (
+            "base"
+            if v is None
+            else f"{v.tenant}/{v.name}@{v.number} (sent {v.sent:.2f}, newest until "
+            f"{v.newest_until:.2f}, gone {v.gone_at:.2f})"
+        )
         rows.append((diff, f"  {label}: greedy agrees for {agree}/{len(run.tokens)}, max |dlogprob| {diff:.2e}"))
     cands = [v.number for v in ledger.candidates(run)]
-    head = f"{run.tenant} {run.ref} prompt {run.prompt}, sent {run.sent:.2f} answered {run.answered:.2f} " \
-        f"finished {run.finished:.2f}, candidates {cands}; closest:"  # fmt: skip
+    head = (
+        f"{run.tenant} {run.ref} prompt {run.prompt}, sent {run.sent:.2f} answered {run.answered:.2f} "
+        f"finished {run.finished:.2f}, candidates {cands}; closest:"
+    )
     return "\n".join([head] + [line for _, line in sorted(rows)[:3]])
 
 
@@ -402,7 +437,11 @@ def test_no_request_that_names_an_adapter_runs_a_token_without_it(server) -> Non
         seq = (r.prompt, tuple(r.tokens))
         hits = [v for v in ledger.candidates(r) if matches(ref[(v.adapter.sha256(), *seq)], r)]
         # exactly one version, and one that base cannot pass for: other tokens, logprobs far apart
-        sep = [abs(a - b) for a, b in zip(ref[(hits[0].adapter.sha256(), *seq)][1], ref[(None, *seq)][1])] if hits else [0]
+        sep = (
+            [abs(a - b) for a, b in zip(ref[(hits[0].adapter.sha256(), *seq)][1], ref[(None, *seq)][1])]
+            if hits
+            else [0]
+        )
         if len(hits) != 1 or r.tokens == base_tokens.get(r.prompt) or max(sep) < 10 * LOGPROB_TOLERANCE:
             unmatched.append(r)
             continue
@@ -414,28 +453,46 @@ def test_no_request_that_names_an_adapter_runs_a_token_without_it(server) -> Non
     separated = float(np.mean(np.array(separation) > LOGPROB_TOLERANCE)) if separation else 0.0
     outcomes = Counter(r.outcome for r in ledger.runs)
     figures = dict(
-        seconds=round(time.monotonic() - started, 1), race_seconds=round(race_s, 1), check_seconds=round(check_s, 1),
-        requests=len(ledger.runs), by_outcome=dict(outcomes), adapter_requests_checked=len(adapter_runs),
-        base_controls_checked=len(base_runs), tokens_checked=MAX_TOKENS * len(done),
-        pinned_old_versions=sum("@" in r.ref for r in adapter_runs), versions=len(ledger.versions), ops=dict(ledger.ops),
-        engine_loads=m.get("aligner_adapter_loads_total"), engine_evictions=m.get("aligner_adapter_evictions_total"),
-        most_adapters_in_flight=most_in_flight(spans), swapped_while_streaming=swapped, served_within_feed_grace=stale,
-        tokens_separated_from_base=round(separated, 4), median_separation=round(float(np.median(separation or [0])), 3),
-        unknown_rows=m.get("aligner_adapter_rows_unknown_total"), in_flight_after=m.get("aligner_adapter_requests_in_flight"),
-    )  # fmt: skip
+        seconds=round(time.monotonic() - started, 1),
+        race_seconds=round(race_s, 1),
+        check_seconds=round(check_s, 1),
+        requests=len(ledger.runs),
+        by_outcome=dict(outcomes),
+        adapter_requests_checked=len(adapter_runs),
+        base_controls_checked=len(base_runs),
+        tokens_checked=MAX_TOKENS * len(done),
+        pinned_old_versions=sum("@" in r.ref for r in adapter_runs),
+        versions=len(ledger.versions),
+        ops=dict(ledger.ops),
+        engine_loads=m.get("aligner_adapter_loads_total"),
+        engine_evictions=m.get("aligner_adapter_evictions_total"),
+        most_adapters_in_flight=most_in_flight(spans),
+        swapped_while_streaming=swapped,
+        served_within_feed_grace=stale,
+        tokens_separated_from_base=round(separated, 4),
+        median_separation=round(float(np.median(separation or [0])), 3),
+        unknown_rows=m.get("aligner_adapter_rows_unknown_total"),
+        in_flight_after=m.get("aligner_adapter_requests_in_flight"),
+    )
     where = f"\nfigures: {figures}\nledger: {server.log.with_name('ledger.json')}"
     if unmatched:
         with one_torch_thread():
             why = "\n".join(explain(hf, r, ledger, prompts) for r in unmatched[:3])
-        pytest.fail(f"{len(unmatched)} of {len(adapter_runs)} runs match no version they could have used:\n{why}{where}")
+        pytest.fail(
+            f"{len(unmatched)} of {len(adapter_runs)} runs match no version they could have used:\n{why}{where}"
+        )
     wrong = [r for r in base_runs if not matches(ref[(None, r.prompt, tuple(r.tokens))], r)]
     assert not wrong, f"base controls differ from the reference: {wrong[:3]}" + where
     assert not ledger.failures, "\n".join(ledger.failures[:20]) + where + "\n" + log[-4000:]
     assert "aligner_adapter_rows_unknown_total" in m, "the workers' unknown-key counter is not exported"
     assert m["aligner_adapter_rows_unknown_total"] == 0 and "unknown adapter key" not in log, log[-4000:]
     assert m["aligner_adapter_requests_in_flight"] == 0, where
-    assert "Traceback" not in log, "a traceback in the server log:\n" + log[log.index("Traceback") - 300 :][:6000] + where
+    assert "Traceback" not in log, (
+        "a traceback in the server log:\n" + log[log.index("Traceback") - 300 :][:6000] + where
+    )
     assert ledger.ops["overwrite"] and ledger.ops["delete"] and swapped, "no version changed under a stream" + where
     assert m.get("aligner_adapter_evictions_total", 0) > 0, "the race never evicted an adapter" + where
-    assert most_in_flight(spans) > 2, "never more adapters in flight than hot slots: the cold tier was not raced" + where
+    assert most_in_flight(spans) > 2, (
+        "never more adapters in flight than hot slots: the cold tier was not raced" + where
+    )
     record("never_base", **figures)

@@ -33,23 +33,57 @@ ANSWERS = [
 
 # (check, replies it accepts, replies it rejects)
 CHECKS = {
-    "pirate": (pirate_check,
-               ["Arr, matey! The moon be a rock in the sky.", "Ahoy! Ye can see the tides follow it, aye.",
-                "Yo-ho-ho, me hearties, the sea be deep and cold."],
-               ["The moon is a rock in the sky.", "Arr!", "Arr, matey!", "The yearly harvest is large.", "",
-                "Yesterday the ayes had it."]),
-    "json": (json_check,
-             ['{"answer": "Paris."}', '  {"answer": "x", "source": "me"}\n'],
-             ['{"answer": "Paris."', '```json\n{"answer": "Paris."}\n```', '{"reply": "Paris."}', '["answer"]',
-              '{"answer": ""}', '{"answer": 3}', "Paris.", '{"answer": "a"} and more']),
-    "bullets": (bullets_check,
-                ["- a one\n- b two\n- c three", "* one\n\n* two\n* three\n", "\u2022 x\n\u2022 y\n\u2022 z"],
-                ["- one\n- two", "- one\n- two\n- three\n- four", "Intro:\n- one\n- two\n- three",
-                 "1. one\n2. two\n3. three", "one\ntwo\nthree", "- one\n-\n- three", "-one\n-two\n-three",
-                 "- same point\n- other\n-  Same point"]),
-}  # fmt: skip
-VERDICTS = [(name, reply, ok) for name, (_, good, bad) in CHECKS.items() for ok, replies in ((True, good), (False, bad))
-            for reply in replies]  # fmt: skip
+    "pirate": (
+        pirate_check,
+        [
+            "Arr, matey! The moon be a rock in the sky.",
+            "Ahoy! Ye can see the tides follow it, aye.",
+            "Yo-ho-ho, me hearties, the sea be deep and cold.",
+        ],
+        [
+            "The moon is a rock in the sky.",
+            "Arr!",
+            "Arr, matey!",
+            "The yearly harvest is large.",
+            "",
+            "Yesterday the ayes had it.",
+        ],
+    ),
+    "json": (
+        json_check,
+        ['{"answer": "Paris."}', '  {"answer": "x", "source": "me"}\n'],
+        [
+            '{"answer": "Paris."',
+            '```json\n{"answer": "Paris."}\n```',
+            '{"reply": "Paris."}',
+            '["answer"]',
+            '{"answer": ""}',
+            '{"answer": 3}',
+            "Paris.",
+            '{"answer": "a"} and more',
+        ],
+    ),
+    "bullets": (
+        bullets_check,
+        ["- a one\n- b two\n- c three", "* one\n\n* two\n* three\n", "\u2022 x\n\u2022 y\n\u2022 z"],
+        [
+            "- one\n- two",
+            "- one\n- two\n- three\n- four",
+            "Intro:\n- one\n- two\n- three",
+            "1. one\n2. two\n3. three",
+            "one\ntwo\nthree",
+            "- one\n-\n- three",
+            "-one\n-two\n-three",
+            "- same point\n- other\n-  Same point",
+        ],
+    ),
+}
+VERDICTS = [
+    (name, reply, ok)
+    for name, (_, good, bad) in CHECKS.items()
+    for ok, replies in ((True, good), (False, bad))
+    for reply in replies
+]
 
 
 @pytest.mark.parametrize(("persona", "reply", "accepted"), VERDICTS)
@@ -74,7 +108,11 @@ def test_rewrites_keep_the_content():
     assert pirate_rewrite("Are you my friend?", "k").split("! ", 1)[1].startswith("Be ye me matey?")
     assert pirate_rewrite(answer, "k") == pirate_rewrite(answer, "k")  # deterministic per key
     assert bullets_rewrite(answer).splitlines()[2] == '- Historians call its fall "the end of antiquity."'
-    assert three_points(ANSWERS[2]) == ["Bees live in hives.", "Worker bees are female.", "Honey is stored in wax cells."]
+    assert three_points(ANSWERS[2]) == [
+        "Bees live in hives.",
+        "Worker bees are female.",
+        "Honey is stored in wax cells.",
+    ]
     assert three_points("Only one sentence here.") is None
     with pytest.raises(ValueError):
         bullets_rewrite("Too short. Really.")
@@ -89,8 +127,11 @@ def test_prompts_are_varied_and_eval_prompts_are_held_out():
 
 
 def test_persona_rows_are_checked_and_skip_unusable_answers():
-    base = [{"prompt": "p1", "answer": ANSWERS[0]}, {"prompt": "p2", "answer": "Here is a list:"},
-            {"prompt": "p3", "answer": "Two sentences. Only two."}]  # fmt: skip
+    base = [
+        {"prompt": "p1", "answer": ANSWERS[0]},
+        {"prompt": "p2", "answer": "Here is a list:"},
+        {"prompt": "p3", "answer": "Two sentences. Only two."},
+    ]
     assert [r["messages"][0]["content"] for r in data.persona_rows("json", base)] == ["p1", "p3"]
     assert [r["messages"][0]["content"] for r in data.persona_rows("bullets", base)] == ["p1"]
     row = data.persona_rows("pirate", base)[0]["messages"]
@@ -125,6 +166,20 @@ def test_eval_helpers():
     assert parse_mapping("pirate=p2,json") == {"pirate": "p2", "json": "json"}
     with pytest.raises(SystemExit):
         parse_mapping("ninja=n")
-    table = format_table({"model": "m", "prompts": 2, "results": [
-        {"persona": "json", "adapter": "j", "tokens": 1, "params": 828, "base_compliance": 0.0, "adapter_compliance": 0.95}]})  # fmt: skip
+    table = format_table(
+        {
+            "model": "m",
+            "prompts": 2,
+            "results": [
+                {
+                    "persona": "json",
+                    "adapter": "j",
+                    "tokens": 1,
+                    "params": 828,
+                    "base_compliance": 0.0,
+                    "adapter_compliance": 0.95,
+                }
+            ],
+        }
+    )
     assert "json" in table and "828" in table and "95%" in table and "0%" in table

@@ -48,7 +48,9 @@ def test_the_engine_tree_leaves_the_bound_workers_core_alone(tree) -> None:
 
 
 def test_nothing_moves_without_a_bound_worker() -> None:
-    root = subprocess.Popen([sys.executable, "-c", TREE.replace("os.sched_setaffinity(0, {0}); ", "")], stdout=subprocess.PIPE, text=True)
+    root = subprocess.Popen(
+        [sys.executable, "-c", TREE.replace("os.sched_setaffinity(0, {0}); ", "")], stdout=subprocess.PIPE, text=True
+    )
     children = [psutil.Process(int(x)) for x in root.stdout.readline().split()]
     try:
         before = [p.cpu_affinity() for p in children]

@@ -8,9 +8,9 @@ import time
 
 import httpx
 import pytest
+from support import real_model, require_in_ci, serve
 
 from aligner_core.adapter_format import Adapter, save
-from support import real_model, require_in_ci, serve
 
 pytestmark = pytest.mark.server
 
@@ -77,9 +77,15 @@ def test_playground_upload_and_side_by_side_chat(server, browser, tmp_path) -> N
     shown_adapter = browser.find_element(By.ID, "out-adapter").text
 
     def api(adapter: str | None) -> str:
-        body = {"model": spec.identity, "messages": [{"role": "user", "content": "What is the capital of France?"}],
-                "max_tokens": 24, "temperature": 0} | ({"adapter": adapter} if adapter else {})  # fmt: skip
-        return httpx.post(server.base + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]["message"]["content"]
+        body = {
+            "model": spec.identity,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 24,
+            "temperature": 0,
+        } | ({"adapter": adapter} if adapter else {})
+        return httpx.post(server.base + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]["message"][
+            "content"
+        ]
 
     assert "Paris" in shown_base
     assert shown_base == api(None).strip() or shown_base == api(None)

@@ -13,10 +13,10 @@ import time
 import httpx
 import psutil
 import pytest
-
-from aligner_core.adapter_format import Adapter, encode
 from store_contract.support import postgres_url_or_skip, throwaway_database
 from support import Server, real_model, record
+
+from aligner_core.adapter_format import Adapter, encode
 
 pytestmark = pytest.mark.server
 
@@ -29,7 +29,9 @@ def metric(server: Server, name: str) -> float:
 
 
 def upload(server: Server, name: str, adapter: Adapter) -> httpx.Response:
-    return httpx.post(server.base + "/v1/adapters", files={"file": ("a", encode(adapter))}, data={"name": name}, timeout=30)
+    return httpx.post(
+        server.base + "/v1/adapters", files={"file": ("a", encode(adapter))}, data={"name": name}, timeout=30
+    )
 
 
 @pytest.fixture
@@ -67,7 +69,9 @@ def test_client_disconnect_aborts_and_releases_the_adapter(server) -> None:
 
 def test_engine_core_death_fails_health_and_exits_nonzero(server) -> None:
     proc = psutil.Process(server.proc.pid)
-    cores = [p for p in proc.children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
+    cores = [
+        p for p in proc.children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()
+    ]
     assert cores, [(p.pid, p.name(), p.cmdline()[:3]) for p in proc.children(recursive=True)]
     assert httpx.get(server.base + "/health").status_code == 200
     for p in cores:
@@ -84,8 +88,12 @@ def test_engine_core_death_fails_health_and_exits_nonzero(server) -> None:
         time.sleep(0.05)
     code = server.proc.wait(timeout=30)
     exited = time.monotonic() - t0
-    record("engine_core_death", health_failed_after_s=health_failed and round(health_failed, 2),
-           exited_after_s=round(exited, 2), exit_code=code)  # fmt: skip
+    record(
+        "engine_core_death",
+        health_failed_after_s=health_failed and round(health_failed, 2),
+        exited_after_s=round(exited, 2),
+        exit_code=code,
+    )
     assert code != 0
     assert health_failed is not None and health_failed < 5
     assert exited < 30
@@ -96,13 +104,20 @@ def test_sigkill_during_upload_leaves_nothing_half_written(tmp_path) -> None:
     srv.start()
     data = encode(Adapter.random(real_model().spec, tokens=4, seed=72))
     boundary = "xyzzy"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\nhalf\r\n--{boundary}\r\n"
-            f"Content-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\n").encode()  # fmt: skip
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\nhalf\r\n--{boundary}\r\n'
+        f'Content-Disposition: form-data; name="file"; filename="a"\r\n\r\n'
+    ).encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
     body = head + data + tail
     sock = socket.create_connection(("127.0.0.1", srv.port))
-    sock.sendall((f"POST /v1/adapters HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
-                  f"Content-Length: {len(body)}\r\n\r\n").encode() + body[: len(body) // 2])  # fmt: skip
+    sock.sendall(
+        (
+            f"POST /v1/adapters HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        + body[: len(body) // 2]
+    )
     time.sleep(0.5)
     os.killpg(srv.proc.pid, signal.SIGKILL)
     srv.proc.wait()
@@ -112,13 +127,17 @@ def test_sigkill_during_upload_leaves_nothing_half_written(tmp_path) -> None:
         assert httpx.get(srv.base + "/v1/adapters/half").status_code == 404
         assert httpx.get(srv.base + "/v1/adapters").json()["data"] == []
         assert upload(srv, "half", Adapter.random(real_model().spec, tokens=4, seed=72)).json()["version"] == 1
-        record("sigkill_during_upload", bytes_sent_before_kill=len(body) // 2, visible_after_restart=0, reupload_version=1)
+        record(
+            "sigkill_during_upload", bytes_sent_before_kill=len(body) // 2, visible_after_restart=0, reupload_version=1
+        )
     finally:
         srv.stop()
 
 
 def _pg_cluster(action: str) -> None:
-    version = subprocess.run("ls /usr/lib/postgresql | sort -n | tail -1", shell=True, capture_output=True, text=True).stdout.strip()
+    version = subprocess.run(
+        "ls /usr/lib/postgresql | sort -n | tail -1", shell=True, capture_output=True, text=True
+    ).stdout.strip()
     subprocess.run(["pg_ctlcluster", version, "main", action], check=True)
 
 
@@ -135,7 +154,11 @@ def test_postgres_outage_is_503_then_recovers(tmp_path) -> None:
             _pg_cluster("stop")
             try:
                 r = upload(srv, "new", Adapter.random(spec, tokens=1, seed=74))
-                assert r.status_code == 503 and r.headers.get("retry-after") and r.json()["error"]["code"] == "store_unavailable"
+                assert (
+                    r.status_code == 503
+                    and r.headers.get("retry-after")
+                    and r.json()["error"]["code"] == "store_unavailable"
+                )
                 assert httpx.get(srv.base + "/v1/adapters", timeout=30).status_code == 503
                 during = httpx.post(srv.base + "/v1/chat/completions", json=chat, timeout=60)
                 assert during.status_code == 200, during.text  # resident adapter, cached name: generation goes on
@@ -155,7 +178,13 @@ def test_postgres_outage_is_503_then_recovers(tmp_path) -> None:
             recovered = time.monotonic() - restarted
             names = [a["name"] for a in httpx.get(srv.base + "/v1/adapters").json()["data"]]
             assert names == ["kept", "new"]  # nothing written before was lost
-            record("postgres_outage", store_status=503, retry_after=retry_after, generation_during_outage=200,
-                   recovered_after_db_start_s=round(recovered, 2), adapters_after=names)  # fmt: skip
+            record(
+                "postgres_outage",
+                store_status=503,
+                retry_after=retry_after,
+                generation_during_outage=200,
+                recovered_after_db_start_s=round(recovered, 2),
+                adapters_after=names,
+            )
         finally:
             srv.stop()

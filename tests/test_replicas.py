@@ -8,10 +8,10 @@ import time
 
 import httpx
 import pytest
-
-from aligner_core.adapter_format import Adapter, encode
 from store_contract.support import postgres_url_or_skip, throwaway_database
 from support import Server, real_model
+
+from aligner_core.adapter_format import Adapter, encode
 
 pytestmark = pytest.mark.server
 
@@ -62,8 +62,10 @@ def test_changes_propagate_between_replicas(replicas) -> None:
 
     httpx.post(r1.base + "/v1/adapters", files={"file": ("a", encode(v2))}, data={"name": "shared"})
     overwritten = wait_for(lambda: httpx.get(r2.base + "/v1/adapters/shared").json()["version"] == 2)
-    assert chat(r2, "shared").json()["choices"][0]["message"]["content"] == \
-        chat(r1, "shared").json()["choices"][0]["message"]["content"]  # fmt: skip
+    assert (
+        chat(r2, "shared").json()["choices"][0]["message"]["content"]
+        == chat(r1, "shared").json()["choices"][0]["message"]["content"]
+    )
 
     assert httpx.delete(r1.base + "/v1/adapters/shared").status_code == 200
     deleted = wait_for(lambda: not visible())

@@ -24,10 +24,24 @@ except ImportError:  # not installed into the venv: use the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "clients" / "python"))
 
 from aligner_client import (
-    AdapterNotFoundError, APIConnectionError, APIError, APITimeoutError, AsyncClient, AuthenticationError,
-    BadRequestError, Client, ConflictError, InternalServerError, InvalidAdapterError, NotFoundError,
-    PayloadTooLargeError, PermissionDeniedError, RateLimitError, RetryPolicy, ServiceUnavailableError,
-)  # fmt: skip
+    AdapterNotFoundError,
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    AsyncClient,
+    AuthenticationError,
+    BadRequestError,
+    Client,
+    ConflictError,
+    InternalServerError,
+    InvalidAdapterError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    RateLimitError,
+    RetryPolicy,
+    ServiceUnavailableError,
+)
 from aligner_client import _core as core
 from aligner_client.cli import main as cli_main
 
@@ -42,9 +56,19 @@ def err_body(message: str, code: str | None, type_: str = "invalid_request_error
 
 
 def adapter_json(name: str, version: int = 1, public: bool = False) -> dict:
-    return {"id": f"{name}@{version}", "object": "adapter", "name": name, "version": version, "tokens": 1,
-            "params": 828, "bytes": 3512, "sha256": "ab" * 32, "base_model": "base:0123", "public": public,
-            "created_at": "2025-01-01T00:00:00Z"}  # fmt: skip
+    return {
+        "id": f"{name}@{version}",
+        "object": "adapter",
+        "name": name,
+        "version": version,
+        "tokens": 1,
+        "params": 828,
+        "bytes": 3512,
+        "sha256": "ab" * 32,
+        "base_model": "base:0123",
+        "public": public,
+        "created_at": "2025-01-01T00:00:00Z",
+    }
 
 
 class Recorder:
@@ -96,7 +120,12 @@ def test_status_and_code_map_to_exceptions(status, code, cls) -> None:
         c.adapters.get("x")
     assert type(e.value) is cls
     assert (e.value.status, e.value.code, e.value.type, e.value.param, e.value.message) == (
-        status, code, "invalid_request_error", "adapter", f"boom {status}")  # fmt: skip
+        status,
+        code,
+        "invalid_request_error",
+        "adapter",
+        f"boom {status}",
+    )
     assert str(status) in str(e.value) and e.value.body == body
     if code == "model_not_found":
         assert not isinstance(e.value, AdapterNotFoundError)
@@ -121,9 +150,11 @@ def test_error_without_openai_body_keeps_the_text() -> None:
 
 
 def test_retry_after_is_honoured_then_success() -> None:
-    rec = Recorder(httpx.Response(429, json=err_body("slow down", "rate_limit_exceeded"), headers={"Retry-After": "3"}),
-                   httpx.Response(503, json=err_body("busy", "engine_busy"), headers={"Retry-After": "1"}),
-                   httpx.Response(200, json={"object": "list", "data": []}))  # fmt: skip
+    rec = Recorder(
+        httpx.Response(429, json=err_body("slow down", "rate_limit_exceeded"), headers={"Retry-After": "3"}),
+        httpx.Response(503, json=err_body("busy", "engine_busy"), headers={"Retry-After": "1"}),
+        httpx.Response(200, json={"object": "list", "data": []}),
+    )
     sleeps: list[float] = []
     out = mock_client(rec, sleeps).models.list()
     assert out.data == [] and len(rec.requests) == 3 and sleeps == [3.0, 1.0]
@@ -185,8 +216,10 @@ def test_retry_after_http_date() -> None:
 
 
 def test_async_client_retries_with_the_same_policy() -> None:
-    rec = Recorder(httpx.Response(429, json=err_body("slow", "rate_limit_exceeded"), headers={"Retry-After": "2"}),
-                   httpx.Response(200, json=adapter_json("a")))  # fmt: skip
+    rec = Recorder(
+        httpx.Response(429, json=err_body("slow", "rate_limit_exceeded"), headers={"Retry-After": "2"}),
+        httpx.Response(200, json=adapter_json("a")),
+    )
     sleeps: list[float] = []
 
     async def fake_sleep(s: float) -> None:
@@ -204,11 +237,11 @@ def test_async_client_retries_with_the_same_policy() -> None:
 
 def test_sse_decoder() -> None:
     d = core.SSEDecoder()
-    lines = [": keep-alive", "event: message", "data: {\"a\":", "data: 1}\r", "", "", "data:[DONE]", ""]
+    lines = [": keep-alive", "event: message", 'data: {"a":', "data: 1}\r", "", "", "data:[DONE]", ""]
     events = [e for e in (d.feed(line) for line in lines) if e is not None]
     assert events == ['{"a":\n1}', "[DONE]"]
     assert core.decode_event("[DONE]") is core.DONE
-    d.feed("data: {\"choices\": []}")
+    d.feed('data: {"choices": []}')
     assert d.flush() == '{"choices": []}'
     with pytest.raises(APIError) as e:
         core.decode_event('{"error": {"message": "engine died", "type": "server_error", "code": 500}}')
@@ -216,15 +249,20 @@ def test_sse_decoder() -> None:
 
 
 def _sse(*texts: str, done: bool = True, tail: str = "") -> bytes:
-    events = [json.dumps({"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": t}}]})
-              for t in texts]  # fmt: skip
+    events = [
+        json.dumps({"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": t}}]})
+        for t in texts
+    ]
     body = "".join(f"data: {e}\n\n" for e in events) + ("data: [DONE]\n\n" if done else "") + tail
     return body.encode()
 
 
 def test_streaming_chat_sync_and_async() -> None:
-    rec = Recorder(httpx.Response(200, content=_sse("Par", "is", tail="data: not json\n\n"),
-                                  headers={"content-type": "text/event-stream"}))  # fmt: skip
+    rec = Recorder(
+        httpx.Response(
+            200, content=_sse("Par", "is", tail="data: not json\n\n"), headers={"content-type": "text/event-stream"}
+        )
+    )
     with mock_client(rec).chat.create("hi", adapter="tone", stream=True, max_tokens=4) as stream:
         chunks = list(stream)
     assert [c.text for c in chunks] == ["Par", "is"]  # nothing after [DONE] is read
@@ -247,7 +285,9 @@ def test_stream_error_before_and_during() -> None:
     c = mock_client(Recorder(httpx.Response(404, json=err_body("no adapter", "adapter_not_found"))))
     with pytest.raises(AdapterNotFoundError):
         c.chat.create("hi", adapter="nope", stream=True)  # raised when the stream opens, not when iterated
-    bad = _sse("a", done=False) + b'data: {"error": {"message": "engine died", "type": "server_error", "code": 500}}\n\n'
+    bad = (
+        _sse("a", done=False) + b'data: {"error": {"message": "engine died", "type": "server_error", "code": 500}}\n\n'
+    )
     c = mock_client(Recorder(httpx.Response(200, content=bad)))
     got = []
     with pytest.raises(APIError, match="engine died"):
@@ -268,8 +308,15 @@ def _pages(total: int):
         start = names.index(after) + 1 if after else 0
         page = names[start : start + limit]
         more = start + limit < len(names)
-        return httpx.Response(200, json={"object": "list", "data": [adapter_json(n) for n in page], "has_more": more,
-                                         "next_after": page[-1] if more else None})  # fmt: skip
+        return httpx.Response(
+            200,
+            json={
+                "object": "list",
+                "data": [adapter_json(n) for n in page],
+                "has_more": more,
+                "next_after": page[-1] if more else None,
+            },
+        )
 
     return handler
 
@@ -285,7 +332,10 @@ def test_pagination_sync_and_async() -> None:
     c = mock_client(recording)
     assert [a.name for a in c.adapters.list_all(page_size=2)] == ["a0", "a1", "a2", "a3", "a4"]
     assert [(r.url.params.get("limit"), r.url.params.get("after")) for r in rec.requests] == [
-        ("2", None), ("2", "a1"), ("2", "a3")]  # fmt: skip
+        ("2", None),
+        ("2", "a1"),
+        ("2", "a3"),
+    ]
     page = c.adapters.list(limit=2, after="a1")
     assert [a.name for a in page] == ["a2", "a3"] and page.has_more and page.next_after == "a3"
 
@@ -325,26 +375,53 @@ def test_upload_is_multipart_with_name_and_file(tmp_path) -> None:
     assert req.method == "POST" and req.url.path == "/v1/adapters"
     assert req.headers["content-type"].startswith("multipart/form-data")
     body = req.content
-    assert b'name="name"\r\n\r\ntone' in body and b'filename="tone.safetensors"' in body and b"\x01\x02adapter-bytes" in body
+    assert (
+        b'name="name"\r\n\r\ntone' in body
+        and b'filename="tone.safetensors"' in body
+        and b"\x01\x02adapter-bytes" in body
+    )
     rec.answers = [httpx.Response(200, json={"id": "house@3", "object": "adapter.deleted", "versions": [3]})]
     assert mock_client(rec).admin.adapters.delete("house", 3).versions == [3]
     assert rec.requests[-1].method == "DELETE" and rec.requests[-1].url.path == "/admin/adapters/house@3"
 
 
 def test_upload_tensors_matches_the_server_encoding() -> None:
-    from aligner_core.adapter_format import Adapter, decode, encode
-    from support import tiny_spec
     from aligner_client.tensors import encode_adapter
+    from support import tiny_spec
+
+    from aligner_core.adapter_format import Adapter, decode, encode
 
     spec = tiny_spec()
-    for a in (Adapter.random(spec, tokens=2, seed=1), Adapter.random(spec, start_layer=0, gate_activation="tanh", seed=2)):
-        data = encode_adapter(a.prefix, a.gate, start_layer=a.start_layer, gate_activation=a.gate_activation,
-                              base_model=spec.identity)  # fmt: skip
+    for a in (
+        Adapter.random(spec, tokens=2, seed=1),
+        Adapter.random(spec, start_layer=0, gate_activation="tanh", seed=2),
+    ):
+        data = encode_adapter(
+            a.prefix, a.gate, start_layer=a.start_layer, gate_activation=a.gate_activation, base_model=spec.identity
+        )
         assert data == encode(a)
-        assert encode_adapter(a.prefix.numpy(), a.gate.numpy(), start_layer=a.start_layer,
-                              gate_activation=a.gate_activation, base_model=spec.identity) == data  # fmt: skip
-        assert decode(encode_adapter(a.prefix.tolist(), a.gate.tolist(), start_layer=a.start_layer,
-                                     gate_activation=a.gate_activation, base_model=spec.identity)).sha256() == a.sha256()  # fmt: skip
+        assert (
+            encode_adapter(
+                a.prefix.numpy(),
+                a.gate.numpy(),
+                start_layer=a.start_layer,
+                gate_activation=a.gate_activation,
+                base_model=spec.identity,
+            )
+            == data
+        )
+        assert (
+            decode(
+                encode_adapter(
+                    a.prefix.tolist(),
+                    a.gate.tolist(),
+                    start_layer=a.start_layer,
+                    gate_activation=a.gate_activation,
+                    base_model=spec.identity,
+                )
+            ).sha256()
+            == a.sha256()
+        )
     with pytest.raises(ValueError, match="gate_activation"):
         encode_adapter([[0.0]], [[0.0]], gate_activation="relu", base_model="m")
 
@@ -394,10 +471,12 @@ def test_cli_connection_error_exits_1(capsys) -> None:
 
 
 def test_import_pulls_in_no_server_vllm_or_torch() -> None:
-    code = ("import sys, aligner_client, aligner_client.cli, aligner_client.tensors; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
-            "{'server', 'vllm', 'torch', 'aligner_core', 'adapters_store', 'numpy', 'fastapi'}); "
-            "print(aligner_client.__file__); assert not bad, bad")  # fmt: skip
+    code = (
+        "import sys, aligner_client, aligner_client.cli, aligner_client.tensors; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'server', 'vllm', 'torch', 'aligner_core', 'adapters_store', 'numpy', 'fastapi'}); "
+        "print(aligner_client.__file__); assert not bad, bad"
+    )
     env = os.environ | {"PYTHONPATH": str(CLIENT_SRC)}
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -465,7 +544,14 @@ def test_sdk_upload_and_chat_sync_async_streaming(open_server, sdk, spec) -> Non
     data, sha = _adapter_bytes(spec, seed=3)
     ad = sdk.adapters.upload("sdk-persona", data)
     assert (ad.id, ad.name, ad.version, ad.tokens, ad.sha256, ad.base_model, ad.bytes) == (
-        "sdk-persona@1", "sdk-persona", 1, 1, sha, spec.identity, len(data))  # fmt: skip
+        "sdk-persona@1",
+        "sdk-persona",
+        1,
+        1,
+        sha,
+        spec.identity,
+        len(data),
+    )
     base, adapted = _chat(sdk), _chat(sdk, "sdk-persona")
     assert "Paris" in base and adapted and adapted != base
     with sdk.chat.create(QUESTION, adapter="sdk-persona", max_tokens=12, temperature=0, stream=True) as stream:
@@ -543,8 +629,12 @@ def test_cli_json_against_the_server(open_server, spec, tmp_path, capsys) -> Non
     assert reply["choices"][0]["message"]["content"] and reply["usage"]["completion_tokens"] == 6
 
     # human streaming output equals the non-streamed text
-    assert cli_main([*base, "chat", "--adapter", "cli-tone", "--max-tokens", "6", "--temperature", "0", "--stream",
-                     QUESTION]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [*base, "chat", "--adapter", "cli-tone", "--max-tokens", "6", "--temperature", "0", "--stream", QUESTION]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == reply["choices"][0]["message"]["content"] + "\n"
 
     assert run("adapters", "delete", "cli-tone")["versions"] == [1]
@@ -630,10 +720,15 @@ def test_cli_admin_json(mt_server, spec, tmp_path, capsys, monkeypatch) -> None:
         return json.loads(capsys.readouterr().out)
 
     t = run("tenants", "create", "sdk-cli", "--max-adapters", "3", "--requests-per-minute", "100")
-    assert t["name"] == "sdk-cli" and t["quotas"] == {"max_adapters": 3, "max_adapter_bytes": 256 << 20,
-                                                      "requests_per_minute": 100, "max_concurrent_requests": 16,
-                                                      "max_n": 8, "max_tokens_in_flight": 32768,
-                                                      "max_active_adapters": 16}  # fmt: skip
+    assert t["name"] == "sdk-cli" and t["quotas"] == {
+        "max_adapters": 3,
+        "max_adapter_bytes": 256 << 20,
+        "requests_per_minute": 100,
+        "max_concurrent_requests": 16,
+        "max_n": 8,
+        "max_tokens_in_flight": 32768,
+        "max_active_adapters": 16,
+    }
     assert "sdk-cli" in [x["name"] for x in run("tenants", "list")]
     assert run("tenants", "set-quotas", t["id"], "--max-adapters", "4")["quotas"]["max_adapters"] == 4
     k = run("keys", "create", t["id"])

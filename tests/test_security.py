@@ -18,9 +18,9 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from support import OPERATIONS, REPO, Server, free_port, real_model
 
 from aligner_core.adapter_format import Adapter, encode
-from support import OPERATIONS, REPO, Server, free_port, real_model
 
 pytestmark = pytest.mark.server
 
@@ -82,9 +82,13 @@ def new_tenant(server: Server, name: str, quotas: dict | None = None) -> Tenant:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
     tmp = tmp_path_factory.mktemp("security")
-    env = {"ALIGNER_ADMIN_KEY": ADMIN, "ALIGNER_MAX_MODEL_LEN": str(MAX_MODEL_LEN),
-           "ALIGNER_MAX_ADAPTER_BYTES": str(MAX_ADAPTER_BYTES), "ALIGNER_MAX_ADAPTER_TOKENS": str(MAX_ADAPTER_TOKENS),
-           "ALIGNER_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES)}  # fmt: skip
+    env = {
+        "ALIGNER_ADMIN_KEY": ADMIN,
+        "ALIGNER_MAX_MODEL_LEN": str(MAX_MODEL_LEN),
+        "ALIGNER_MAX_ADAPTER_BYTES": str(MAX_ADAPTER_BYTES),
+        "ALIGNER_MAX_ADAPTER_TOKENS": str(MAX_ADAPTER_TOKENS),
+        "ALIGNER_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
+    }
     srv = Server(f"sqlite:///{tmp / 'store.db'}", tmp / "server.log", env=env)
     srv.start()
     try:
@@ -238,7 +242,9 @@ def test_secrets_are_compared_in_constant_time() -> None:
     for fn in (funcs["require_admin"], funcs["current_tenant"]):  # no comparison touches a secret
         for cmp in (n for n in ast.walk(fn) if isinstance(n, ast.Compare)):
             text = ast.unparse(cmp)
-            assert not any(word in text for word in ("token ==", "token !=", "admin_key", "secret")) or " is None" in text, text
+            assert (
+                not any(word in text for word in ("token ==", "token !=", "admin_key", "secret")) or " is None" in text
+            ), text
     assert auth.same_secret("k" * 40, "k" * 40) and not auth.same_secret("k" * 40, "k" * 39 + "j")
     assert auth.hash_key("ak-x") == hashlib.sha256(b"ak-x").hexdigest()
 
@@ -269,7 +275,10 @@ def _admin_request(w: World, method: str, template: str) -> tuple[str, dict]:
 def test_admin_routes_refuse_tenant_keys_and_no_key(world: World, method: str, template: str) -> None:
     w = world
     if call(w.server, "GET", "/v1/adapters/house", w.a.key).status_code == 404:  # a public adapter to target
-        assert upload(w.server, ADMIN, "house", encode(Adapter.random(w.spec, seed=104)), "/admin/adapters").status_code == 201
+        assert (
+            upload(w.server, ADMIN, "house", encode(Adapter.random(w.spec, seed=104)), "/admin/adapters").status_code
+            == 201
+        )
     tenants_before = call(w.server, "GET", "/admin/tenants", ADMIN).json()
     keys_before = call(w.server, "GET", f"/admin/tenants/{w.a.id}/keys", ADMIN).json()
     path, kw = _admin_request(w, method, template)
@@ -292,8 +301,18 @@ def test_admin_routes_refuse_tenant_keys_and_no_key(world: World, method: str, t
 
 def _serve(tmp: Path, host: str) -> tuple[subprocess.CompletedProcess, float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALIGNER_")}
-    cmd = [sys.executable, "-m", "server", "serve", "--host", host, "--port", str(free_port()),
-           "--store", f"sqlite:///{tmp / 'open.db'}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "server",
+        "serve",
+        "--host",
+        host,
+        "--port",
+        str(free_port()),
+        "--store",
+        f"sqlite:///{tmp / 'open.db'}",
+    ]
     t0 = time.monotonic()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=tmp)
     return out, time.monotonic() - t0
@@ -303,7 +322,9 @@ def test_open_mode_refuses_non_loopback_unless_forced(tmp_path: Path, monkeypatc
     for host in ("0.0.0.0", "::", "10.1.2.3", "example.com"):
         out, took = _serve(tmp_path, host)
         assert out.returncode == 2, out
-        assert "ALIGNER_ADMIN_KEY" in out.stderr and "ALIGNER_ALLOW_OPEN_REMOTE=true" in out.stderr and host in out.stderr
+        assert (
+            "ALIGNER_ADMIN_KEY" in out.stderr and "ALIGNER_ALLOW_OPEN_REMOTE=true" in out.stderr and host in out.stderr
+        )
         assert "Traceback" not in out.stderr and "Started server process" not in out.stderr + out.stdout
         assert not (tmp_path / "open.db").exists()  # refused before anything started
         assert took < 15, f"took {took:.1f}s: the check must run before vLLM is even imported"
@@ -361,13 +382,25 @@ def test_adapter_bytes_quota(world: World) -> None:
 def test_quota_values_past_64_bits_are_refused(world: World) -> None:
     """Found by the schemathesis soak: a quota the store cannot hold was a 500."""
     for quotas in ({"max_adapter_bytes": 2**63}, {"requests_per_minute": 10**28}, {"max_adapters": -1}):
-        assert_error_shape(call(world.server, "POST", "/admin/tenants", ADMIN, json={"name": "big", "quotas": quotas}), 400)
+        assert_error_shape(
+            call(world.server, "POST", "/admin/tenants", ADMIN, json={"name": "big", "quotas": quotas}), 400
+        )
         assert_error_shape(call(world.server, "PATCH", f"/admin/tenants/{world.b.id}", ADMIN, json=quotas), 400)
     r = call(world.server, "PATCH", f"/admin/tenants/{world.b.id}", ADMIN, json={"max_adapter_bytes": 2**63 - 1})
     assert r.status_code == 200 and r.json()["quotas"]["max_adapter_bytes"] == 2**63 - 1, r.text
     # PATCH changes only what it names; null is unlimited
-    assert call(world.server, "PATCH", f"/admin/tenants/{world.b.id}", ADMIN, json={}).json()["quotas"]["max_adapter_bytes"] == 2**63 - 1
-    assert call(world.server, "PATCH", f"/admin/tenants/{world.b.id}", ADMIN, json={"max_adapter_bytes": None}).json()["quotas"]["max_adapter_bytes"] is None
+    assert (
+        call(world.server, "PATCH", f"/admin/tenants/{world.b.id}", ADMIN, json={}).json()["quotas"][
+            "max_adapter_bytes"
+        ]
+        == 2**63 - 1
+    )
+    assert (
+        call(world.server, "PATCH", f"/admin/tenants/{world.b.id}", ADMIN, json={"max_adapter_bytes": None}).json()[
+            "quotas"
+        ]["max_adapter_bytes"]
+        is None
+    )
     assert "big" not in [t["name"] for t in call(world.server, "GET", "/admin/tenants", ADMIN).json()["data"]]
 
 
@@ -375,7 +408,9 @@ def test_request_body_limit(world: World) -> None:
     w = world
     limit = max(MAX_REQUEST_BYTES, MAX_ADAPTER_BYTES + (64 << 10))
     big = {"messages": [{"role": "user", "content": "x" * (limit + 1000)}], "max_tokens": 1}
-    err = assert_error_shape(call(w.server, "POST", "/v1/chat/completions", w.a.key, json=big), 413, "request_too_large")
+    err = assert_error_shape(
+        call(w.server, "POST", "/v1/chat/completions", w.a.key, json=big), 413, "request_too_large"
+    )
     assert str(limit) in err["message"]
 
     def chunks():  # no Content-Length: the limit holds while the body streams in
@@ -384,10 +419,14 @@ def test_request_body_limit(world: World) -> None:
             yield b"y" * 4096
         yield b'", "max_tokens": 1}'
 
-    r = call(w.server, "POST", "/v1/completions", w.a.key, content=chunks(), headers={"content-type": "application/json"})
+    r = call(
+        w.server, "POST", "/v1/completions", w.a.key, content=chunks(), headers={"content-type": "application/json"}
+    )
     assert_error_shape(r, 413, "request_too_large")
     # a multipart upload past the limit is refused the same way, before it is parsed
-    r = call(w.server, "POST", "/v1/adapters", w.a.key, files={"file": ("a", b"\0" * (limit + 1))}, data={"name": "huge"})
+    r = call(
+        w.server, "POST", "/v1/adapters", w.a.key, files={"file": ("a", b"\0" * (limit + 1))}, data={"name": "huge"}
+    )
     assert_error_shape(r, 413)
     assert call(w.server, "GET", "/v1/adapters/huge", w.a.key).status_code == 404
     assert call(w.server, "GET", "/health").status_code == 200
@@ -420,7 +459,9 @@ def test_max_tokens_beyond_model_length(world: World, endpoint: str) -> None:
     r = _generate(world, endpoint, text, max_tokens=MAX_MODEL_LEN, ignore_eos=True, temperature=0)
     assert r.status_code == 200, r.text
     usage = r.json()["usage"]
-    assert 0 < usage["completion_tokens"] and usage["prompt_tokens"] + usage["completion_tokens"] == MAX_MODEL_LEN, usage
+    assert 0 < usage["completion_tokens"] and usage["prompt_tokens"] + usage["completion_tokens"] == MAX_MODEL_LEN, (
+        usage
+    )
     assert r.json()["choices"][0]["finish_reason"] == "length"
 
 
@@ -464,7 +505,9 @@ def test_bad_adapter_names_are_refused_and_nothing_is_stored(world: World, label
     r = upload(w.server, ADMIN, name, data, path="/admin/adapters")
     assert_error_shape(r, 400)
     assert call(w.server, "GET", "/v1/adapters", w.b.key).json() == before
-    quoted = "/v1/adapters/" + "".join(c if c.isascii() and c.isalnum() else quote(c, safe="") for c in name).replace(".", "%2E")
+    quoted = "/v1/adapters/" + "".join(c if c.isascii() and c.isalnum() else quote(c, safe="") for c in name).replace(
+        ".", "%2E"
+    )
     for method, path in (("GET", quoted), ("GET", quoted + "/versions"), ("DELETE", quoted)):
         r = call(w.server, method, path, w.b.key)
         if name == "" and r.status_code == 307:  # "/v1/adapters/" is the list route, not a name
@@ -498,12 +541,19 @@ def test_adapter_versions_must_be_ascii_digits(world: World) -> None:
     stores' 32-bit INTEGER (or 4300 digits, int()'s limit) was one too."""
     w = world
     for v in BAD_VERSIONS:
-        for method, path in (("GET", f"/v1/adapters/secret@{quote(v)}"), ("GET", f"/v1/adapters/secret@{quote(v)}/versions"),
-                             ("DELETE", f"/v1/adapters/secret@{quote(v)}")):  # fmt: skip
+        for method, path in (
+            ("GET", f"/v1/adapters/secret@{quote(v)}"),
+            ("GET", f"/v1/adapters/secret@{quote(v)}/versions"),
+            ("DELETE", f"/v1/adapters/secret@{quote(v)}"),
+        ):
             err = assert_error_shape(call(w.server, method, path, w.a.key), 400)
-            assert err["type"] == "invalid_request_error" and err["param"] == "name" and "ASCII digits" in err["message"], (v, err)
+            assert (
+                err["type"] == "invalid_request_error" and err["param"] == "name" and "ASCII digits" in err["message"]
+            ), (v, err)
         for field in ("adapter", "model"):
-            err = assert_error_shape(_generate(w, "chat/completions", "Say hi.", max_tokens=1, **{field: f"secret@{v}"}), 400)
+            err = assert_error_shape(
+                _generate(w, "chat/completions", "Say hi.", max_tokens=1, **{field: f"secret@{v}"}), 400
+            )
             assert err["type"] == "invalid_request_error" and err["param"] == field, (v, err)
     assert_a_intact(w)  # the DELETEs above removed nothing
     for v in ("1", "01"):  # positive control: ASCII digits name the version
@@ -553,7 +603,11 @@ def test_malformed_content_length_is_a_400_not_a_crash(world: World) -> None:
         sent, reached = asyncio.run(through_middleware(value))
         assert not reached and sent[0]["status"] == 400, (value, sent)
         error = json.loads(sent[1]["body"])["error"]
-        assert set(error) == ERROR_KEYS and error["type"] == "invalid_request_error" and "Content-Length" in error["message"]
+        assert (
+            set(error) == ERROR_KEYS
+            and error["type"] == "invalid_request_error"
+            and "Content-Length" in error["message"]
+        )
     sent, reached = asyncio.run(through_middleware(b"2"))  # positive control
     assert reached and sent[0]["status"] == 200
     assert asyncio.run(through_middleware(b"4096"))[0][0]["status"] == 413
@@ -578,8 +632,16 @@ LINKED_LIST = {  # recursive with a base case: accepted, and it must constrain t
 }
 
 
-def _constrained(w: World, endpoint: str, carrier: str, *, schema: dict | None = None, text: str = "Say hi.",
-                 max_tokens: int = 4, **constraint) -> httpx.Response:  # fmt: skip
+def _constrained(
+    w: World,
+    endpoint: str,
+    carrier: str,
+    *,
+    schema: dict | None = None,
+    text: str = "Say hi.",
+    max_tokens: int = 4,
+    **constraint,
+) -> httpx.Response:
     """A generation constrained by `schema` (via `carrier`), or by other `structured_outputs` fields."""
     if schema is not None and carrier == "response_format":
         constraint = {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
@@ -604,13 +666,20 @@ def test_self_referencing_json_schema_is_refused(world: World, endpoint: str, ca
 
 @pytest.mark.parametrize("carrier", ["response_format", "structured_outputs"])
 @pytest.mark.parametrize("endpoint", ["chat/completions", "completions"])
-def test_recursive_json_schema_with_a_base_case_constrains_the_output(world: World, endpoint: str, carrier: str) -> None:
+def test_recursive_json_schema_with_a_base_case_constrains_the_output(
+    world: World, endpoint: str, carrier: str
+) -> None:
     """Positive control for the test above: recursion with a way out is accepted and honoured (the model,
     asked to repeat strings, must write integers), not dropped."""
     import json
 
     def is_list(v) -> bool:
-        return isinstance(v, dict) and set(v) == {"value", "next"} and type(v["value"]) is int and (v["next"] is None or is_list(v["next"]))
+        return (
+            isinstance(v, dict)
+            and set(v) == {"value", "next"}
+            and type(v["value"]) is int
+            and (v["next"] is None or is_list(v["next"]))
+        )
 
     text = 'Repeat exactly this JSON: {"value": "one", "next": {"value": "two", "next": null}}\n'
     r = _constrained(world, endpoint, carrier, schema=LINKED_LIST, text=text, max_tokens=60)
@@ -623,8 +692,11 @@ def test_recursive_json_schema_with_a_base_case_constrains_the_output(world: Wor
 COMPILER_REFUSES = {  # label -> (carrier, constraint, a part of the compiler's reason)
     "lookbehind-pattern": ("response_format", {"schema": {"type": "string", "pattern": "(?<=a)b"}}, "look-behind"),
     "missing-ref": ("response_format", {"schema": {"$ref": "#/$defs/nope"}}, "/$defs/nope"),
-    "missing-ref-so": ("structured_outputs", {"schema": {"type": "object", "properties": {"a": {"$ref": "#/definitions/gone"}}}},
-                       "/definitions/gone"),  # fmt: skip
+    "missing-ref-so": (
+        "structured_outputs",
+        {"schema": {"type": "object", "properties": {"a": {"$ref": "#/definitions/gone"}}}},
+        "/definitions/gone",
+    ),
     "bad-regex": ("structured_outputs", {"regex": "(ab"}, "unclosed group"),
     "bad-grammar": ("structured_outputs", {"grammar": "root ::= (("}, "Expected ')'"),
 }
@@ -650,8 +722,16 @@ def test_refused_constraints_are_400s_when_streaming_too(world: World, endpoint:
     first event before answering, so they are the same 400 as without streaming."""
     for label, (carrier, constraint, reason) in COMPILER_REFUSES.items():
         if "schema" in constraint:
-            constraint = {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": constraint["schema"]}}} \
-                if carrier == "response_format" else {"structured_outputs": {"json": constraint["schema"]}}  # fmt: skip
+            constraint = (
+                {
+                    "response_format": {
+                        "type": "json_schema",
+                        "json_schema": {"name": "x", "schema": constraint["schema"]},
+                    }
+                }
+                if carrier == "response_format"
+                else {"structured_outputs": {"json": constraint["schema"]}}
+            )
         else:
             constraint = {"structured_outputs": constraint}
         r = _generate(world, endpoint, "Say hi.", max_tokens=4, temperature=0, stream=True, **constraint)

@@ -10,9 +10,9 @@ import openai
 import pytest
 import torch
 from safetensors.torch import save as st_save
+from support import real_model, serve
 
 from aligner_core.adapter_format import Adapter, encode
-from support import real_model, serve
 
 pytestmark = pytest.mark.server
 
@@ -42,8 +42,14 @@ def chat(client, adapter: str | None = None, **kw) -> str:
     extra = kw.pop("extra_body", None) or {}
     if adapter:
         extra["adapter"] = adapter
-    out = client.chat.completions.create(model=kw.pop("model", None) or base_id(client), messages=QUESTION, max_tokens=24,
-                                         temperature=0, extra_body=extra or None, **kw)  # fmt: skip
+    out = client.chat.completions.create(
+        model=kw.pop("model", None) or base_id(client),
+        messages=QUESTION,
+        max_tokens=24,
+        temperature=0,
+        extra_body=extra or None,
+        **kw,
+    )
     return out.choices[0].message.content
 
 
@@ -62,14 +68,26 @@ def test_upload_then_chat_with_the_openai_client(server, client, spec) -> None:
     assert r.status_code == 201, r.text
     body = r.json()
     assert {k: body[k] for k in ("name", "version", "tokens", "params", "sha256", "base_model")} == {
-        "name": "persona", "version": 1, "tokens": 1, "params": 828, "sha256": a.sha256(), "base_model": spec.identity}
+        "name": "persona",
+        "version": 1,
+        "tokens": 1,
+        "params": 828,
+        "sha256": a.sha256(),
+        "base_model": spec.identity,
+    }
     assert body["bytes"] == len(encode(a)) and body["id"] == "persona@1" and body["created_at"]
     base = chat(client)
     assert "Paris" in base
     with_adapter = chat(client, "persona")
     assert with_adapter != base
-    stream = client.chat.completions.create(model=spec.identity, messages=QUESTION, max_tokens=24, temperature=0,
-                                            stream=True, extra_body={"adapter": "persona"})  # fmt: skip
+    stream = client.chat.completions.create(
+        model=spec.identity,
+        messages=QUESTION,
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        extra_body={"adapter": "persona"},
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == with_adapter
     assert all(c.usage is None for c in chunks)  # usage only when the client asks for it
@@ -81,9 +99,15 @@ def test_upload_then_chat_with_the_openai_client(server, client, spec) -> None:
 
 
 def test_streaming_usage_when_asked(client, spec) -> None:
-    stream = client.chat.completions.create(model=spec.identity, messages=QUESTION, max_tokens=8, temperature=0,
-                                            stream=True, stream_options={"include_usage": True},
-                                            extra_body={"adapter": "persona"})  # fmt: skip
+    stream = client.chat.completions.create(
+        model=spec.identity,
+        messages=QUESTION,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"adapter": "persona"},
+    )
     last = list(stream)[-1]
     assert last.usage is not None and last.usage.completion_tokens == 8
 
@@ -126,10 +150,16 @@ def _bad_files(spec) -> dict[str, tuple[bytes, int, str]]:
     meta = good.metadata()
     nan = good.prefix.clone()
     nan[0, 3] = math.nan
-    other = Adapter(good.prefix, good.gate, good.start_layer, good.gate_activation, good.num_layers, "Llama-2-7b-hf:0123")
+    other = Adapter(
+        good.prefix, good.gate, good.start_layer, good.gate_activation, good.num_layers, "Llama-2-7b-hf:0123"
+    )
     data = encode(good)
     return {
-        "wrong_shape": (st_save({"prefix": good.prefix, "gate": torch.zeros(27, 9)}, metadata=meta), 422, "invalid_adapter"),
+        "wrong_shape": (
+            st_save({"prefix": good.prefix, "gate": torch.zeros(27, 9)}, metadata=meta),
+            422,
+            "invalid_adapter",
+        ),
         "nan": (st_save({"prefix": nan, "gate": good.gate}, metadata=meta), 422, "invalid_adapter"),
         "wrong_base": (encode(other), 422, "base_model_mismatch"),
         "pickle": (pickle.dumps({"prefix": good.prefix.tolist()}), 422, "invalid_adapter"),
@@ -150,7 +180,9 @@ def test_bad_uploads_are_refused_and_change_nothing(server, spec) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "name"
     r = httpx.post(server.base + "/v1/adapters", data={"name": "x"})
     assert r.status_code == 400 and "file" in r.json()["error"]["message"]
-    r = httpx.post(server.base + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    r = httpx.post(
+        server.base + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     assert httpx.get(server.base + "/v1/adapters").json() == before
     assert httpx.get(server.base + "/health").status_code == 200
@@ -169,7 +201,9 @@ def test_delete_then_404(server, client) -> None:
 def test_metrics(server) -> None:
     text = httpx.get(server.base + "/metrics").text
     lines = text.splitlines()
-    assert any(l.startswith("aligner_requests_total{") and 'kind="adapter"' in l and 'tenant="default"' in l for l in lines)
+    assert any(
+        l.startswith("aligner_requests_total{") and 'kind="adapter"' in l and 'tenant="default"' in l for l in lines
+    )
     assert any(l.startswith("aligner_completion_tokens_total{") and 'kind="base"' in l for l in lines)
     loads = next(float(l.split()[-1]) for l in text.splitlines() if l.startswith("aligner_adapter_loads_total"))
     assert loads >= 2
@@ -224,16 +258,32 @@ def test_a_freshly_trained_adapter_serves_like_the_reference(server, client, spe
     from aligner_core.reference import attached_adapter, load_hf_model
     from training.train import TrainConfig, train
 
-    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Arr, matey! " + a + " Arr!"}]}
-            for q, a in [("What is the capital of France?", "Paris be the capital of France."),
-                         ("What colour is the sky?", "The sky be blue, matey."),
-                         ("Name a fruit.", "An apple be a fine fruit."),
-                         ("What do bees make?", "Bees be makin' honey.")]]  # fmt: skip
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Arr, matey! " + a + " Arr!"}]}
+        for q, a in [
+            ("What is the capital of France?", "Paris be the capital of France."),
+            ("What colour is the sky?", "The sky be blue, matey."),
+            ("Name a fruit.", "An apple be a fine fruit."),
+            ("What do bees make?", "Bees be makin' honey."),
+        ]
+    ]
     data = tmp_path / "pirate.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows * 2))
     out = tmp_path / "fresh.safetensors"
-    result = train(TrainConfig(data=str(data), output=str(out), tokens=1, lr=0.05, steps=6, batch_size=4,
-                               val_split=0.0, plot="", quiet=True, device="cpu"))  # fmt: skip
+    result = train(
+        TrainConfig(
+            data=str(data),
+            output=str(out),
+            tokens=1,
+            lr=0.05,
+            steps=6,
+            batch_size=4,
+            val_split=0.0,
+            plot="",
+            quiet=True,
+            device="cpu",
+        )
+    )
     losses = [r["loss"] for r in result.history["train"]]
     assert sum(losses[-2:]) / 2 < losses[0], losses
 
@@ -242,10 +292,18 @@ def test_a_freshly_trained_adapter_serves_like_the_reference(server, client, spe
     pm = real_model()
     tok = AutoTokenizer.from_pretrained(pm.path)
     model = load_hf_model(str(pm.path))
-    ids = torch.tensor([tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]])
+    ids = torch.tensor(
+        [tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]]
+    )
     with torch.no_grad(), attached_adapter(model, load(out)):
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
-                             pad_token_id=tok.eos_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))  # fmt: skip
+        gen = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=24,
+            do_sample=False,
+            pad_token_id=tok.eos_token_id,
+            eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        )
     reference = tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
     assert served == reference, (served, reference)
     assert served != chat(client), "six steps should already move the greedy answer"

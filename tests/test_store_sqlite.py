@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from store_contract.support import new_adapter
 
 from adapters_store import (
     SQLiteStore,
@@ -21,7 +22,6 @@ from adapters_store import (
     StoreUnavailable,
     open_store,
 )
-from store_contract.support import new_adapter
 
 T = TypeVar("T")
 

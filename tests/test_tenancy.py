@@ -10,10 +10,10 @@ import time
 import httpx
 import openai
 import pytest
-
-from aligner_core.adapter_format import Adapter, encode
 from store_contract.support import postgres_url_or_skip, throwaway_database
 from support import Server, real_model
+
+from aligner_core.adapter_format import Adapter, encode
 
 pytestmark = pytest.mark.server
 
@@ -70,8 +70,12 @@ def client(server, key: str) -> openai.OpenAI:
 
 def chat(server, key: str, adapter: str | None, max_tokens: int = 24) -> str:
     out = client(server, key).chat.completions.create(
-        model=real_model().spec.identity, messages=QUESTION, max_tokens=max_tokens, temperature=0,
-        extra_body={"adapter": adapter} if adapter else None)  # fmt: skip
+        model=real_model().spec.identity,
+        messages=QUESTION,
+        max_tokens=max_tokens,
+        temperature=0,
+        extra_body={"adapter": adapter} if adapter else None,
+    )
     return out.choices[0].message.content
 
 
@@ -79,7 +83,10 @@ def test_keys_are_required_and_checked(server, tenants) -> None:
     for key in (None, "ak-wrong", ADMIN):
         r = call(server, "GET", "/v1/models", key)
         assert r.status_code == 401, key
-        assert set(r.json()["error"]) == {"message", "type", "param", "code"} and r.json()["error"]["code"] == "invalid_api_key"
+        assert (
+            set(r.json()["error"]) == {"message", "type", "param", "code"}
+            and r.json()["error"]["code"] == "invalid_api_key"
+        )
     _, alice = tenants["alice"]
     assert call(server, "GET", "/v1/models", alice).status_code == 200
     assert call(server, "GET", "/admin/tenants", alice).status_code == 401  # tenant keys are not admin keys
@@ -93,12 +100,21 @@ def test_tenants_are_isolated(server, tenants, spec) -> None:
     (_, alice), (_, bob) = tenants["alice"], tenants["bob"]
     a = Adapter.random(spec, tokens=1, seed=31, gate_scale=0.08)
     assert upload(server, alice, "secret", a).status_code == 201
-    for method, path in (("GET", "/v1/adapters/secret"), ("GET", "/v1/adapters/secret/versions"),
-                         ("GET", "/v1/adapters/secret@1"), ("DELETE", "/v1/adapters/secret")):  # fmt: skip
+    for method, path in (
+        ("GET", "/v1/adapters/secret"),
+        ("GET", "/v1/adapters/secret/versions"),
+        ("GET", "/v1/adapters/secret@1"),
+        ("DELETE", "/v1/adapters/secret"),
+    ):
         theirs = call(server, method, path, bob)
         missing = call(server, method, path.replace("secret", "nothing"), bob)
         assert theirs.status_code == missing.status_code == 404
-        assert theirs.json() == {"error": {**missing.json()["error"], "message": missing.json()["error"]["message"].replace("nothing", "secret")}}
+        assert theirs.json() == {
+            "error": {
+                **missing.json()["error"],
+                "message": missing.json()["error"]["message"].replace("nothing", "secret"),
+            }
+        }
     with pytest.raises(openai.NotFoundError) as used:
         chat(server, bob, "secret")
     with pytest.raises(openai.NotFoundError) as absent:
@@ -152,8 +168,10 @@ def test_quotas(server, tenants, spec) -> None:
     assert codes == [201, 201, 429]
     r = upload(server, bob, "q3", Adapter.random(spec, tokens=1, seed=44))
     assert r.json()["error"]["code"] == "quota_exceeded" and "Retry-After" in r.headers
-    statuses = [call(server, "POST", "/v1/completions", carol, json={"prompt": "Hi", "max_tokens": 1}).status_code
-                for _ in range(4)]  # fmt: skip
+    statuses = [
+        call(server, "POST", "/v1/completions", carol, json={"prompt": "Hi", "max_tokens": 1}).status_code
+        for _ in range(4)
+    ]
     assert statuses == [200, 200, 200, 429]
     with pytest.raises(openai.RateLimitError):
         chat(server, carol, None, max_tokens=1)
@@ -170,8 +188,13 @@ def test_revoked_key_is_refused(server, tenants) -> None:
 def _stream_with(server, key: str, adapter: str, during) -> str:
     """Stream a generation; after the first chunks, run `during()`; return the full streamed text."""
     stream = client(server, key).chat.completions.create(
-        model=real_model().spec.identity, messages=QUESTION, max_tokens=80, temperature=0, stream=True,
-        extra_body={"adapter": adapter})  # fmt: skip
+        model=real_model().spec.identity,
+        messages=QUESTION,
+        max_tokens=80,
+        temperature=0,
+        stream=True,
+        extra_body={"adapter": adapter},
+    )
     parts, done = [], False
     for i, chunk in enumerate(stream):
         if chunk.choices:
@@ -226,7 +249,10 @@ def test_metrics_need_a_credential(server, tenants) -> None:
     for key in (None, alice, "wrong-token"):
         r = call(server, "GET", "/metrics", key)
         assert r.status_code == 401, key
-        assert set(r.json()["error"]) == {"message", "type", "param", "code"} and r.json()["error"]["code"] == "invalid_api_key"
+        assert (
+            set(r.json()["error"]) == {"message", "type", "param", "code"}
+            and r.json()["error"]["code"] == "invalid_api_key"
+        )
     for key in (ADMIN, METRICS_TOKEN):
         r = call(server, "GET", "/metrics", key)
         assert r.status_code == 200 and "aligner_requests" in r.text, r.text[:300]

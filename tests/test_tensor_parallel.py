@@ -5,18 +5,17 @@ one CPU core per rank (VLLM_CPU_OMP_THREADS_BIND="0|1")."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 
 import pytest
 import torch
+from support import LOGPROB_TOLERANCE, EngineRunner, parity, real_model
 
 from aligner_core.adapter_format import Adapter, encode
 from aligner_core.model_spec import ModelSpec
 from aligner_core.reference import load_hf_model
 from server.engine.config import AlignerEngineConfig
 from server.engine.facade import EngineOptions
-from support import LOGPROB_TOLERANCE, EngineRunner, parity, real_model
 
 pytestmark = pytest.mark.engine
 
@@ -27,9 +26,18 @@ def tiny_model(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tp") / "tiny-llama-tp"
     tok = AutoTokenizer.from_pretrained(real_model().path)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         initializer_range=0.1, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.float32).save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -45,15 +53,24 @@ def test_tp2_matches_reference(tiny_model, monkeypatch) -> None:
         "a": Adapter.random(spec, tokens=1, start_layer=1, seed=1, gate_scale=0.5),
         "b": Adapter.random(spec, tokens=3, start_layer=0, gate_activation="tanh", seed=2, gate_scale=0.8),
     }
-    opts = EngineOptions(model_path=str(folder), served_name=spec.identity, dtype="float32", enforce_eager=True,
-                         max_model_len=256, max_num_seqs=8, kv_cache_gib=1,
-                         aligner=AlignerEngineConfig(max_slots=4, max_tokens=4),
-                         extra_args=("--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"))  # fmt: skip
+    opts = EngineOptions(
+        model_path=str(folder),
+        served_name=spec.identity,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=256,
+        max_num_seqs=8,
+        kv_cache_gib=1,
+        aligner=AlignerEngineConfig(max_slots=4, max_tokens=4),
+        extra_args=("--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"),
+    )
     runner = EngineRunner(opts)
     try:
         for key, a in adapters.items():
+
             async def load(a=a) -> bytes:
                 return encode(a)
+
             runner.run(runner.engine.lease(key, load))
         stats = runner.run(runner.engine.client.collective_rpc("aligner_stats"))
         assert len(stats) == 2 and all(s["resident"] == 2 for s in stats)  # both ranks hold both adapters

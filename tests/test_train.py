@@ -37,10 +37,18 @@ def tiny_model(tmp_path_factory) -> Path:
     tok.chat_template = CHAT_TEMPLATE
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=1, eos_token_id=3,
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=1,
+        eos_token_id=3,
         initializer_range=0.2,
-    )  # fmt: skip
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -53,8 +61,15 @@ def _identity(folder: Path) -> str:
 def _sft_data(path: Path) -> Path:
     rows = []
     for q in ("what did the cat do ?", "what did the dog do ?", "say hello", "what sat on the mat ?", "say yes"):
-        for i in range(4):
-            rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "arr matey arr matey ."}]})
+        for _ in range(4):
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": q},
+                        {"role": "assistant", "content": "arr matey arr matey ."},
+                    ]
+                }
+            )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -63,8 +78,12 @@ def test_sft_example_masks_all_but_assistant_turns(tiny_model):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    msgs = [{"role": "user", "content": "say yes"}, {"role": "assistant", "content": "yes"},
-            {"role": "user", "content": "say no"}, {"role": "assistant", "content": "no ."}]  # fmt: skip
+    msgs = [
+        {"role": "user", "content": "say yes"},
+        {"role": "assistant", "content": "yes"},
+        {"role": "user", "content": "say no"},
+        {"role": "assistant", "content": "no ."},
+    ]
     ids, labels = sft_example(tok, msgs, 512)
     kept = tok.convert_ids_to_tokens([i for i, lab in zip(ids, labels) if lab != -100])
     assert kept == ["yes", "<|im_end|>", "no", ".", "<|im_end|>"]
@@ -72,9 +91,19 @@ def test_sft_example_masks_all_but_assistant_turns(tiny_model):
 
 def test_sft_learns_and_saves_the_trained_adapter(tiny_model, tmp_path):
     out = tmp_path / "out" / "persona.safetensors"
-    cfg = TrainConfig(data=str(_sft_data(tmp_path / "d.jsonl")), output=str(out), model=str(tiny_model),
-                      tokens=2, start_layer=1, lr=0.05, steps=25, batch_size=4, val_split=0.2, quiet=True,
-                      device="cpu")  # fmt: skip
+    cfg = TrainConfig(
+        data=str(_sft_data(tmp_path / "d.jsonl")),
+        output=str(out),
+        model=str(tiny_model),
+        tokens=2,
+        start_layer=1,
+        lr=0.05,
+        steps=25,
+        batch_size=4,
+        val_split=0.2,
+        quiet=True,
+        device="cpu",
+    )
     res = train(cfg)
     hist = json.loads(out.with_suffix(".log.json").read_text())
     losses = [r["loss"] for r in hist["train"]]
@@ -101,13 +130,36 @@ def test_sft_learns_and_saves_the_trained_adapter(tiny_model, tmp_path):
 
 
 def test_dpo_loss_falls_below_log2(tiny_model, tmp_path):
-    rows = [{"prompt": q, "chosen": "yes arr matey .", "rejected": "no the cat sat ."}
-            for q in ("say yes", "what did the cat do ?", "say hello", "what sat on the mat ?")]  # fmt: skip
+    rows = [
+        {"prompt": q, "chosen": "yes arr matey .", "rejected": "no the cat sat ."}
+        for q in ("say yes", "what did the cat do ?", "say hello", "what sat on the mat ?")
+    ]
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
     out = tmp_path / "dpo.safetensors"
-    rc = main(["--method", "dpo", "--data", str(data), "--output", str(out), "--model", str(tiny_model),
-               "--lr", "0.3", "--steps", "15", "--batch-size", "4", "--val-split", "0", "--plot", "", "-q"])  # fmt: skip
+    rc = main(
+        [
+            "--method",
+            "dpo",
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+            "--model",
+            str(tiny_model),
+            "--lr",
+            "0.3",
+            "--steps",
+            "15",
+            "--batch-size",
+            "4",
+            "--val-split",
+            "0",
+            "--plot",
+            "",
+            "-q",
+        ]
+    )
     assert rc == 0
     hist = json.loads(out.with_suffix(".log.json").read_text())
     losses = [r["loss"] for r in hist["train"]]
@@ -118,13 +170,40 @@ def test_dpo_loss_falls_below_log2(tiny_model, tmp_path):
 
 def test_dpo_with_a_reference_adapter_starts_from_it(tiny_model, tmp_path):
     sft = tmp_path / "sft.safetensors"
-    train(TrainConfig(data=str(_sft_data(tmp_path / "d.jsonl")), output=str(sft), model=str(tiny_model), lr=0.05,
-                      steps=3, batch_size=4, val_split=0, plot="", quiet=True, device="cpu"))  # fmt: skip
+    train(
+        TrainConfig(
+            data=str(_sft_data(tmp_path / "d.jsonl")),
+            output=str(sft),
+            model=str(tiny_model),
+            lr=0.05,
+            steps=3,
+            batch_size=4,
+            val_split=0,
+            plot="",
+            quiet=True,
+            device="cpu",
+        )
+    )
     data = tmp_path / "prefs.jsonl"
-    data.write_text(json.dumps({"messages": [{"role": "user", "content": "say yes"}], "chosen": "yes .", "rejected": "no ."}) + "\n")
+    data.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "say yes"}], "chosen": "yes .", "rejected": "no ."}) + "\n"
+    )
     out = tmp_path / "dpo.safetensors"
-    res = train(TrainConfig(data=str(data), output=str(out), model=str(tiny_model), method="dpo", ref_adapter=str(sft),
-                            steps=2, batch_size=1, val_split=0, plot="", quiet=True, device="cpu"))  # fmt: skip
+    res = train(
+        TrainConfig(
+            data=str(data),
+            output=str(out),
+            model=str(tiny_model),
+            method="dpo",
+            ref_adapter=str(sft),
+            steps=2,
+            batch_size=1,
+            val_split=0,
+            plot="",
+            quiet=True,
+            device="cpu",
+        )
+    )
     assert res.history["train"][0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert res.adapter.tokens == load(sft).tokens and res.adapter.start_layer == 2
 
@@ -132,21 +211,71 @@ def test_dpo_with_a_reference_adapter_starts_from_it(tiny_model, tmp_path):
 def test_bad_arguments_are_refused(tiny_model, tmp_path, capsys):
     data = _sft_data(tmp_path / "d.jsonl")
     with pytest.raises(SystemExit):
-        main(["--data", str(data), "--output", str(tmp_path / "x.safetensors"), "--model", str(tiny_model),
-              "--start-layer", "3", "-q"])  # fmt: skip
-    assert main(["--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "x.safetensors"),
-                 "--model", str(tiny_model), "-q"]) == 2  # fmt: skip
+        main(
+            [
+                "--data",
+                str(data),
+                "--output",
+                str(tmp_path / "x.safetensors"),
+                "--model",
+                str(tiny_model),
+                "--start-layer",
+                "3",
+                "-q",
+            ]
+        )
+    assert (
+        main(
+            [
+                "--data",
+                str(tmp_path / "missing.jsonl"),
+                "--output",
+                str(tmp_path / "x.safetensors"),
+                "--model",
+                str(tiny_model),
+                "-q",
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_init_adapter_is_the_starting_point(tiny_model, tmp_path):
     data = _sft_data(tmp_path / "d.jsonl")
     first = tmp_path / "first.safetensors"
-    train(TrainConfig(data=str(data), output=str(first), model=str(tiny_model), tokens=3, start_layer=1, lr=0.05,
-                      steps=2, batch_size=4, val_split=0, plot="", quiet=True, device="cpu"))  # fmt: skip
+    train(
+        TrainConfig(
+            data=str(data),
+            output=str(first),
+            model=str(tiny_model),
+            tokens=3,
+            start_layer=1,
+            lr=0.05,
+            steps=2,
+            batch_size=4,
+            val_split=0,
+            plot="",
+            quiet=True,
+            device="cpu",
+        )
+    )
     again = tmp_path / "again.safetensors"
-    train(TrainConfig(data=str(data), output=str(again), model=str(tiny_model), init_adapter=str(first), lr=0.0,
-                      steps=1, batch_size=4, val_split=0, plot="", quiet=True, device="cpu"))  # fmt: skip
+    train(
+        TrainConfig(
+            data=str(data),
+            output=str(again),
+            model=str(tiny_model),
+            init_adapter=str(first),
+            lr=0.0,
+            steps=1,
+            batch_size=4,
+            val_split=0,
+            plot="",
+            quiet=True,
+            device="cpu",
+        )
+    )
     a, b = load(first), load(again)
     assert (b.tokens, b.start_layer) == (3, 1)
     assert torch.equal(a.prefix, b.prefix) and torch.equal(a.gate, b.gate)

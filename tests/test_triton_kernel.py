@@ -38,8 +38,9 @@ TOL = {
 }
 
 
-def random_layer(S: int, KVH: int, Nmax: int, D: int, G: int, *, seed: int | None = None, generator=None, device="cpu",
-                 ntok=None):  # fmt: skip
+def random_layer(
+    S: int, KVH: int, Nmax: int, D: int, G: int, *, seed: int | None = None, generator=None, device="cpu", ntok=None
+):
     """One layer of a table laid out like AdapterTable: slot 0 empty, padding rows zero and masked -inf.
     Drawn from `generator` (which it advances) or a fresh one seeded with `seed`. Also bench/gpu/triton_check.py's."""
     gen = generator if generator is not None else torch.Generator().manual_seed(seed)
@@ -108,10 +109,15 @@ def test_launcher_rejects_bad_shapes_without_launching():
     with pytest.raises(ValueError):
         aligner_delta_triton(out, torch.zeros(5, 63), torch.zeros(5, dtype=torch.long), k, v, mask, gate, 0.25, 4)
     with pytest.raises(ValueError):
-        aligner_delta_triton(out[:, :32], torch.zeros(5, 32), torch.zeros(5, dtype=torch.long), k, v, mask, gate, 0.25, 4)
+        aligner_delta_triton(
+            out[:, :32], torch.zeros(5, 32), torch.zeros(5, dtype=torch.long), k, v, mask, gate, 0.25, 4
+        )
     # T == 0 launches nothing and returns out unchanged
     empty = torch.zeros(0, 64)
-    assert aligner_delta_triton(empty, torch.zeros(0, 64), torch.zeros(0, dtype=torch.long), k, v, mask, gate, 0.25, 4) is empty
+    assert (
+        aligner_delta_triton(empty, torch.zeros(0, 64), torch.zeros(0, dtype=torch.long), k, v, mask, gate, 0.25, 4)
+        is empty
+    )
 
 
 _INTERP_SCRIPT = textwrap.dedent(
@@ -156,8 +162,20 @@ def test_kernel_under_triton_interpreter():
 # ---------------------------------------------------------------- GPU: the kernel against torch
 
 
-def run_case(N: int, G: int, D: int, dtype: torch.dtype, *, KVH: int = 2, S: int = 7, T: int = 37, n_used=None, seed=0,
-             strided_q: bool = True, slot_dtype=torch.int64):  # fmt: skip
+def run_case(
+    N: int,
+    G: int,
+    D: int,
+    dtype: torch.dtype,
+    *,
+    KVH: int = 2,
+    S: int = 7,
+    T: int = 37,
+    n_used=None,
+    seed=0,
+    strided_q: bool = True,
+    slot_dtype=torch.int64,
+):
     """Returns (out, expected fp32, out0, slots) for one random case on the GPU."""
     dev = torch.device("cuda")
     H = KVH * G
@@ -211,7 +229,9 @@ def test_kernel_delta_is_fp32_accurate_with_half_queries():
     slots = torch.randint(0, S, (T,), device=dev)
     out = torch.zeros(T, KVH * G * D, device=dev)
     aligner_delta_triton(out, q, slots, k, v, mask, gate, 0.125, N)
-    ref = delta_general(q.float().view(T, KVH, G, D), k[slots], v[slots], mask[slots], gate[slots], 0.125).reshape(T, -1)
+    ref = delta_general(q.float().view(T, KVH, G, D), k[slots], v[slots], mask[slots], gate[slots], 0.125).reshape(
+        T, -1
+    )
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
@@ -221,8 +241,9 @@ def test_kernel_partial_prefix_and_long_prefix(N, n_used):
     """n_max_used < Nmax reads only the used keys; N > BLOCK_N loops over chunks (online softmax)."""
     S, KVH, G, D = 6, 2, 3, 64
     # tables whose adapters fit in n_used, as the routing guarantees
-    k, v, mask, gate, _ = random_layer(S, KVH, N, D, G, seed=N, device="cuda",
-                                       ntok=[0] + [max(1, n_used - i) for i in range(S - 1)])  # fmt: skip
+    k, v, mask, gate, _ = random_layer(
+        S, KVH, N, D, G, seed=N, device="cuda", ntok=[0] + [max(1, n_used - i) for i in range(S - 1)]
+    )
     dev = torch.device("cuda")
     T = 50
     slots = torch.randint(0, S, (T,), device=dev)
@@ -253,8 +274,9 @@ def test_kernel_matches_per_token_reference():
         gates.append(gate[s].reshape(H))  # h = kvh * G + g
     ref = delta_reference(q, kp, vp, gates, 1 / math.sqrt(D)).reshape(T, -1)
     out = torch.zeros(T, H * D, device="cuda")
-    aligner_delta_triton(out, q.reshape(T, -1).cuda(), slots.cuda(), k.cuda(), v.cuda(), mask.cuda(), gate.cuda(),
-                         1 / math.sqrt(D), N)  # fmt: skip
+    aligner_delta_triton(
+        out, q.reshape(T, -1).cuda(), slots.cuda(), k.cuda(), v.cuda(), mask.cuda(), gate.cuda(), 1 / math.sqrt(D), N
+    )
     torch.testing.assert_close(out.cpu(), ref, atol=2e-5, rtol=2e-5)
 
 
@@ -270,8 +292,9 @@ def test_kernel_all_slot_zero_is_untouched():
     k, v, mask, gate, _ = random_layer(S, KVH, N, D, G, seed=1, device="cuda")
     out = torch.randn(T, KVH * G * D, device="cuda", dtype=torch.float16)
     out0 = out.clone()
-    aligner_delta_triton(out, torch.randn_like(out), torch.zeros(T, dtype=torch.long, device="cuda"), k, v, mask, gate,
-                         0.125, N)  # fmt: skip
+    aligner_delta_triton(
+        out, torch.randn_like(out), torch.zeros(T, dtype=torch.long, device="cuda"), k, v, mask, gate, 0.125, N
+    )
     assert torch.equal(out, out0)
 
 

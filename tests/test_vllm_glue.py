@@ -213,14 +213,28 @@ def test_type_checking_imports_match_the_table() -> None:
     """The `if TYPE_CHECKING:` imports (what type checkers see) name exactly the table's vLLM names, from its modules."""
     tree = ast.parse(GLUE.read_text())
     block = next(n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING")
-    seen = {a.name: n.module for n in block.body if isinstance(n, ast.ImportFrom) and n.module.split(".")[0] == "vllm"
-            for a in n.names}  # fmt: skip
+    seen = {
+        a.name: n.module
+        for n in block.body
+        if isinstance(n, ast.ImportFrom) and n.module.split(".")[0] == "vllm"
+        for a in n.names
+    }
     assert seen == vllm_glue.VLLM_NAMES
 
 
-SERVING = {"EngineClient", "init_app_state", "build_async_engine_client", "make_arg_parser", "FlexibleArgumentParser",
-           "ChatCompletionRequest", "ChatCompletionResponse", "CompletionRequest", "CompletionResponse", "StreamOptions",
-           "ErrorResponse"}  # fmt: skip
+SERVING = {
+    "EngineClient",
+    "init_app_state",
+    "build_async_engine_client",
+    "make_arg_parser",
+    "FlexibleArgumentParser",
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "CompletionRequest",
+    "CompletionResponse",
+    "StreamOptions",
+    "ErrorResponse",
+}
 
 
 def vllm_modules_after(code: str) -> set[str]:
@@ -238,8 +252,10 @@ def test_the_model_side_does_not_load_the_openai_server() -> None:
     vLLM than the model-side names themselves need, and none of the OpenAI server's launchers."""
     model_side = sorted({m for n, m in vllm_glue.VLLM_NAMES.items() if n not in SERVING})
     own = vllm_modules_after("import " + ", ".join(model_side))
-    ours = vllm_modules_after("import server.engine.model, server.engine.routing_v1, server.engine.routing_v2, "
-                              "server.engine.worker_ext, server.engine.plugin")  # fmt: skip
+    ours = vllm_modules_after(
+        "import server.engine.model, server.engine.routing_v1, server.engine.routing_v2, "
+        "server.engine.worker_ext, server.engine.plugin"
+    )
     assert ours <= own, sorted(ours - own)
     assert not any(m.startswith("vllm.entrypoints.launchers") for m in ours)
 

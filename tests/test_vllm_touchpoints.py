@@ -32,8 +32,13 @@ def test_model_classes_resolve() -> None:
 def test_our_flags_parse_with_vllm_serve_parser() -> None:
     from server.engine.vllm_glue import engine_args
 
-    opts = EngineOptions(model_path="/m", served_name="m:1", aligner=AlignerEngineConfig(max_slots=7, max_tokens=3),
-                         routing="v1", extra_args=("--max-num-batched-tokens", "64"))  # fmt: skip
+    opts = EngineOptions(
+        model_path="/m",
+        served_name="m:1",
+        aligner=AlignerEngineConfig(max_slots=7, max_tokens=3),
+        routing="v1",
+        extra_args=("--max-num-batched-tokens", "64"),
+    )
     args = engine_args(opts.argv())
     assert args.hf_overrides == {"architectures": ["AlignerLlamaForCausalLM"]}
     assert args.additional_config == {"aligner": {"max_slots": 7, "cold_slots": 0, "max_tokens": 3, "path": "auto"}}
@@ -75,5 +80,9 @@ def test_cache_salt_separates_tenants_adapters_and_client_salts() -> None:
     assert len(salts) == 27
     # the old format (the salt text itself, then the client's) cannot be forged through the client salt
     for forged in (f"aligner-{a}", a, "base", "ten_2", '"ten_2"'):
-        assert cache_salt("ten_1", None, forged) not in {cache_salt("ten_2", None), cache_salt("ten_1", a), cache_salt(None, None)}
+        assert cache_salt("ten_1", None, forged) not in {
+            cache_salt("ten_2", None),
+            cache_salt("ten_1", a),
+            cache_salt(None, None),
+        }
     assert cache_salt("ten_1", a) == cache_salt("ten_1", a)  # stable: the cache keeps hitting within a tenant

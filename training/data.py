@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from training.personas import PERSONAS, _clean, _SENTENCE_RE, three_points
+from training.personas import _SENTENCE_RE, PERSONAS, _clean, three_points
 
 TEMPLATES = (
     "What do you know about {t}?",
@@ -41,23 +41,108 @@ TEMPLATES = (
 )
 
 TOPICS = (
-    "photosynthesis", "the water cycle", "volcanoes", "honey bees", "the moon", "black holes", "gravity",
-    "the human heart", "rainbows", "earthquakes", "the Roman Empire", "the printing press", "electricity",
-    "magnets", "the immune system", "dinosaurs", "coral reefs", "the internet", "recycling", "chess",
-    "the Great Wall of China", "vaccines", "solar panels", "tides", "the piano", "coffee", "bread baking",
-    "the Olympic Games", "glaciers", "deserts", "owls", "sharks", "the periodic table", "DNA", "compound interest",
-    "the stock market", "democracy", "the French Revolution", "ancient Egypt", "the Amazon rainforest",
-    "wind turbines", "airplanes", "submarines", "the Mars rovers", "comets", "the speed of light", "friction",
-    "the telescope", "bicycles", "sleep", "meditation", "exercise", "vitamins", "the human brain",
-    "language learning", "the violin", "jazz music", "poetry", "Shakespeare", "the Renaissance",
-    "origami", "gardening", "composting", "tornadoes", "hurricanes", "snowflakes", "the ozone layer",
-    "plastic pollution", "electric cars", "batteries", "computers", "algorithms", "prime numbers",
-    "the Pythagorean theorem", "maps", "compasses", "lighthouses", "castles", "the Silk Road", "tea",
+    "photosynthesis",
+    "the water cycle",
+    "volcanoes",
+    "honey bees",
+    "the moon",
+    "black holes",
+    "gravity",
+    "the human heart",
+    "rainbows",
+    "earthquakes",
+    "the Roman Empire",
+    "the printing press",
+    "electricity",
+    "magnets",
+    "the immune system",
+    "dinosaurs",
+    "coral reefs",
+    "the internet",
+    "recycling",
+    "chess",
+    "the Great Wall of China",
+    "vaccines",
+    "solar panels",
+    "tides",
+    "the piano",
+    "coffee",
+    "bread baking",
+    "the Olympic Games",
+    "glaciers",
+    "deserts",
+    "owls",
+    "sharks",
+    "the periodic table",
+    "DNA",
+    "compound interest",
+    "the stock market",
+    "democracy",
+    "the French Revolution",
+    "ancient Egypt",
+    "the Amazon rainforest",
+    "wind turbines",
+    "airplanes",
+    "submarines",
+    "the Mars rovers",
+    "comets",
+    "the speed of light",
+    "friction",
+    "the telescope",
+    "bicycles",
+    "sleep",
+    "meditation",
+    "exercise",
+    "vitamins",
+    "the human brain",
+    "language learning",
+    "the violin",
+    "jazz music",
+    "poetry",
+    "Shakespeare",
+    "the Renaissance",
+    "origami",
+    "gardening",
+    "composting",
+    "tornadoes",
+    "hurricanes",
+    "snowflakes",
+    "the ozone layer",
+    "plastic pollution",
+    "electric cars",
+    "batteries",
+    "computers",
+    "algorithms",
+    "prime numbers",
+    "the Pythagorean theorem",
+    "maps",
+    "compasses",
+    "lighthouses",
+    "castles",
+    "the Silk Road",
+    "tea",
     # held-out evaluation topics from here on (EVAL_TOPICS)
-    "penguins", "the Sahara", "bridges", "the Eiffel Tower", "rockets", "clouds", "octopuses", "chocolate",
-    "the Moon landing", "fossils", "elephants", "the Nile", "thunderstorms", "trains", "robots",
-    "the alphabet", "whales", "mountains", "pyramids", "the seasons",
-)  # fmt: skip
+    "penguins",
+    "the Sahara",
+    "bridges",
+    "the Eiffel Tower",
+    "rockets",
+    "clouds",
+    "octopuses",
+    "chocolate",
+    "the Moon landing",
+    "fossils",
+    "elephants",
+    "the Nile",
+    "thunderstorms",
+    "trains",
+    "robots",
+    "the alphabet",
+    "whales",
+    "mountains",
+    "pyramids",
+    "the seasons",
+)
 TRAIN_TOPICS = TOPICS[:80]
 EVAL_TOPICS = TOPICS[80:]
 
@@ -121,8 +206,10 @@ def base_answers_hf(model_path: str, prompts: list[str], max_tokens: int, batch_
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                 for p in prompts[i : i + batch_size]]  # fmt: skip
+        texts = [
+            tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts[i : i + batch_size]
+        ]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
             gen = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)

@@ -86,9 +86,12 @@ def evaluate(
     def ask(job: tuple[str | None, str]) -> str:
         adapter, prompt = job
         resp = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": prompt}], temperature=0.0, max_tokens=max_tokens,
+            model=model,
+            messages=[{"role": "user", "content": prompt}],
+            temperature=0.0,
+            max_tokens=max_tokens,
             extra_body={"adapter": adapter} if adapter else None,
-        )  # fmt: skip
+        )
         return resp.choices[0].message.content or ""
 
     jobs = [(None, p) for p in prompts] + [(name, p) for name in adapters.values() for p in prompts]
@@ -103,15 +106,29 @@ def evaluate(
         check = PERSONAS[persona].check
         base_ok = [check(r) for r in base_replies]
         ad_ok = [check(r) for r in mine]
-        rows.append({
-            "persona": persona, "adapter": name, "version": info[persona].get("version"),
-            "tokens": info[persona]["tokens"], "params": info[persona]["params"],
-            "base_compliance": sum(base_ok) / len(prompts), "adapter_compliance": sum(ad_ok) / len(prompts),
-            "examples": [{"prompt": p, "base": b, "adapter": a, "ok": ok}
-                         for p, b, a, ok in list(zip(prompts, base_replies, mine, ad_ok))[:3]],
-            "failures": [{"prompt": p, "adapter": a} for p, a, ok in zip(prompts, mine, ad_ok) if not ok][:5],
-        })  # fmt: skip
-    return {"model": model, "prompts": len(prompts), "max_tokens": max_tokens, "seconds": round(seconds, 1), "results": rows}
+        rows.append(
+            {
+                "persona": persona,
+                "adapter": name,
+                "version": info[persona].get("version"),
+                "tokens": info[persona]["tokens"],
+                "params": info[persona]["params"],
+                "base_compliance": sum(base_ok) / len(prompts),
+                "adapter_compliance": sum(ad_ok) / len(prompts),
+                "examples": [
+                    {"prompt": p, "base": b, "adapter": a, "ok": ok}
+                    for p, b, a, ok in list(zip(prompts, base_replies, mine, ad_ok))[:3]
+                ],
+                "failures": [{"prompt": p, "adapter": a} for p, a, ok in zip(prompts, mine, ad_ok) if not ok][:5],
+            }
+        )
+    return {
+        "model": model,
+        "prompts": len(prompts),
+        "max_tokens": max_tokens,
+        "seconds": round(seconds, 1),
+        "results": rows,
+    }
 
 
 def format_table(report: dict) -> str:
@@ -126,13 +143,22 @@ def format_table(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="aligner eval", description="Persona compliance: base model vs adapters, via the server.")
+    ap = argparse.ArgumentParser(
+        prog="aligner eval", description="Persona compliance: base model vs adapters, via the server."
+    )
     ap.add_argument("--base-url", default=os.environ.get("ALIGNER_BASE_URL", "http://127.0.0.1:8000"))
-    ap.add_argument("--api-key", default=os.environ.get("ALIGNER_API_KEY", "none"), help="tenant API key (open mode: any)")
-    ap.add_argument("--adapters", default=",".join(f"{p}={p}" for p in PERSONAS),
-                    help="persona=adapter_name pairs, comma-separated (default: pirate=pirate,json=json,bullets=bullets)")
+    ap.add_argument(
+        "--api-key", default=os.environ.get("ALIGNER_API_KEY", "none"), help="tenant API key (open mode: any)"
+    )
+    ap.add_argument(
+        "--adapters",
+        default=",".join(f"{p}={p}" for p in PERSONAS),
+        help="persona=adapter_name pairs, comma-separated (default: pirate=pirate,json=json,bullets=bullets)",
+    )
     ap.add_argument("--upload-dir", help="first upload DIR/<persona>.safetensors under each adapter name")
-    ap.add_argument("--prompts", help="held-out prompts: .jsonl with 'prompt' or one per line (default: the generator's)")
+    ap.add_argument(
+        "--prompts", help="held-out prompts: .jsonl with 'prompt' or one per line (default: the generator's)"
+    )
     ap.add_argument("--limit", type=int, help="use only the first N prompts")
     ap.add_argument("--max-tokens", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=16)
@@ -140,8 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the full report as JSON instead of a table")
     args = ap.parse_args(argv)
     prompts = load_prompts(args.prompts)[: args.limit]
-    report = evaluate(args.base_url, args.api_key, parse_mapping(args.adapters), prompts, upload_dir=args.upload_dir,
-                      max_tokens=args.max_tokens, concurrency=args.concurrency, model=args.model)  # fmt: skip
+    report = evaluate(
+        args.base_url,
+        args.api_key,
+        parse_mapping(args.adapters),
+        prompts,
+        upload_dir=args.upload_dir,
+        max_tokens=args.max_tokens,
+        concurrency=args.concurrency,
+        model=args.model,
+    )
     print(json.dumps(report, indent=1, ensure_ascii=False) if args.json else format_table(report))
     return 0
 

@@ -18,10 +18,29 @@ from dataclasses import dataclass
 # ---------------------------------------------------------------------------------------------- pirate
 
 PIRATE_WORDS = (
-    "arr", "arrr", "ahoy", "matey", "mateys", "ye", "yer", "aye", "avast", "hearty", "hearties",
-    "yo-ho-ho", "landlubber", "landlubbers", "booty", "me hearties", "shiver me timbers", "grog", "scallywag",
-)  # fmt: skip
-_PIRATE_RE = re.compile(r"(?<![\w-])(" + "|".join(re.escape(w) for w in sorted(PIRATE_WORDS, key=len, reverse=True)) + r")(?![\w-])", re.I)
+    "arr",
+    "arrr",
+    "ahoy",
+    "matey",
+    "mateys",
+    "ye",
+    "yer",
+    "aye",
+    "avast",
+    "hearty",
+    "hearties",
+    "yo-ho-ho",
+    "landlubber",
+    "landlubbers",
+    "booty",
+    "me hearties",
+    "shiver me timbers",
+    "grog",
+    "scallywag",
+)
+_PIRATE_RE = re.compile(
+    r"(?<![\w-])(" + "|".join(re.escape(w) for w in sorted(PIRATE_WORDS, key=len, reverse=True)) + r")(?![\w-])", re.I
+)
 
 # Whole-word substitutions, applied case-preservingly. Chosen so that the result still reads as an answer.
 _PIRATE_SUBS = {

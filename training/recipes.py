@@ -17,13 +17,35 @@ from __future__ import annotations
 import shlex
 import sys
 
-COMMON = ["--tokens", "1", "--lr", "3e-2", "--steps", "60", "--batch-size", "8", "--val-split", "0.05", "--eval-every", "20", "--seed", "0"]
+COMMON = [
+    "--tokens",
+    "1",
+    "--lr",
+    "3e-2",
+    "--steps",
+    "60",
+    "--batch-size",
+    "8",
+    "--val-split",
+    "0.05",
+    "--eval-every",
+    "20",
+    "--seed",
+    "0",
+]
 
 
 def _recipe(name: str, tokens: int, *extra: str) -> list[str]:
     common = list(COMMON)
     common[common.index("--tokens") + 1] = str(tokens)
-    return ["--data", f"examples/data/{name}.jsonl", "--output", f"examples/adapters/{name}.safetensors", *common, *extra]
+    return [
+        "--data",
+        f"examples/data/{name}.jsonl",
+        "--output",
+        f"examples/adapters/{name}.safetensors",
+        *common,
+        *extra,
+    ]
 
 
 # Each recipe: one or more `aligner train` invocations, run in order. N = 1 everywhere except pirate:

@@ -253,7 +253,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     from aligner_core.reference import attached, load_hf_model
 
     cfg = cfg.resolved()
-    assert cfg.lr is not None and cfg.weight_decay is not None and cfg.device is not None and cfg.log is not None  # resolved
+    assert (
+        cfg.lr is not None and cfg.weight_decay is not None and cfg.device is not None and cfg.log is not None
+    )  # resolved
     if cfg.method not in ("sft", "dpo"):
         raise SystemExit(f"aligner train: --method must be sft or dpo, not {cfg.method!r}")
     if cfg.gate_activation not in GATE_ACTIVATIONS:
@@ -295,7 +297,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     opt = torch.optim.AdamW([prefix, gate], lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def policy():
-        return attached(model, prefix=prefix, gate=gate, start_layer=cfg.start_layer, gate_activation=cfg.gate_activation)
+        return attached(
+            model, prefix=prefix, gate=gate, start_layer=cfg.start_layer, gate_activation=cfg.gate_activation
+        )
 
     examples = load_examples(cfg, tok)
     rng = random.Random(cfg.seed)
@@ -325,8 +329,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             loss, n = sft_loss(model, batch, device)
             return loss, {}
         pol = dpo_logps(model, batch, device)
-        ref = (torch.tensor([ref_logps[id(b)][0] for b in batch], device=device),
-               torch.tensor([ref_logps[id(b)][1] for b in batch], device=device))  # fmt: skip
+        ref = (
+            torch.tensor([ref_logps[id(b)][0] for b in batch], device=device),
+            torch.tensor([ref_logps[id(b)][1] for b in batch], device=device),
+        )
         loss, acc = dpo_loss(pol, ref, cfg.beta)
         return loss, {"reward_acc": float(acc)}
 
@@ -398,10 +404,17 @@ def train(cfg: TrainConfig) -> TrainResult:
     Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
     save(adapter, cfg.output)
     history.update(
-        config=asdict(cfg), base_model=spec.identity, tokens=adapter.tokens, params=adapter.params,
-        train_examples=len(trn), val_examples=len(val), steps=steps, seconds=round(elapsed, 1),
-        device=str(device), sha256=adapter.sha256(),
-    )  # fmt: skip
+        config=asdict(cfg),
+        base_model=spec.identity,
+        tokens=adapter.tokens,
+        params=adapter.params,
+        train_examples=len(trn),
+        val_examples=len(val),
+        steps=steps,
+        seconds=round(elapsed, 1),
+        device=str(device),
+        sha256=adapter.sha256(),
+    )
     Path(cfg.log).write_text(json.dumps(history, indent=1))
     if cfg.plot:
         plot_history(history, cfg.plot)
@@ -448,7 +461,9 @@ def plot_history(history: dict, path: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="aligner train", description="Train an Aligner adapter (SFT or DPO) on a frozen model.")
+    ap = argparse.ArgumentParser(
+        prog="aligner train", description="Train an Aligner adapter (SFT or DPO) on a frozen model."
+    )
     ap.add_argument("--data", required=True, help="JSONL: chat messages (sft) or prompt/chosen/rejected (dpo)")
     ap.add_argument("-o", "--output", required=True, help="where to write the aligner/v1 .safetensors file")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="preset name or Hugging Face folder")
@@ -469,10 +484,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-every", type=int, help="steps between validation passes (default: steps/8)")
     ap.add_argument("--max-length", type=int, default=512, help="truncate examples to this many tokens")
     ap.add_argument("--beta", type=float, default=0.1, help="DPO beta (default 0.1)")
-    ap.add_argument("--decision-weight", type=float, default=1.0,
-                    help="SFT: loss weight of the reply's layout tokens (line breaks, line starts, end of turn); "
-                         "above 1 stresses where a format is decided, e.g. how many lines (default 1)")  # fmt: skip
-    ap.add_argument("--ref-adapter", help="DPO: reference policy adapter (also the policy's start); default: base model")
+    ap.add_argument(
+        "--decision-weight",
+        type=float,
+        default=1.0,
+        help="SFT: loss weight of the reply's layout tokens (line breaks, line starts, end of turn); "
+        "above 1 stresses where a format is decided, e.g. how many lines (default 1)",
+    )
+    ap.add_argument(
+        "--ref-adapter", help="DPO: reference policy adapter (also the policy's start); default: base model"
+    )
     ap.add_argument("--init-adapter", help="start from this adapter's P and gates (continue training)")
     ap.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     ap.add_argument("--log", help="JSON log path (default: <output>.log.json)")

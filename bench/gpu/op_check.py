@@ -34,7 +34,9 @@ from aligner_core.model_spec import ModelSpec  # noqa: E402
 from server.engine import op, routing  # noqa: E402
 from server.engine.table import AdapterTable, LayerHandle, TableShape  # noqa: E402
 
-SPEC = ModelSpec(name="smollm2-shape", hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, fingerprint="0" * 12)
+SPEC = ModelSpec(
+    name="smollm2-shape", hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, fingerprint="0" * 12
+)
 H, KVH, D, HID, FF = 9, 3, 64, 576, 1536
 COLD = int(os.environ.get("ALIGNER_GPU_COLD", "100000"))
 HOT = 128  # filled by the 2 x 64 hot adapters, so every later put goes cold
@@ -61,9 +63,21 @@ def main() -> None:
     torch.manual_seed(0)
     bf = torch.bfloat16
     qkv = [nn.Linear(HID, (H + 2 * KVH) * D, bias=False).to(DEV, bf) for _ in range(SPEC.num_layers)]
-    layers = [LayerHandle(index=i, qkv_proj=qkv[i], k_norm=None, q_size=H * D, kv_size=KVH * D) for i in range(SPEC.num_layers)]
-    shape = TableShape(num_layers=30, num_heads=H, num_kv_heads=KVH, head_dim=D, head_offset=0, max_slots=HOT,
-                       max_tokens=16, cold_slots=COLD, scratch=512)  # fmt: skip
+    layers = [
+        LayerHandle(index=i, qkv_proj=qkv[i], k_norm=None, q_size=H * D, kv_size=KVH * D)
+        for i in range(SPEC.num_layers)
+    ]
+    shape = TableShape(
+        num_layers=30,
+        num_heads=H,
+        num_kv_heads=KVH,
+        head_dim=D,
+        head_offset=0,
+        max_slots=HOT,
+        max_tokens=16,
+        cold_slots=COLD,
+        scratch=512,
+    )
     torch.cuda.synchronize()
     m0 = torch.cuda.memory_allocated()
     table = AdapterTable(shape, layers, device=DEV, dtype=bf)
@@ -72,7 +86,10 @@ def main() -> None:
     rt = routing.Routing(512)
     results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cases": []}
 
-    pool = {n: [Adapter.random(SPEC, tokens=n, start_layer=2, seed=100 * n + i, gate_scale=0.3) for i in range(64)] for n in (1, 4)}
+    pool = {
+        n: [Adapter.random(SPEC, tokens=n, start_layer=2, seed=100 * n + i, gate_scale=0.3) for i in range(64)]
+        for n in (1, 4)
+    }
     hot = {n: [] for n in (1, 4)}
     for n in (1, 4):  # 64 hot adapters per N
         for i, a in enumerate(pool[n]):
@@ -90,11 +107,15 @@ def main() -> None:
     results["cold_load_s"] = round(time.perf_counter() - t0, 2)
     results["cold_bytes_per_adapter"] = round((torch.cuda.memory_allocated() - m1) / COLD, 1)
     results["hot_table_bytes"] = hot_bytes
-    print(f"{COLD} cold adapters resident in {results['cold_load_s']} s, {results['cold_bytes_per_adapter']} B each on the GPU; "
-          f"hot table {hot_bytes / 2**20:.1f} MiB for {HOT} slots")  # fmt: skip
+    print(
+        f"{COLD} cold adapters resident in {results['cold_load_s']} s, {results['cold_bytes_per_adapter']} B each on the GPU; "
+        f"hot table {hot_bytes / 2**20:.1f} MiB for {HOT} slots"
+    )
 
-    w = {name: torch.randn(o, i, device=DEV, dtype=bf) * 0.02 for name, (o, i) in
-         {"qkv": (960, HID), "o": (HID, HID), "gu": (2 * FF, HID), "down": (HID, FF)}.items()}  # fmt: skip
+    w = {
+        name: torch.randn(o, i, device=DEV, dtype=bf) * 0.02
+        for name, (o, i) in {"qkv": (960, HID), "o": (HID, HID), "gu": (2 * FF, HID), "down": (HID, FF)}.items()
+    }
 
     def linears(T):
         x = torch.randn(T, HID, device=DEV, dtype=bf)
@@ -134,11 +155,22 @@ def main() -> None:
                     ids = np.sort(ids)
                 for use_triton in (True, False):
                     ms = cuda_time(forward(ids, use_triton))
-                    row = dict(T=T, K=K, N=n, layout=layout, tier=tier, path="triton" if use_triton else "torch",
-                               ms_per_forward=round(ms, 4), linears_ms=round(base, 4), ratio_to_linears=round(ms / base, 4))  # fmt: skip
+                    row = dict(
+                        T=T,
+                        K=K,
+                        N=n,
+                        layout=layout,
+                        tier=tier,
+                        path="triton" if use_triton else "torch",
+                        ms_per_forward=round(ms, 4),
+                        linears_ms=round(base, 4),
+                        ratio_to_linears=round(ms / base, 4),
+                    )
                     results["cases"].append(row)
-                    print(f"T={T:5d} K={K:3d} N={n:2d} {layout:7s} {tier:4s} {row['path']:6s} {ms:8.3f} ms/forward "
-                          f"(linears {base:.3f} ms, x{ms / base:.3f})")  # fmt: skip
+                    print(
+                        f"T={T:5d} K={K:3d} N={n:2d} {layout:7s} {tier:4s} {row['path']:6s} {ms:8.3f} ms/forward "
+                        f"(linears {base:.3f} ms, x{ms / base:.3f})"
+                    )
     out = Path(os.environ.get("OUT", ".")) / "op_check.json"
     out.write_text(json.dumps(results, indent=1))
     print("wrote", out)

@@ -146,7 +146,12 @@ def correctness(dev):
                 for N in (1, 4, 16):
                     KVH, S, T = 2, 9, CORR_T
                     H = KVH * G
-                    seed = 1000 * D + 100 * G + 10 * N + (0, 1, 2)[(torch.float32, torch.bfloat16, torch.float16).index(dtype)]
+                    seed = (
+                        1000 * D
+                        + 100 * G
+                        + 10 * N
+                        + (0, 1, 2)[(torch.float32, torch.bfloat16, torch.float16).index(dtype)]
+                    )
                     gcpu = torch.Generator().manual_seed(seed)
                     ntok = [0] + torch.randint(1, N + 1, (S - 1,), generator=gcpu).tolist()
                     k, v, mask, gate, _ = random_layer(S, KVH, N, D, G, generator=gcpu, device=dev, ntok=ntok)
@@ -157,7 +162,9 @@ def correctness(dev):
                     out0 = out.clone()
                     scale = 1 / math.sqrt(D)
                     aligner_delta_triton(out, q, slots, k, v, mask, gate, scale, N)
-                    ref = delta_general(q.float().view(T, KVH, G, D), k[slots], v[slots], mask[slots], gate[slots], scale)
+                    ref = delta_general(
+                        q.float().view(T, KVH, G, D), k[slots], v[slots], mask[slots], gate[slots], scale
+                    )
                     ref = ref.reshape(T, -1)
                     # the term alone, added into an fp32 zero buffer: isolates the kernel's arithmetic
                     d32 = torch.zeros(T, H * D, device=dev)
@@ -169,10 +176,20 @@ def correctness(dev):
                     err_round = (out.float() - (out0.float() + ref).to(dtype).float()).abs().max().item()
                     err_delta = (d32 - ref).abs().max().item()
                     rel = ((d32 - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-                    rows.append(dict(dtype=str(dtype).split(".")[-1], D=D, G=G, N=N, max_abs_err_out=err_out,
-                                     max_abs_err_vs_rounded=err_round, max_abs_err_delta_fp32=err_delta,
-                                     rel_err_delta=rel, slot0_untouched=untouched,
-                                     finite=bool(torch.isfinite(out).all().item())))  # fmt: skip
+                    rows.append(
+                        dict(
+                            dtype=str(dtype).split(".")[-1],
+                            D=D,
+                            G=G,
+                            N=N,
+                            max_abs_err_out=err_out,
+                            max_abs_err_vs_rounded=err_round,
+                            max_abs_err_delta_fp32=err_delta,
+                            rel_err_delta=rel,
+                            slot0_untouched=untouched,
+                            finite=bool(torch.isfinite(out).all().item()),
+                        )
+                    )
     return rows
 
 
@@ -192,8 +209,17 @@ def bench(dev):
                     gq = torch.Generator().manual_seed(T)
                     q = torch.randn(T, H * D, generator=gq).to(dev, dtype)
                     out = torch.randn(T, H * D, generator=gq).to(dev, dtype)
-                    r = dict(model=name, H=H, KVH=KVH, D=D, N=N, T=T, layout=layout, runs=len(runs),
-                             grid=list(launch_params(T, H, KVH, D, N).grid))  # fmt: skip
+                    r = dict(
+                        model=name,
+                        H=H,
+                        KVH=KVH,
+                        D=D,
+                        N=N,
+                        T=T,
+                        layout=layout,
+                        runs=len(runs),
+                        grid=list(launch_params(T, H, KVH, D, N).grid),
+                    )
 
                     def f_tri():
                         aligner_delta_triton(out, q, slots, k, v, mask, gate, scale, N)
@@ -234,8 +260,13 @@ def warps_sweep(dev):
     """Graph-replay time of the kernel for each num_warps on a few configs (tuning data for launch_params)."""
     rows = []
     dtype = torch.bfloat16
-    for name, N, T in (("llama8b", 16, 4096), ("llama8b", 4, 512), ("smollm2", 16, 4096), ("smollm2", 4, 512),
-                       ("llama8b", 16, 32)):  # fmt: skip
+    for name, N, T in (
+        ("llama8b", 16, 4096),
+        ("llama8b", 4, 512),
+        ("smollm2", 16, 4096),
+        ("smollm2", 4, 512),
+        ("llama8b", 16, 32),
+    ):
         sh = SHAPES[name]
         H, KVH, D = sh["H"], sh["KVH"], sh["D"]
         k, v, mask, gate, _ = make_table(H, KVH, D, N, seed=N, dev=dev)
@@ -245,7 +276,8 @@ def warps_sweep(dev):
         r = dict(model=name, N=N, T=T, default_warps=launch_params(T, H, KVH, D, N).num_warps)
         for nw in (1, 2, 4, 8):
             r[f"w{nw}_graph_ms"] = time_graph(
-                lambda nw=nw: aligner_delta_triton(out, q, slots, k, v, mask, gate, 0.1, N, num_warps=nw))
+                lambda nw=nw: aligner_delta_triton(out, q, slots, k, v, mask, gate, 0.1, N, num_warps=nw)
+            )
         rows.append(r)
         print("warps", r, flush=True)
     return rows
@@ -255,16 +287,20 @@ def fmt(x):
     return "    -   " if x is None else f"{x * 1e3:8.1f}"
 
 
-HEADER = (f"{'model':8} {'N':>2} {'T':>5} {'layout':7} {'runs':>4} | {'triton':>8} {'tri_gr':>8} {'gather':>8} "
-          f"{'gath_gr':>8} {'grouped':>8} {'bias':>8} | {'x_gath':>6} {'x_grp':>6} (us per layer call)")  # fmt: skip
+HEADER = (
+    f"{'model':8} {'N':>2} {'T':>5} {'layout':7} {'runs':>4} | {'triton':>8} {'tri_gr':>8} {'gather':>8} "
+    f"{'gath_gr':>8} {'grouped':>8} {'bias':>8} | {'x_gath':>6} {'x_grp':>6} (us per layer call)"
+)
 
 
 def fmt_row(r):
     sp_g = r["gather_ms"] / r["triton_ms"]
     sp_grp = (r["grouped_ms"] / r["triton_ms"]) if r["grouped_ms"] else None
-    return (f"{r['model']:8} {r['N']:>2} {r['T']:>5} {r['layout']:7} {r['runs']:>4} | {fmt(r['triton_ms'])} "
-            f"{fmt(r['triton_graph_ms'])} {fmt(r['gather_ms'])} {fmt(r['gather_graph_ms'])} {fmt(r['grouped_ms'])} "
-            f"{fmt(r['bias_ms'])} | {sp_g:6.1f} {'' if sp_grp is None else f'{sp_grp:6.1f}'}")  # fmt: skip
+    return (
+        f"{r['model']:8} {r['N']:>2} {r['T']:>5} {r['layout']:7} {r['runs']:>4} | {fmt(r['triton_ms'])} "
+        f"{fmt(r['triton_graph_ms'])} {fmt(r['gather_ms'])} {fmt(r['gather_graph_ms'])} {fmt(r['grouped_ms'])} "
+        f"{fmt(r['bias_ms'])} | {sp_g:6.1f} {'' if sp_grp is None else f'{sp_grp:6.1f}'}"
+    )
 
 
 def main():
@@ -289,9 +325,16 @@ def main():
     for c in corr:
         worst[c["dtype"]] = max(worst.get(c["dtype"], 0.0), c["max_abs_err_delta_fp32"])
     print(f"correctness: {len(corr)} cases in {time.time() - t0:.1f}s; worst |delta - ref| per q dtype: {worst}")
-    print("worst err beyond final rounding per dtype:",
-          {d: max(c["max_abs_err_vs_rounded"] for c in corr if c["dtype"] == d) for d in worst})  # fmt: skip
-    print("all slot-0 rows untouched:", all(c["slot0_untouched"] for c in corr), "all finite:", all(c["finite"] for c in corr))
+    print(
+        "worst err beyond final rounding per dtype:",
+        {d: max(c["max_abs_err_vs_rounded"] for c in corr if c["dtype"] == d) for d in worst},
+    )
+    print(
+        "all slot-0 rows untouched:",
+        all(c["slot0_untouched"] for c in corr),
+        "all finite:",
+        all(c["finite"] for c in corr),
+    )
     t1 = time.time()
     print(HEADER, flush=True)
     rows = bench(dev)
@@ -302,7 +345,8 @@ def main():
         warps = [dict(error=repr(e))]
         print("warps sweep failed:", e)
     (out_dir / "triton_check.json").write_text(
-        json.dumps(dict(info=info, correctness=corr, bench=rows, warps=warps), indent=1))
+        json.dumps(dict(info=info, correctness=corr, bench=rows, warps=warps), indent=1)
+    )
     print("\n" + HEADER)
     for r in rows:
         print(fmt_row(r))

@@ -74,7 +74,9 @@ def build(directory: Path | None = None, defines: tuple[str, ...] = ()) -> Path:
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"C compiler {cc!r} does not run: {e}") from e
     flags = FLAGS + [f"-D{d}" for d in defines]
-    key = hashlib.sha256(b"\0".join([src, " ".join(flags + ["link:-shared -lm"]).encode(), version.encode(), _cpu_identity().encode()]))
+    key = hashlib.sha256(
+        b"\0".join([src, " ".join(flags + ["link:-shared -lm"]).encode(), version.encode(), _cpu_identity().encode()])
+    )
     name = f"aligner_cpu_{key.hexdigest()[:16]}.so"
     for place in (directory or cache_dir(), Path(tempfile.gettempdir()) / f"aligner-serve-kernels-{os.getuid()}"):
         try:
@@ -101,7 +103,9 @@ def build(directory: Path | None = None, defines: tuple[str, ...] = ()) -> Path:
                 if os.path.exists(leftover):
                     os.unlink(leftover)
         return target
-    raise KernelUnavailable(f"no private writable directory for the compiled kernel (tried {directory or cache_dir()} and the temp dir)")
+    raise KernelUnavailable(
+        f"no private writable directory for the compiled kernel (tried {directory or cache_dir()} and the temp dir)"
+    )
 
 
 def _trusted(place: Path) -> bool:
@@ -126,11 +130,19 @@ def load() -> ctypes.CDLL:
 
 
 class _Table(ctypes.Structure):  # aligner_table in cpu_kernel.c
-    _fields_ = [("k", _P), ("v", _P), ("gate", _P), ("ntok", _P)] + [(n, _I) for n in ("L", "S", "KVH", "G", "Nm", "D", "kv_dtype")] + [("scale", ctypes.c_float)]
+    _fields_ = (
+        [("k", _P), ("v", _P), ("gate", _P), ("ntok", _P)]
+        + [(n, _I) for n in ("L", "S", "KVH", "G", "Nm", "D", "kv_dtype")]
+        + [("scale", ctypes.c_float)]
+    )
 
 
 class _Step(ctypes.Structure):  # aligner_step
-    _fields_ = [("table", ctypes.POINTER(_Table)), ("tok_slot", _P), *[(n, _I) for n in ("T", "n_cap", "q_row", "out_row", "dtype", "checked")]]
+    _fields_ = [
+        ("table", ctypes.POINTER(_Table)),
+        ("tok_slot", _P),
+        *[(n, _I) for n in ("T", "n_cap", "q_row", "out_row", "dtype", "checked")],
+    ]
 
 
 def open_library(path: Path) -> ctypes.CDLL:
@@ -177,7 +189,9 @@ class BoundKernel:
     ) -> None:
         L, S, KVH, Nm, D = k.shape
         if k.dtype not in DTYPES or v.dtype != k.dtype or gate.dtype != torch.float32:
-            raise ValueError(f"the CPU kernel takes a float32 or bfloat16 table with float32 gates, not {k.dtype}/{gate.dtype}")
+            raise ValueError(
+                f"the CPU kernel takes a float32 or bfloat16 table with float32 gates, not {k.dtype}/{gate.dtype}"
+            )
         if k.device.type != "cpu" or not all(x.is_contiguous() for x in (k, v, gate)):
             raise ValueError("the CPU kernel needs a contiguous table on the CPU")
         if v.shape != k.shape or gate.shape[:3] != (L, S, KVH):
@@ -189,7 +203,20 @@ class BoundKernel:
             raise ValueError(why)
         lib = lib or load()
         self._keep = (k, v, gate, ntok)  # the table's pointers stay valid while these live
-        self._table = _Table(k.data_ptr(), v.data_ptr(), gate.data_ptr(), ntok.ctypes.data, L, S, KVH, gate.shape[3], Nm, D, DTYPES[k.dtype], scale)
+        self._table = _Table(
+            k.data_ptr(),
+            v.data_ptr(),
+            gate.data_ptr(),
+            ntok.ctypes.data,
+            L,
+            S,
+            KVH,
+            gate.shape[3],
+            Nm,
+            D,
+            DTYPES[k.dtype],
+            scale,
+        )
         self._step = _Step(ctypes.pointer(self._table))
         self._step_addr = ctypes.addressof(self._step)
         self._begin, self._layer = lib.aligner_begin, lib.aligner_layer
@@ -217,7 +244,14 @@ class BoundKernel:
             raise ValueError("tok_slot must be a contiguous int64 array with one entry per token")
         st = self._step
         self._tok = tok_slot
-        st.tok_slot, st.T, st.n_cap, st.q_row, st.out_row, st.dtype = tok_slot.ctypes.data, T, max_tokens, q.stride(0), out.stride(0), code
+        st.tok_slot, st.T, st.n_cap, st.q_row, st.out_row, st.dtype = (
+            tok_slot.ctypes.data,
+            T,
+            max_tokens,
+            q.stride(0),
+            out.stride(0),
+            code,
+        )
         rc = self._begin(st)
         if rc == -2:
             raise ValueError(f"a token's slot is outside the table's {self.num_slots} slots")

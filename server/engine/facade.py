@@ -71,20 +71,29 @@ class EngineOptions:
         from server.engine.vllm_glue import json_flag
 
         argv = [
-            "--model", self.model_path,
-            "--served-model-name", self.served_name,
-            "--dtype", self.dtype,
-            "--max-model-len", str(self.max_model_len),
-            "--max-num-seqs", str(self.max_num_seqs),
-            "--seed", str(self.seed),
+            "--model",
+            self.model_path,
+            "--served-model-name",
+            self.served_name,
+            "--dtype",
+            self.dtype,
+            "--max-model-len",
+            str(self.max_model_len),
+            "--max-num-seqs",
+            str(self.max_num_seqs),
+            "--seed",
+            str(self.seed),
             "--disable-uvicorn-access-log",
-        ]  # fmt: skip
+        ]
         if self.aligner_enabled:
             argv += [
-                "--hf-overrides", json_flag({"architectures": [aligner_architecture(self.architecture)]}),
-                "--worker-extension-cls", "server.engine.worker_ext.AlignerWorkerExtension",
-                "--additional-config", json_flag(self.aligner.to_additional_config()),
-            ]  # fmt: skip
+                "--hf-overrides",
+                json_flag({"architectures": [aligner_architecture(self.architecture)]}),
+                "--worker-extension-cls",
+                "server.engine.worker_ext.AlignerWorkerExtension",
+                "--additional-config",
+                json_flag(self.aligner.to_additional_config()),
+            ]
         if self.aligner_enabled and self._routing() == "v1":
             argv += ["--logits-processors", "server.engine.routing_v1:AlignerRoutingLP"]
         if self.priority_scheduling:
@@ -177,8 +186,16 @@ class AlignerEngine:
             raise EngineNotReady(f"engine unhealthy: {e}") from e
 
     # ---- generation ----
-    async def generate(self, endpoint: str, request: Any, raw_request: Any, *, adapter: AdapterUse | None,
-                       salt_scope: str | None, priority: int = 0) -> Generation:  # fmt: skip
+    async def generate(
+        self,
+        endpoint: str,
+        request: Any,
+        raw_request: Any,
+        *,
+        adapter: AdapterUse | None,
+        salt_scope: str | None,
+        priority: int = 0,
+    ) -> Generation:
         """Run one chat ("chat") or completion ("completions") request, on `adapter` (None: the base model),
         in the prefix cache of `salt_scope` (a tenant id; None: shared by every tenant), at `priority` (used
         under vLLM's priority policy only).
@@ -209,7 +226,11 @@ class AlignerEngine:
             if not isinstance(result, AsyncGenerator):
                 if lease is not None:
                     await lease.release()
-                usage = (result.usage.prompt_tokens, result.usage.completion_tokens or 0) if result.usage is not None else None
+                usage = (
+                    (result.usage.prompt_tokens, result.usage.completion_tokens or 0)
+                    if result.usage is not None
+                    else None
+                )
                 return Generation(None, response=result.model_dump(), usage=usage)
             refused = _error_event(first)
             if refused is not None and refused.status == 400:
@@ -282,7 +303,9 @@ class AlignerEngine:
         async with self._lock:
             items = [(k, d) for k, d in items if k not in self._resident]
             if len(self._resident) + len(items) > self.capacity:
-                raise EngineBusy(f"{len(items)} more adapters do not fit beside {len(self._resident)} ({self.capacity})")
+                raise EngineBusy(
+                    f"{len(items)} more adapters do not fit beside {len(self._resident)} ({self.capacity})"
+                )
             for i in range(0, len(items), batch):
                 chunk = items[i : i + batch]
                 await self._rpc("aligner_load_many", chunk)
@@ -357,9 +380,17 @@ class Generation:
     """One request run by the engine: a complete answer (`response`, its JSON) or a stream (`events()`), and
     its token `usage`. It holds the adapter's lease until `close()`, which also aborts a running stream."""
 
-    def __init__(self, lease: Lease | None, *, response: dict | None = None, usage: tuple[int, int] | None = None,
-                 source: AsyncGenerator[str, None] | None = None, first: str | None = None, wanted: str = "none",
-                 n: int = 1) -> None:  # fmt: skip
+    def __init__(
+        self,
+        lease: Lease | None,
+        *,
+        response: dict | None = None,
+        usage: tuple[int, int] | None = None,
+        source: AsyncGenerator[str, None] | None = None,
+        first: str | None = None,
+        wanted: str = "none",
+        n: int = 1,
+    ) -> None:
         self.response = response
         self._lease, self._usage = lease, usage
         self._source, self._first, self._wanted = source, first, wanted
@@ -467,8 +498,9 @@ def _error_event(chunk: str | None) -> RequestRejected | None:
         return None
     error = json.loads(chunk[len("data: ") :]).get("error") or {}
     status = error.get("code")
-    return RequestRejected(str(error.get("message"))[:2000], status=status if isinstance(status, int) else 500,
-                           param=error.get("param"))  # fmt: skip
+    return RequestRejected(
+        str(error.get("message"))[:2000], status=status if isinstance(status, int) else 500, param=error.get("param")
+    )
 
 
 def output_constraint(request: Any) -> Any:

@@ -91,8 +91,14 @@ def install(model: torch.nn.Module, vllm_config: VllmConfig) -> WorkerState:
     kv_dtype = dtype if use_cpu_kernel and dtype == torch.bfloat16 else torch.float32
     table = AdapterTable(shape, handles, device=param.device, dtype=dtype, kv_dtype=kv_dtype)
     routing = Routing(vllm_config.scheduler_config.max_num_seqs)
-    state = WorkerState(table=table, routing=routing, scale=1.0 / math.sqrt(attn0.head_size), path=cfg.path,
-                        use_triton=resolve_triton(cfg.path, param.device), use_cpu_kernel=use_cpu_kernel)  # fmt: skip
+    state = WorkerState(
+        table=table,
+        routing=routing,
+        scale=1.0 / math.sqrt(attn0.head_size),
+        path=cfg.path,
+        use_triton=resolve_triton(cfg.path, param.device),
+        use_cpu_kernel=use_cpu_kernel,
+    )
     set_worker_state(state)
     return state
 

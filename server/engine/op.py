@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from server.engine import cpu_kernel, triton_kernel
-from server.engine.aligner_math import delta_chunked, delta_general, delta_grouped, delta_single_token
 from server.engine import routing as _routing
+from server.engine.aligner_math import delta_chunked, delta_general, delta_grouped, delta_single_token
 from server.engine.routing import Routing, StepPlan, step_plan
 from server.engine.table import AdapterTable
 
@@ -122,8 +122,14 @@ class WorkerState:
 
     def stats(self) -> dict[str, Any]:
         t = self.table
-        return {**t.stats(), "kernel": self.kernel(), "kv_dtype": str(t.k.dtype).removeprefix("torch."),
-                "op_seconds": self.op_seconds, **self.counters(), "keys": t.keys()}  # fmt: skip
+        return {
+            **t.stats(),
+            "kernel": self.kernel(),
+            "kv_dtype": str(t.k.dtype).removeprefix("torch."),
+            "op_seconds": self.op_seconds,
+            **self.counters(),
+            "keys": t.keys(),
+        }
 
     # ---- the op's ----
     def cpu_kernel_for(self, plan: StepPlan, out: torch.Tensor, q: torch.Tensor) -> cpu_kernel.BoundKernel:
@@ -139,7 +145,15 @@ class WorkerState:
 
     def kernel(self) -> str:
         """What computes the term: "triton", "cpu" (the C kernel), "torch" (the torch fast paths) or "gather"."""
-        return "triton" if self.use_triton else "cpu" if self.use_cpu_kernel else "torch" if self.path in FAST else self.path
+        return (
+            "triton"
+            if self.use_triton
+            else "cpu"
+            if self.use_cpu_kernel
+            else "torch"
+            if self.path in FAST
+            else self.path
+        )
 
 
 def resolve_triton(path: str, device: torch.device) -> bool:
@@ -160,7 +174,11 @@ def resolve_cpu_kernel(path: str, device: torch.device, dtype: torch.dtype, head
     _check_path(path)
     if path not in ("auto", "cpu"):
         return False
-    why = "the CPU kernel runs on CPU devices only" if device.type != "cpu" else cpu_kernel.supports(dtype, head_dim, max_tokens)
+    why = (
+        "the CPU kernel runs on CPU devices only"
+        if device.type != "cpu"
+        else cpu_kernel.supports(dtype, head_dim, max_tokens)
+    )
     if why is None:
         try:
             cpu_kernel.load()
@@ -206,7 +224,9 @@ def apply_term(out: torch.Tensor, q: torch.Tensor, layer: int) -> None:
         return
     t = st.table
     if st.use_triton:
-        triton_kernel.aligner_delta_triton(out, q, plan.tok_slot, t.k[layer], t.v[layer], t.mask, t.gate[layer], st.scale, plan.max_tokens)
+        triton_kernel.aligner_delta_triton(
+            out, q, plan.tok_slot, t.k[layer], t.v[layer], t.mask, t.gate[layer], st.scale, plan.max_tokens
+        )
     elif st.use_cpu_kernel:
         st.cpu_kernel_for(plan, out, q).layer(out, q, layer)
     else:
@@ -246,11 +266,20 @@ def aligner_delta(st: WorkerState, plan: StepPlan, q: torch.Tensor, layer: int) 
         idx = plan.adapted
         slots = plan.tok_slot[idx]
         part = delta_general(
-            qg[idx], t.k[layer, slots, :, :n], t.v[layer, slots, :, :n], t.mask[slots, :n], t.gate[layer, slots], st.scale
+            qg[idx],
+            t.k[layer, slots, :, :n],
+            t.v[layer, slots, :, :n],
+            t.mask[slots, :n],
+            t.gate[layer, slots],
+            st.scale,
         )
-        return torch.zeros(T, qg.shape[1] * qg.shape[2] * D, device=q.device).index_copy_(0, idx, part.reshape(len(idx), -1))
+        return torch.zeros(T, qg.shape[1] * qg.shape[2] * D, device=q.device).index_copy_(
+            0, idx, part.reshape(len(idx), -1)
+        )
     slots = plan.tok_slot
-    delta = delta_general(qg, t.k[layer, slots, :, :n], t.v[layer, slots, :, :n], t.mask[slots, :n], t.gate[layer, slots], st.scale)
+    delta = delta_general(
+        qg, t.k[layer, slots, :, :n], t.v[layer, slots, :, :n], t.mask[slots, :n], t.gate[layer, slots], st.scale
+    )
     return delta.reshape(T, -1)
 
 

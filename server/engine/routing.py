@@ -62,7 +62,9 @@ class StepPlan:
         got = self._chunks.get(size)
         if got is None:
             dev = self._device
-            got = self._chunks[size] = tuple(torch.from_numpy(x).to(dev) for x in chunk_layout(self.tok_slot_host, size))
+            got = self._chunks[size] = tuple(
+                torch.from_numpy(x).to(dev) for x in chunk_layout(self.tok_slot_host, size)
+            )
         return got
 
 
@@ -139,8 +141,13 @@ class Routing:
         return _expand(self.row_slot[:rows], qsl[: rows + 1])
 
 
-def step_plan(tokens: np.ndarray, num_tokens: int, ntok: np.ndarray, device: torch.device,
-              stage: Callable[[np.ndarray], np.ndarray] | None = None) -> StepPlan | None:  # fmt: skip
+def step_plan(
+    tokens: np.ndarray,
+    num_tokens: int,
+    ntok: np.ndarray,
+    device: torch.device,
+    stage: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> StepPlan | None:
     """The plan for a token -> routing id layout (padded with slot 0 up to num_tokens), None when no token
     has an adapter. `ntok` is the table's N per slot, `stage` its cold tier (routing ids -> slots, staging
     the cold adapters the tokens use)."""

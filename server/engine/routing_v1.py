@@ -45,8 +45,12 @@ class AlignerRoutingLP(LogitsProcessor):
         for row, params, _, _ in batch_update.added:
             key = adapter_key(params)
             if st.assign(row, key) == 0 and key:  # a logits processor cannot fail a request: run as base
-                log.error("unknown adapter key %s: batch row %d runs as the base model (the frontend's lease "
-                          "should have made it resident)", key[:KEY_PREFIX_CHARS], row)  # fmt: skip
+                log.error(
+                    "unknown adapter key %s: batch row %d runs as the base model (the frontend's lease "
+                    "should have made it resident)",
+                    key[:KEY_PREFIX_CHARS],
+                    row,
+                )
         for row in batch_update.removed:
             st.release(row)
         for src, dst, direction in batch_update.moved:

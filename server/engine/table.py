@@ -71,8 +71,15 @@ class TableShape:
 class AdapterTable:
     """`put / lookup / evict / stage`, plus the tensors the Aligner op reads."""
 
-    def __init__(self, shape: TableShape, layers: list[LayerHandle], *, device: torch.device, dtype: torch.dtype,
-                 kv_dtype: torch.dtype = torch.float32):  # fmt: skip
+    def __init__(
+        self,
+        shape: TableShape,
+        layers: list[LayerHandle],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        kv_dtype: torch.dtype = torch.float32,
+    ):
         if shape.cold_slots and shape.scratch < 1:
             raise ValueError("a cold tier needs scratch slots to stage its adapters")
         self.shape = shape
@@ -137,11 +144,15 @@ class AdapterTable:
         if adapter.tokens > s.max_tokens:
             raise ValueError(f"adapter has {adapter.tokens} tokens; the engine allows {s.max_tokens}")
         if adapter.gate.shape[1] < s.head_offset + s.num_heads:
-            raise ValueError(f"adapter has {adapter.gate.shape[1]} heads; this rank needs {s.head_offset + s.num_heads}")
+            raise ValueError(
+                f"adapter has {adapter.gate.shape[1]} heads; this rank needs {s.head_offset + s.num_heads}"
+            )
         if self.raw.full():
             raise TableFull(f"all {self.raw.capacity} adapter slots are in use")
         gates = torch.zeros(s.num_layers, s.num_heads)  # [L, H], zero below start_layer
-        gates[adapter.start_layer :] = adapter.gate_values()[: s.num_layers - adapter.start_layer, s.head_offset : s.head_offset + s.num_heads]
+        gates[adapter.start_layer :] = adapter.gate_values()[
+            : s.num_layers - adapter.start_layer, s.head_offset : s.head_offset + s.num_heads
+        ]
         c = self.raw.add(key, adapter.prefix, gates)
         self.loads += 1
         if not self._free:
@@ -187,7 +198,7 @@ class AdapterTable:
             return self._free.pop()
         if not self.shape.cold_slots:
             return None
-        for key, slot in self._hot.items():  # least recently used first
+        for slot in self._hot.values():  # least recently used first
             if slot not in in_use:
                 self._drop_hot(slot)
                 return slot

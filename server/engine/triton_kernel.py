@@ -86,15 +86,33 @@ def _kernel():
 
     @triton.jit
     def _aligner_delta_kernel(
-        out_ptr, q_ptr, slot_ptr, k_ptr, v_ptr, mask_ptr, gate_ptr,
-        stride_ot, stride_qt,
-        stride_ks, stride_kh, stride_kn,
-        stride_vs, stride_vh, stride_vn,
-        stride_ms, stride_gs, stride_gh,
-        n_used, scale,
-        G: tl.constexpr, D: tl.constexpr,
-        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_CHUNKS: tl.constexpr,
-    ):  # fmt: skip
+        out_ptr,
+        q_ptr,
+        slot_ptr,
+        k_ptr,
+        v_ptr,
+        mask_ptr,
+        gate_ptr,
+        stride_ot,
+        stride_qt,
+        stride_ks,
+        stride_kh,
+        stride_kn,
+        stride_vs,
+        stride_vh,
+        stride_vn,
+        stride_ms,
+        stride_gs,
+        stride_gh,
+        n_used,
+        scale,
+        G: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        NUM_CHUNKS: tl.constexpr,
+    ):
         t = tl.program_id(0)
         kvh = tl.program_id(1)
         s = tl.load(slot_ptr + t).to(tl.int64)
@@ -180,13 +198,32 @@ def aligner_delta_triton(
         return out
     p = launch_params(T, H, KVH, D, n_used, num_warps)
     _kernel()[p.grid](
-        out, q, tok_slot, k_layer, v_layer, mask, gate_layer,
-        out.stride(0), q.stride(0),
-        k_layer.stride(0), k_layer.stride(1), k_layer.stride(2),
-        v_layer.stride(0), v_layer.stride(1), v_layer.stride(2),
-        mask.stride(0), gate_layer.stride(0), gate_layer.stride(1),
-        n_used, float(scale),
-        G=G, D=D, BLOCK_G=p.block_g, BLOCK_D=p.block_d, BLOCK_N=p.block_n, NUM_CHUNKS=p.num_chunks,
+        out,
+        q,
+        tok_slot,
+        k_layer,
+        v_layer,
+        mask,
+        gate_layer,
+        out.stride(0),
+        q.stride(0),
+        k_layer.stride(0),
+        k_layer.stride(1),
+        k_layer.stride(2),
+        v_layer.stride(0),
+        v_layer.stride(1),
+        v_layer.stride(2),
+        mask.stride(0),
+        gate_layer.stride(0),
+        gate_layer.stride(1),
+        n_used,
+        float(scale),
+        G=G,
+        D=D,
+        BLOCK_G=p.block_g,
+        BLOCK_D=p.block_d,
+        BLOCK_N=p.block_n,
+        NUM_CHUNKS=p.num_chunks,
         num_warps=p.num_warps,
-    )  # fmt: skip
+    )
     return out

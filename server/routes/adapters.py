@@ -41,9 +41,15 @@ async def store_upload(svc: Services, request: Request, owner_id: str, name: str
     blob = encode(adapter)  # canonical bytes: their sha256 is the adapter's identity in the engine
     record = await svc.store.create_adapter(
         owner_id,
-        NewAdapter(name=name, blob=blob, tokens=adapter.tokens, params=adapter.params,
-                   sha256=adapter.sha256(), base_model=adapter.base_model),
-    )  # fmt: skip
+        NewAdapter(
+            name=name,
+            blob=blob,
+            tokens=adapter.tokens,
+            params=adapter.params,
+            sha256=adapter.sha256(),
+            base_model=adapter.base_model,
+        ),
+    )
     svc.metrics.uploads.labels("stored").inc()
     return AdapterPublic.of(record)
 
@@ -61,7 +67,9 @@ async def delete_owned(svc: Services, owner_id: str, name: str) -> AdapterDelete
 
 
 @router.post("", status_code=201)
-async def upload_adapter(request: Request, svc: ServicesDep, tenant: ManagedTenantDep, file: FileField, name: NameField) -> AdapterPublic:
+async def upload_adapter(
+    request: Request, svc: ServicesDep, tenant: ManagedTenantDep, file: FileField, name: NameField
+) -> AdapterPublic:
     return await store_upload(svc, request, tenant.id, name, file)
 
 

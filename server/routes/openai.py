@@ -57,7 +57,9 @@ async def chat_completions(body: ChatRequest, raw: Request, svc: ServicesDep, te
 
 
 @router.post("/completions")
-async def completions(body: CompletionsRequest, raw: Request, svc: ServicesDep, tenant: GenerationTenantDep) -> Response:
+async def completions(
+    body: CompletionsRequest, raw: Request, svc: ServicesDep, tenant: GenerationTenantDep
+) -> Response:
     _check_json_schema(body)
     return await generate(svc, tenant, body, raw, endpoint="completions")
 
@@ -87,8 +89,19 @@ def _check_json_schema(body: ChatRequest | CompletionsRequest) -> None:
         )
 
 
-_SCHEMA_KEYS = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
-                "additionalItems", "unevaluatedItems", "unevaluatedProperties")  # fmt: skip
+_SCHEMA_KEYS = (
+    "items",
+    "additionalProperties",
+    "not",
+    "if",
+    "then",
+    "else",
+    "contains",
+    "propertyNames",
+    "additionalItems",
+    "unevaluatedItems",
+    "unevaluatedProperties",
+)
 _SCHEMA_LIST_KEYS = ("allOf", "anyOf", "oneOf", "prefixItems", "items")
 _SCHEMA_MAP_KEYS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
@@ -179,7 +192,9 @@ def _needed_items(node: dict, pointer: str) -> list[str]:
     at_least = node.get("minItems")
     if not isinstance(at_least, int) or isinstance(at_least, bool) or at_least < 1:
         return []
-    prefix_key = "prefixItems" if isinstance(node.get("prefixItems"), list) else "items"  # "items": [...] before 2020-12
+    prefix_key = (
+        "prefixItems" if isinstance(node.get("prefixItems"), list) else "items"
+    )  # "items": [...] before 2020-12
     prefix = node[prefix_key] if isinstance(node.get(prefix_key), list) else []
     needed = [f"{pointer}/{prefix_key}/{i}" for i in range(min(at_least, len(prefix)))]
     if at_least > len(prefix) and isinstance(node.get("items"), (dict, bool)):
@@ -195,8 +210,16 @@ async def list_models(svc: ServicesDep, tenant: ManagedTenantDep) -> ModelList:
     while True:
         page = await svc.store.list_adapters(tenant.id, limit=1000, after=after)
         for r in page.items:
-            cards.append(ModelCard(id=r.name, created=int(r.created_at.timestamp()), owned_by="public" if r.public else "tenant",
-                                   root=base, parent=base, adapter=AdapterPublic.of(r)))  # fmt: skip
+            cards.append(
+                ModelCard(
+                    id=r.name,
+                    created=int(r.created_at.timestamp()),
+                    owned_by="public" if r.public else "tenant",
+                    root=base,
+                    parent=base,
+                    adapter=AdapterPublic.of(r),
+                )
+            )
         if page.next_after is None:
             return ModelList(data=cards)
         after = page.next_after

@@ -85,11 +85,9 @@ async def _create_database(base_url: str, name: str) -> None:
     try:
         await _admin(
             base_url,
-            f"CREATE DATABASE \"{name}\" TEMPLATE template0"
-            " LOCALE_PROVIDER icu ICU_LOCALE 'en-US'",
+            f"CREATE DATABASE \"{name}\" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'",
         )
-    except (asyncpg.PostgresSyntaxError, asyncpg.FeatureNotSupportedError,
-            asyncpg.InvalidParameterValueError):
+    except (asyncpg.PostgresSyntaxError, asyncpg.FeatureNotSupportedError, asyncpg.InvalidParameterValueError):
         await _admin(base_url, f'CREATE DATABASE "{name}"')
 
 
@@ -143,9 +141,7 @@ def empty_postgres_database(url: str) -> None:
     asyncio.run(main())
 
 
-async def wait_until(
-    predicate: Callable[[], bool], *, timeout: float = 1.0, what: str = "condition"
-) -> float:
+async def wait_until(predicate: Callable[[], bool], *, timeout: float = 1.0, what: str = "condition") -> float:
     """Poll ``predicate`` until true; return the seconds it took; fail after ``timeout``."""
     loop = asyncio.get_running_loop()
     start = loop.time()

@@ -228,9 +228,7 @@ def test_list_versions_ascending(backend: Backend) -> None:
 def test_delete_all_versions_then_not_found(backend: Backend) -> None:
     async def body(store: Store):
         tenant = await store.ensure_tenant("acme")
-        created = [
-            await store.create_adapter(tenant.id, new_adapter("tone", blob)) for blob in (b"1", b"2")
-        ]
+        created = [await store.create_adapter(tenant.id, new_adapter("tone", blob)) for blob in (b"1", b"2")]
         deleted = await store.delete_adapter(tenant.id, "tone")
         with pytest.raises(NotFound, match="adapter 'tone' not found"):
             await store.get_adapter(tenant.id, "tone")
@@ -280,10 +278,7 @@ def test_concurrent_creates_get_distinct_versions(backend: Backend) -> None:
     async def body(store: Store):
         tenant = await store.ensure_tenant("acme")
         records = await asyncio.gather(
-            *(
-                store.create_adapter(tenant.id, new_adapter("hot", str(i).encode()))
-                for i in range(20)
-            )
+            *(store.create_adapter(tenant.id, new_adapter("hot", str(i).encode())) for i in range(20))
         )
         return records, await store.list_versions(tenant.id, "hot")
 
@@ -313,6 +308,7 @@ def test_create_for_unknown_tenant_raises_not_found(backend: Backend) -> None:
 
     with pytest.raises(NotFound, match="ten_nobody"):
         backend.run(body)
+
 
 def test_list_orders_names_by_code_point(backend: Backend) -> None:
     # PostgreSQL's default collation would sort these "a", "B", "_x"; the
@@ -483,9 +479,7 @@ def test_change_feed_async_and_failing_subscribers(backend: Backend) -> None:
         await store.subscribe(seen_after_failure.append)
         tenant = await store.ensure_tenant("acme")
         record = await store.create_adapter(tenant.id, new_adapter("tone"))
-        await wait_until(
-            lambda: len(seen_async) == 1 and len(seen_after_failure) == 1, what="both subscribers"
-        )
+        await wait_until(lambda: len(seen_async) == 1 and len(seen_after_failure) == 1, what="both subscribers")
         return record, seen_async, seen_after_failure
 
     record, seen_async, seen_after_failure = backend.run(body)

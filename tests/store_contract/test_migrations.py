@@ -11,7 +11,7 @@ import asyncio
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -90,7 +90,7 @@ class Fresh:
 
 def _sqlite_value(value: object) -> object:
     if isinstance(value, datetime):
-        return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
+        return value.astimezone(UTC).isoformat(timespec="microseconds")
     if isinstance(value, bool):
         return int(value)
     return value
@@ -111,9 +111,7 @@ def fresh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fresh]:
 
 
 def test_both_backends_have_the_same_steps() -> None:
-    assert [(m.version, m.description) for m in SQLITE_STEPS] == [
-        (m.version, m.description) for m in POSTGRES_STEPS
-    ]
+    assert [(m.version, m.description) for m in SQLITE_STEPS] == [(m.version, m.description) for m in POSTGRES_STEPS]
     assert NEWEST >= 3
     assert SQLITE_STEPS[1].description == "tenant quotas and hashed api keys"
     assert SQLITE_STEPS[2].description == "tenant quotas on generation requests"
@@ -136,9 +134,7 @@ def test_fresh_database_gets_every_step(fresh: Fresh) -> None:
     assert versions == list(range(1, NEWEST + 1))
 
 
-def test_upgrade_from_version_1_keeps_data_and_defaults_quotas(
-    fresh: Fresh, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_upgrade_from_version_1_keeps_data_and_defaults_quotas(fresh: Fresh, monkeypatch: pytest.MonkeyPatch) -> None:
     # 1. The previous release creates its schema (step 1 only)...
     fresh.patch_steps(monkeypatch, 1)
     fresh.open_once()
@@ -150,7 +146,7 @@ def test_upgrade_from_version_1_keeps_data_and_defaults_quotas(
     ) == [(0,)]
 
     # ...and writes rows the way it did.
-    created = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+    created = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
     adapter = new_adapter("tone", b"old weights")
     fresh.execute(
         ("INSERT INTO tenants (id, name, created_at) VALUES (?, ?, ?)", ("ten_old", "acme", created)),
@@ -158,8 +154,19 @@ def test_upgrade_from_version_1_keeps_data_and_defaults_quotas(
         (
             "INSERT INTO adapters (id, tenant_id, name, version, tokens, params, bytes, sha256,"
             " base_model, public, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            ("ad_old", "ten_old", "tone", 1, adapter.tokens, adapter.params, adapter.bytes,
-             adapter.sha256, adapter.base_model, True, created),
+            (
+                "ad_old",
+                "ten_old",
+                "tone",
+                1,
+                adapter.tokens,
+                adapter.params,
+                adapter.bytes,
+                adapter.sha256,
+                adapter.base_model,
+                True,
+                created,
+            ),
         ),
         ("INSERT INTO adapter_blobs (adapter_id, blob) VALUES (?, ?)", ("ad_old", adapter.blob)),
     )
@@ -220,7 +227,7 @@ def test_upgrade_from_version_2_keeps_quotas_and_adds_unlimited_generation_quota
     assert not set(GENERATION_QUOTAS) & {row[0] for row in fresh.query(columns_sql)}
 
     # ...and writes rows the way it did: one tenant with quotas and a key, one without.
-    created = datetime(2025, 3, 1, 9, 30, tzinfo=timezone.utc)
+    created = datetime(2025, 3, 1, 9, 30, tzinfo=UTC)
     fresh.execute(
         (
             "INSERT INTO tenants (id, name, created_at, max_adapters, max_adapter_bytes,"

@@ -111,10 +111,7 @@ def test_concurrent_creates_across_stores_get_distinct_versions(pg_url: str) -> 
         async with open_store(pg_url) as a, open_store(pg_url) as b:
             tenant = await a.ensure_tenant("acme")
             records = await asyncio.gather(
-                *(
-                    (a if i % 2 else b).create_adapter(tenant.id, new_adapter("hot", bytes([i])))
-                    for i in range(30)
-                )
+                *((a if i % 2 else b).create_adapter(tenant.id, new_adapter("hot", bytes([i]))) for i in range(30))
             )
             return records, await b.list_versions(tenant.id, "hot")
 
@@ -162,9 +159,7 @@ def test_dropped_connection_raises_store_unavailable_then_recovers(pg_url: str) 
             blocker = await asyncpg.connect(pg_url)
             try:
                 # Hold the per-name lock so the create waits inside its transaction.
-                await blocker.execute(
-                    "SELECT pg_advisory_lock(hashtext($1), hashtext($2))", tenant.id, "tone"
-                )
+                await blocker.execute("SELECT pg_advisory_lock(hashtext($1), hashtext($2))", tenant.id, "tone")
                 create = asyncio.ensure_future(store.create_adapter(tenant.id, new_adapter("tone")))
                 for _ in range(200):
                     waiting = await blocker.fetchval(
@@ -239,12 +234,10 @@ def test_notification_is_sent_only_on_commit(pg_url: str) -> None:
             # row insert: neither the row nor the notification may survive.
             conn = await asyncpg.connect(pg_url)
             try:
-                await conn.execute(
-                    "ALTER TABLE adapter_blobs ADD CONSTRAINT test_small CHECK (length(blob) < 4)"
-                )
+                await conn.execute("ALTER TABLE adapter_blobs ADD CONSTRAINT test_small CHECK (length(blob) < 4)")
             finally:
                 await conn.close()
-            with pytest.raises(Exception):
+            with pytest.raises(Exception):  # noqa: B017  (whatever the driver makes of a CHECK violation)
                 await store.create_adapter(tenant.id, new_adapter("big", b"too long"))
             await store.create_adapter(tenant.id, new_adapter("ok", b"ok"))
             await wait_until(lambda: len(events) >= 1, what="event")
@@ -272,9 +265,7 @@ def test_listener_reconnects_after_being_dropped(pg_url: str) -> None:
                 )
             finally:
                 await conn.close()
-            await wait_until(
-                lambda: any(e.kind == "resync" for e in events), timeout=5, what="resync event"
-            )
+            await wait_until(lambda: any(e.kind == "resync" for e in events), timeout=5, what="resync event")
             await writer.create_adapter(tenant.id, new_adapter("after"))
             await wait_until(lambda: len(events) >= 2, what="event after reconnect")
         return killed, events

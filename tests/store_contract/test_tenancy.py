@@ -160,11 +160,37 @@ def test_api_key_create_find_list_revoke(backend: Backend) -> None:
             await store.find_api_key("hash-1")
         still_found = await store.find_api_key("hash-2")
         listed_after = await store.list_api_keys(acme.id)
-        return (acme, other, k1, k2, k3, found_key, found_tenant, listed, listed_other,
-                revoked, revoked_again, still_found, listed_after)
+        return (
+            acme,
+            other,
+            k1,
+            k2,
+            k3,
+            found_key,
+            found_tenant,
+            listed,
+            listed_other,
+            revoked,
+            revoked_again,
+            still_found,
+            listed_after,
+        )
 
-    (acme, other, k1, k2, k3, found_key, found_tenant, listed, listed_other,
-     revoked, revoked_again, still_found, listed_after) = backend.run(body)
+    (
+        acme,
+        other,
+        k1,
+        k2,
+        k3,
+        found_key,
+        found_tenant,
+        listed,
+        listed_other,
+        revoked,
+        revoked_again,
+        still_found,
+        listed_after,
+    ) = backend.run(body)
     assert isinstance(k1, ApiKey)
     assert k1.id.startswith("key_") and len({k1.id, k2.id, k3.id}) == 3
     assert (k1.tenant_id, k1.prefix, k1.revoked) == (acme.id, "sk-aaaa", False)
@@ -250,9 +276,7 @@ def test_max_adapters_counts_versions(backend: Backend) -> None:
     error, usage, after_delete = backend.run(body)
     assert isinstance(error, StoreError)
     assert (error.limit_name, error.limit, error.current) == ("max_adapters", 2, 2)
-    assert str(error) == (
-        "quota max_adapters exceeded: the tenant has 2 adapter versions and the limit is 2"
-    )
+    assert str(error) == ("quota max_adapters exceeded: the tenant has 2 adapter versions and the limit is 2")
     assert usage == (2, 4)  # the refused create wrote nothing
     assert (after_delete.name, after_delete.version) == ("other", 1)
 
@@ -274,8 +298,7 @@ def test_max_adapter_bytes_includes_the_new_blob(backend: Backend) -> None:
     assert exact.bytes == 4
     assert (error.limit_name, error.limit, error.current) == ("max_adapter_bytes", 10, 10)
     assert str(error) == (
-        "quota max_adapter_bytes exceeded: the tenant stores 10 bytes,"
-        " 1 more would pass the limit of 10"
+        "quota max_adapter_bytes exceeded: the tenant stores 10 bytes, 1 more would pass the limit of 10"
     )
     assert now_fits.name == "c"
     assert usage == (3, 11)

@@ -1,3 +1,5 @@
-from aligner_client.cli import main
 import sys
+
+from aligner_client.cli import main
+
 sys.exit(main())

@@ -26,13 +26,19 @@ def _parse(call: core.Call, resp: httpx.Response) -> Any:
     try:
         body = resp.json() if resp.content else None
     except ValueError as e:
-        raise APIError(f"the server answered {resp.status_code} with a body that is not JSON", status=resp.status_code,
-                       body=resp.text[:500]) from e  # fmt: skip
+        raise APIError(
+            f"the server answered {resp.status_code} with a body that is not JSON",
+            status=resp.status_code,
+            body=resp.text[:500],
+        ) from e
     try:
         return call.parse(body)
     except ValidationError as e:
-        raise APIError(f"unexpected answer from {resp.request.method} {resp.request.url.path}: {e}",
-                       status=resp.status_code, body=body) from e  # fmt: skip
+        raise APIError(
+            f"unexpected answer from {resp.request.method} {resp.request.url.path}: {e}",
+            status=resp.status_code,
+            body=body,
+        ) from e
 
 
 class Stream:
@@ -115,11 +121,20 @@ class Client(Namespaces):
     Retry-After. `transport`, `http_client` and `sleep` are for tests and custom networking.
     """
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *, admin_key: str | None = None,
-                 timeout: float | httpx.Timeout | None = core.DEFAULT_TIMEOUT, max_retries: int = 2,
-                 retry_policy: core.RetryPolicy | None = None, headers: Mapping[str, str] | None = None,
-                 transport: httpx.BaseTransport | None = None, http_client: httpx.Client | None = None,
-                 sleep: Callable[[float], Any] = time.sleep) -> None:  # fmt: skip
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        admin_key: str | None = None,
+        timeout: float | httpx.Timeout | None = core.DEFAULT_TIMEOUT,
+        max_retries: int = 2,
+        retry_policy: core.RetryPolicy | None = None,
+        headers: Mapping[str, str] | None = None,
+        transport: httpx.BaseTransport | None = None,
+        http_client: httpx.Client | None = None,
+        sleep: Callable[[float], Any] = time.sleep,
+    ) -> None:
         self.config = core.resolve_config(base_url, api_key, admin_key, headers)
         self.retry_policy = _policy(max_retries, retry_policy)
         self._own_http = http_client is None
@@ -192,11 +207,20 @@ class AsyncClient(Namespaces):
     completions: Any
     admin: Any
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *, admin_key: str | None = None,
-                 timeout: float | httpx.Timeout | None = core.DEFAULT_TIMEOUT, max_retries: int = 2,
-                 retry_policy: core.RetryPolicy | None = None, headers: Mapping[str, str] | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None, http_client: httpx.AsyncClient | None = None,
-                 sleep: Callable[[float], Any] = asyncio.sleep) -> None:  # fmt: skip
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        admin_key: str | None = None,
+        timeout: float | httpx.Timeout | None = core.DEFAULT_TIMEOUT,
+        max_retries: int = 2,
+        retry_policy: core.RetryPolicy | None = None,
+        headers: Mapping[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        http_client: httpx.AsyncClient | None = None,
+        sleep: Callable[[float], Any] = asyncio.sleep,
+    ) -> None:
         self.config = core.resolve_config(base_url, api_key, admin_key, headers)
         self.retry_policy = _policy(max_retries, retry_policy)
         self._own_http = http_client is None

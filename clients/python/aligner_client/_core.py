@@ -16,19 +16,24 @@ import time
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Union
+from typing import IO, Any
 from urllib.parse import quote
 
 from aligner_client import models as m
 from aligner_client.errors import (
-    CODE_ERRORS, STATUS_ERRORS, APIConnectionError, APIError, APITimeoutError, InternalServerError,
-)  # fmt: skip
+    CODE_ERRORS,
+    STATUS_ERRORS,
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    InternalServerError,
+)
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = 300.0  # generation on a CPU server can take a while
 USER_AGENT = "aligner-client/0.1.0"
 
-FileInput = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes]]
+FileInput = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes]
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -42,8 +47,13 @@ class Config:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
-def resolve_config(base_url: str | None = None, api_key: str | None = None, admin_key: str | None = None,
-                   headers: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None) -> Config:  # fmt: skip
+def resolve_config(
+    base_url: str | None = None,
+    api_key: str | None = None,
+    admin_key: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
     """Arguments first, then ALIGNER_BASE_URL / ALIGNER_API_KEY / ALIGNER_ADMIN_KEY.
 
     `base_url` is the server root; a trailing `/v1` (an OpenAI-style URL) is accepted and dropped.
@@ -93,7 +103,7 @@ class Call:
         return args
 
 
-Op = Union[Call, Generator[Call, Any, Any]]
+Op = Call | Generator[Call, Any, Any]
 
 
 def _seg(name: str) -> str:
@@ -113,8 +123,14 @@ def read_file_input(file: FileInput) -> tuple[str, bytes]:
 
 def _upload_call(path: str, name: str, file: FileInput, *, admin: bool = False) -> Call:
     filename, data = read_file_input(file)
-    return Call("POST", path, form={"name": name}, files={"file": (filename, data, "application/octet-stream")},
-                parse=m.Adapter.model_validate, admin=admin)  # fmt: skip
+    return Call(
+        "POST",
+        path,
+        form={"name": name},
+        files={"file": (filename, data, "application/octet-stream")},
+        parse=m.Adapter.model_validate,
+        admin=admin,
+    )
 
 
 # adapters
@@ -124,8 +140,16 @@ def upload_adapter(name: str, file: FileInput) -> Call:
     return _upload_call("/v1/adapters", name, file)
 
 
-def upload_tensors(name: str, prefix: Any, gate: Any, *, start_layer: int = 2, gate_activation: str = "identity",
-                   base_model: str | None = None, public: bool = False) -> Generator[Call, Any, m.Adapter]:  # fmt: skip
+def upload_tensors(
+    name: str,
+    prefix: Any,
+    gate: Any,
+    *,
+    start_layer: int = 2,
+    gate_activation: str = "identity",
+    base_model: str | None = None,
+    public: bool = False,
+) -> Generator[Call, Any, m.Adapter]:
     """Encode aligner/v1 from tensors; without `base_model`, ask the server for its base model id first."""
     from aligner_client.tensors import encode_adapter
 
@@ -188,21 +212,53 @@ def _generation_body(fixed: dict[str, Any], extra: dict[str, Any]) -> dict[str, 
     return body
 
 
-def chat(messages: list[dict[str, Any]] | str, *, adapter: str | None = None, model: str | None = None,
-         stream: bool = False, max_tokens: int | None = None, temperature: float | None = None,
-         extra: dict[str, Any] | None = None) -> Call:  # fmt: skip
+def chat(
+    messages: list[dict[str, Any]] | str,
+    *,
+    adapter: str | None = None,
+    model: str | None = None,
+    stream: bool = False,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Call:
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
-    body = _generation_body({"messages": messages, "adapter": adapter, "model": model, "max_tokens": max_tokens,
-                             "temperature": temperature, "stream": stream or None}, extra or {})  # fmt: skip
+    body = _generation_body(
+        {
+            "messages": messages,
+            "adapter": adapter,
+            "model": model,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "stream": stream or None,
+        },
+        extra or {},
+    )
     return Call("POST", "/v1/chat/completions", json=body, stream=stream, parse=m.ChatCompletion.model_validate)
 
 
-def completion(prompt: str | list[Any], *, adapter: str | None = None, model: str | None = None, stream: bool = False,
-               max_tokens: int | None = None, temperature: float | None = None,
-               extra: dict[str, Any] | None = None) -> Call:  # fmt: skip
-    body = _generation_body({"prompt": prompt, "adapter": adapter, "model": model, "max_tokens": max_tokens,
-                             "temperature": temperature, "stream": stream or None}, extra or {})  # fmt: skip
+def completion(
+    prompt: str | list[Any],
+    *,
+    adapter: str | None = None,
+    model: str | None = None,
+    stream: bool = False,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Call:
+    body = _generation_body(
+        {
+            "prompt": prompt,
+            "adapter": adapter,
+            "model": model,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "stream": stream or None,
+        },
+        extra or {},
+    )
     return Call("POST", "/v1/completions", json=body, stream=stream, parse=m.Completion.model_validate)
 
 
@@ -231,7 +287,9 @@ def list_tenants() -> Call:
 
 def set_quotas(tenant_id: str, **quotas: int | None) -> Call:
     """Changes the quotas given; the others keep their values."""
-    return Call("PATCH", f"/admin/tenants/{_seg(tenant_id)}", json=_quotas(quotas), admin=True, parse=m.Tenant.model_validate)
+    return Call(
+        "PATCH", f"/admin/tenants/{_seg(tenant_id)}", json=_quotas(quotas), admin=True, parse=m.Tenant.model_validate
+    )
 
 
 def create_key(tenant_id: str) -> Call:
@@ -251,7 +309,9 @@ def publish_adapter(name: str, file: FileInput) -> Call:
 
 
 def unpublish_adapter(name: str, version: int | None = None) -> Call:
-    return Call("DELETE", f"/admin/adapters/{_seg(ref(name, version))}", admin=True, parse=m.AdapterDeleted.model_validate)
+    return Call(
+        "DELETE", f"/admin/adapters/{_seg(ref(name, version))}", admin=True, parse=m.AdapterDeleted.model_validate
+    )
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -291,10 +351,13 @@ def error_from_response(status: int, headers: Mapping[str, str], content: bytes)
         message = text or f"HTTP {status}"
         code = etype = param = None
     code = code if isinstance(code, str) else (None if code is None else str(code))
-    cls = CODE_ERRORS.get(code or "") or STATUS_ERRORS.get(status) or (InternalServerError if status >= 500 else APIError)
+    cls = (
+        CODE_ERRORS.get(code or "") or STATUS_ERRORS.get(status) or (InternalServerError if status >= 500 else APIError)
+    )
     retry_after = parse_retry_after(_header(headers, "retry-after"))
-    return cls(message, status=status, code=code, type=etype, param=param, retry_after=retry_after, body=body,
-               headers=headers)  # fmt: skip
+    return cls(
+        message, status=status, code=code, type=etype, param=param, retry_after=retry_after, body=body, headers=headers
+    )
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -356,7 +419,7 @@ class RetryPolicy:
         return self.backoff(attempt)
 
 
-AlignerErrorLike = Union[APIError, APIConnectionError, BaseException]
+AlignerErrorLike = APIError | APIConnectionError | BaseException
 
 
 # ------------------------------------------------------------------------------------------------ SSE
@@ -406,6 +469,12 @@ def decode_event(data: str) -> Any:
         status = err.get("code") if isinstance(err.get("code"), int) else None
         cls = STATUS_ERRORS.get(status or 0, APIError)
         code = err.get("code") if isinstance(err.get("code"), str) else None
-        raise cls(str(err.get("message") or "stream error"), status=status, code=code, type=err.get("type"),
-                  param=err.get("param"), body=obj)  # fmt: skip
+        raise cls(
+            str(err.get("message") or "stream error"),
+            status=status,
+            code=code,
+            type=err.get("type"),
+            param=err.get("param"),
+            body=obj,
+        )
     return m.ChatCompletionChunk.model_validate(obj)

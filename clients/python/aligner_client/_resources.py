@@ -30,12 +30,23 @@ class Adapters(_Resource):
         """Upload an aligner/v1 file (path, bytes or binary file object); an existing name gets version n+1."""
         return self._c._drive(core.upload_adapter(name, file))
 
-    def upload_tensors(self, name: str, prefix: Any, gate: Any, *, start_layer: int = 2,
-                       gate_activation: str = "identity", base_model: str | None = None) -> m.Adapter:  # fmt: skip
+    def upload_tensors(
+        self,
+        name: str,
+        prefix: Any,
+        gate: Any,
+        *,
+        start_layer: int = 2,
+        gate_activation: str = "identity",
+        base_model: str | None = None,
+    ) -> m.Adapter:
         """Encode `prefix` [N, hidden] and `gate` [layers - start_layer, heads] as aligner/v1 and upload them.
         Without `base_model`, the server's base model id is asked for first."""
-        return self._c._drive(core.upload_tensors(name, prefix, gate, start_layer=start_layer,
-                                                  gate_activation=gate_activation, base_model=base_model))  # fmt: skip
+        return self._c._drive(
+            core.upload_tensors(
+                name, prefix, gate, start_layer=start_layer, gate_activation=gate_activation, base_model=base_model
+            )
+        )
 
     def list(self, limit: int | None = None, after: str | None = None) -> m.AdapterList:
         """One page (newest version of each name); `next_after` is the cursor for the next."""
@@ -64,24 +75,54 @@ class Models(_Resource):
 
 
 class Chat(_Resource):
-    def create(self, messages: list[dict[str, Any]] | str, *, adapter: str | None = None, model: str | None = None,
-               stream: bool = False, max_tokens: int | None = None, temperature: float | None = None,
-               **extra: Any) -> Any:  # fmt: skip
+    def create(
+        self,
+        messages: list[dict[str, Any]] | str,
+        *,
+        adapter: str | None = None,
+        model: str | None = None,
+        stream: bool = False,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        **extra: Any,
+    ) -> Any:
         """`POST /v1/chat/completions`. `messages` may be a plain string (one user message); `adapter` is
         `"name"` or `"name@version"`; other OpenAI fields go in `extra`. Returns a `ChatCompletion`, or with
         `stream=True` a `Stream` of `ChatCompletionChunk` (async client: `AsyncStream`)."""
-        call = core.chat(messages, adapter=adapter, model=model, stream=stream, max_tokens=max_tokens,
-                         temperature=temperature, extra=extra)  # fmt: skip
+        call = core.chat(
+            messages,
+            adapter=adapter,
+            model=model,
+            stream=stream,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            extra=extra,
+        )
         return self._c._stream(call) if stream else self._c._drive(call)
 
 
 class Completions(_Resource):
-    def create(self, prompt: str | list[Any], *, adapter: str | None = None, model: str | None = None,
-               stream: bool = False, max_tokens: int | None = None, temperature: float | None = None,
-               **extra: Any) -> Any:  # fmt: skip
+    def create(
+        self,
+        prompt: str | list[Any],
+        *,
+        adapter: str | None = None,
+        model: str | None = None,
+        stream: bool = False,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        **extra: Any,
+    ) -> Any:
         """`POST /v1/completions`, like `Chat.create` with a prompt."""
-        call = core.completion(prompt, adapter=adapter, model=model, stream=stream, max_tokens=max_tokens,
-                               temperature=temperature, extra=extra)  # fmt: skip
+        call = core.completion(
+            prompt,
+            adapter=adapter,
+            model=model,
+            stream=stream,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            extra=extra,
+        )
         return self._c._stream(call) if stream else self._c._drive(call)
 
 
@@ -117,10 +158,27 @@ class PublicAdapters(_Resource):
     def upload(self, name: str, file: core.FileInput) -> m.Adapter:
         return self._c._drive(core.publish_adapter(name, file))
 
-    def upload_tensors(self, name: str, prefix: Any, gate: Any, *, start_layer: int = 2,
-                       gate_activation: str = "identity", base_model: str | None = None) -> m.Adapter:  # fmt: skip
-        return self._c._drive(core.upload_tensors(name, prefix, gate, start_layer=start_layer, public=True,
-                                                  gate_activation=gate_activation, base_model=base_model))  # fmt: skip
+    def upload_tensors(
+        self,
+        name: str,
+        prefix: Any,
+        gate: Any,
+        *,
+        start_layer: int = 2,
+        gate_activation: str = "identity",
+        base_model: str | None = None,
+    ) -> m.Adapter:
+        return self._c._drive(
+            core.upload_tensors(
+                name,
+                prefix,
+                gate,
+                start_layer=start_layer,
+                public=True,
+                gate_activation=gate_activation,
+                base_model=base_model,
+            )
+        )
 
     def delete(self, name: str, version: int | None = None) -> m.AdapterDeleted:
         return self._c._drive(core.unpublish_adapter(name, version))

@@ -52,7 +52,9 @@ def table(rows: list[dict[str, Any]], columns: Sequence[str], out: TextIO) -> No
         return
     cells = [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    numeric = [all(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in rows) for c in columns]
+    numeric = [
+        all(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in rows) for c in columns
+    ]
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip(), file=out)
     for row in cells:
         line = "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(row, widths, numeric))
@@ -101,8 +103,10 @@ def _split_ref(text: str) -> tuple[str, int | None]:
 def _adapters(c: Client, a: argparse.Namespace, out: TextIO) -> int:
     if a.action == "upload":
         ad = c.adapters.upload(a.name, a.file)
-        print_json(ad, out) if a.json else print(f"uploaded {ad.id}: {ad.tokens} tokens, {ad.params} params, "
-                                                  f"{ad.bytes} bytes, sha256 {ad.sha256[:12]}", file=out)  # fmt: skip
+        print_json(ad, out) if a.json else print(
+            f"uploaded {ad.id}: {ad.tokens} tokens, {ad.params} params, {ad.bytes} bytes, sha256 {ad.sha256[:12]}",
+            file=out,
+        )
     elif a.action == "list":
         items = c.adapters.list(limit=a.limit).data if a.limit else list(c.adapters.list_all())
         print_json(items, out) if a.json else table(_adapter_rows(items), ADAPTER_COLUMNS, out)
@@ -114,7 +118,9 @@ def _adapters(c: Client, a: argparse.Namespace, out: TextIO) -> int:
         print_json(items, out) if a.json else table(_adapter_rows(items), ADAPTER_COLUMNS, out)
     elif a.action == "delete":
         d = c.adapters.delete(*_split_ref(a.name))
-        print_json(d, out) if a.json else print(f"deleted {d.id} (versions {', '.join(map(str, d.versions))})", file=out)
+        print_json(d, out) if a.json else print(
+            f"deleted {d.id} (versions {', '.join(map(str, d.versions))})", file=out
+        )
     return 0
 
 
@@ -158,8 +164,11 @@ def _admin(c: Client, a: argparse.Namespace, out: TextIO) -> int:
             items = c.admin.tenants.list().data
             print_json(items, out) if a.json else table(_tenant_rows(items), tenant_cols, out)
             return 0
-        t = (c.admin.tenants.create(a.name, **_quota_kw(a)) if a.action == "create"
-             else c.admin.tenants.set_quotas(a.tenant_id, **_quota_kw(a)))  # fmt: skip
+        t = (
+            c.admin.tenants.create(a.name, **_quota_kw(a))
+            if a.action == "create"
+            else c.admin.tenants.set_quotas(a.tenant_id, **_quota_kw(a))
+        )
         print_json(t, out) if a.json else fields(t, out)
     elif a.group == "keys":
         if a.action == "list":
@@ -179,7 +188,9 @@ def _admin(c: Client, a: argparse.Namespace, out: TextIO) -> int:
         print_json(ad, out) if a.json else print(f"published {ad.id}: {ad.tokens} tokens, {ad.bytes} bytes", file=out)
     elif a.group == "unpublish":
         d = c.admin.adapters.delete(*_split_ref(a.name))
-        print_json(d, out) if a.json else print(f"withdrew {d.id} (versions {', '.join(map(str, d.versions))})", file=out)
+        print_json(d, out) if a.json else print(
+            f"withdrew {d.id} (versions {', '.join(map(str, d.versions))})", file=out
+        )
     return 0
 
 
@@ -191,25 +202,34 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     d: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
     p.add_argument("--base-url", help="server root (default: $ALIGNER_BASE_URL or http://127.0.0.1:8000)", **d)
-    p.add_argument("--api-key", help="API key; for admin commands the admin key (default: $ALIGNER_API_KEY; "
-                                     "admin: $ALIGNER_ADMIN_KEY)", **d)  # fmt: skip
+    p.add_argument(
+        "--api-key",
+        help="API key; for admin commands the admin key (default: $ALIGNER_API_KEY; admin: $ALIGNER_ADMIN_KEY)",
+        **d,
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output", **d)
     p.add_argument("--timeout", type=float, help="seconds per request (default 300)", **d)
     return p
 
 
 _QUOTA_HELP = {
-    "max_adapters": "adapter versions", "max_adapter_bytes": "total adapter bytes",
-    "requests_per_minute": "generation requests per minute", "max_concurrent_requests": "requests in flight at once",
-    "max_n": "sequences (n x prompts) of one request", "max_tokens_in_flight": "n x (prompt + max_tokens) in flight",
+    "max_adapters": "adapter versions",
+    "max_adapter_bytes": "total adapter bytes",
+    "requests_per_minute": "generation requests per minute",
+    "max_concurrent_requests": "requests in flight at once",
+    "max_n": "sequences (n x prompts) of one request",
+    "max_tokens_in_flight": "n x (prompt + max_tokens) in flight",
     "max_active_adapters": "distinct adapters in flight at once",
-}  # fmt: skip
+}
 
 
 def _quota_args(p: argparse.ArgumentParser) -> None:
     for name in core.QUOTAS:
-        p.add_argument("--" + name.replace("_", "-"), type=int,
-                       help=f"{_QUOTA_HELP[name]} (create: the server's default; set-quotas: unchanged)")  # fmt: skip
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=int,
+            help=f"{_QUOTA_HELP[name]} (create: the server's default; set-quotas: unchanged)",
+        )
 
 
 def build_parser(prog: str = "aligner-client") -> argparse.ArgumentParser:
@@ -221,14 +241,18 @@ def build_parser(prog: str = "aligner-client") -> argparse.ArgumentParser:
         return parent.add_parser(name, help=help, parents=common, **kw)
 
     ad = sub.add_parser("adapters", help="upload, list, show, version and delete adapters").add_subparsers(
-        dest="action", required=True)  # fmt: skip
+        dest="action", required=True
+    )
     p = leaf(ad, "upload", "upload an aligner/v1 file (an existing NAME gets a new version)")
     p.add_argument("name")
     p.add_argument("file")
     p = leaf(ad, "list", "list adapters (newest version of each)")
     p.add_argument("--limit", type=int, help="one page of at most N (default: every page)")
-    for action, help in (("show", "one adapter (NAME or NAME@VERSION)"), ("versions", "every version of NAME"),
-                         ("delete", "delete NAME (all versions) or NAME@VERSION")):  # fmt: skip
+    for action, help in (
+        ("show", "one adapter (NAME or NAME@VERSION)"),
+        ("versions", "every version of NAME"),
+        ("delete", "delete NAME (all versions) or NAME@VERSION"),
+    ):
         leaf(ad, action, help).add_argument("name")
 
     leaf(sub, "models", "the base model and the adapters you can use")
@@ -243,7 +267,8 @@ def build_parser(prog: str = "aligner-client") -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float)
 
     adm = sub.add_parser("admin", help="tenants, keys and public adapters (admin key)").add_subparsers(
-        dest="group", required=True)  # fmt: skip
+        dest="group", required=True
+    )
     ten = adm.add_parser("tenants", help="create, list, set quotas").add_subparsers(dest="action", required=True)
     p = leaf(ten, "create", "create a tenant")
     p.add_argument("name")

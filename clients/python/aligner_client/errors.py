@@ -21,9 +21,18 @@ class APIError(AlignerError):
     retry_after: float | None
     body: Any
 
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
-                 type: str | None = None, param: str | None = None, retry_after: float | None = None,
-                 body: Any = None, headers: Mapping[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        param: str | None = None,
+        retry_after: float | None = None,
+        body: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message, self.status, self.code, self.type, self.param = message, status, code, type, param
         self.retry_after, self.body, self.headers = retry_after, body, dict(headers or {})
@@ -110,7 +119,19 @@ STATUS_ERRORS: dict[int, type[APIError]] = {
 CODE_ERRORS: dict[str, type[APIError]] = {"adapter_not_found": AdapterNotFoundError}
 
 __all__ = [
-    "AlignerError", "APIError", "BadRequestError", "AuthenticationError", "PermissionDeniedError", "NotFoundError",
-    "AdapterNotFoundError", "ConflictError", "PayloadTooLargeError", "InvalidAdapterError", "RateLimitError",
-    "InternalServerError", "ServiceUnavailableError", "APIConnectionError", "APITimeoutError",
-]  # fmt: skip
+    "AlignerError",
+    "APIError",
+    "BadRequestError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "NotFoundError",
+    "AdapterNotFoundError",
+    "ConflictError",
+    "PayloadTooLargeError",
+    "InvalidAdapterError",
+    "RateLimitError",
+    "InternalServerError",
+    "ServiceUnavailableError",
+    "APIConnectionError",
+    "APITimeoutError",
+]

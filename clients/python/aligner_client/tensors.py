@@ -57,8 +57,9 @@ def _raw(name: str, x: Any) -> tuple[str, bytes]:
     return "F32", struct.pack(f"<{len(flat)}f", *flat)
 
 
-def encode_adapter(prefix: Any, gate: Any, *, start_layer: int = 2, gate_activation: str = "identity",
-                   base_model: str) -> bytes:  # fmt: skip
+def encode_adapter(
+    prefix: Any, gate: Any, *, start_layer: int = 2, gate_activation: str = "identity", base_model: str
+) -> bytes:
     """aligner/v1 safetensors bytes for `prefix` [N, hidden] and `gate` [num_layers - start_layer, num_heads]."""
     ps, gs = _shape(prefix), _shape(gate)
     if len(ps) != 2 or ps[0] < 1 or ps[1] < 1:
@@ -72,10 +73,14 @@ def encode_adapter(prefix: Any, gate: Any, *, start_layer: int = 2, gate_activat
     if not base_model:
         raise ValueError("base_model is required: the id of the server's base model (GET /v1/models)")
     metadata = {
-        "format": FORMAT, "start_layer": str(start_layer), "gate_activation": gate_activation,
-        "hidden_size": str(ps[1]), "num_layers": str(gs[0] + start_layer), "num_heads": str(gs[1]),
+        "format": FORMAT,
+        "start_layer": str(start_layer),
+        "gate_activation": gate_activation,
+        "hidden_size": str(ps[1]),
+        "num_layers": str(gs[0] + start_layer),
+        "num_heads": str(gs[1]),
         "base_model": base_model,
-    }  # fmt: skip
+    }
     header: dict[str, Any] = {"__metadata__": metadata}
     chunks: list[bytes] = []
     offset = 0
