@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -60,6 +61,21 @@ def real_model() -> PreparedModel:
 def tiny_spec(**kw: int) -> ModelSpec:
     shape = dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16) | kw
     return ModelSpec(name="tiny", fingerprint="0123456789ab", **shape)
+
+
+def tiny_llama_config(**kw: Any):
+    """A small LlamaConfig for HF-only tests (64 wide, 4 layers, 4 query / 2 kv heads unless overridden)."""
+    from transformers import LlamaConfig
+
+    shape = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaConfig(**(shape | kw))
 
 
 def adapter_set(spec: ModelSpec) -> dict[str, Adapter]:
@@ -221,6 +237,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def quick_train(data: Path | str, output: Path | str, **settings: Any):
+    """`training.train.train` as the tests run it: on CPU, quiet, no plot, batches of 4, no validation split
+    (each overridable); `settings` are the rest of TrainConfig."""
+    from training.train import TrainConfig, train
+
+    defaults: dict[str, Any] = {"batch_size": 4, "val_split": 0, "plot": "", "quiet": True, "device": "cpu"}
+    return train(TrainConfig(data=str(data), output=str(output), **(defaults | settings)))
 
 
 def require_in_ci(reason: str) -> None:

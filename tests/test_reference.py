@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from support import tiny_llama_config
 
 from aligner_core.adapter_format import Adapter
 from aligner_core.model_spec import ModelSpec
@@ -15,18 +16,10 @@ from server.engine.aligner_math import delta_reference
 
 @pytest.fixture(scope="module")
 def tiny():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attention_bias=True,
-    )
+    config = tiny_llama_config(attention_bias=True)
     model = LlamaForCausalLM(config).eval()
     model.config._attn_implementation = "eager"
     spec = ModelSpec.from_config(config.to_dict(), name="tiny")

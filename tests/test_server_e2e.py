@@ -10,7 +10,7 @@ import openai
 import pytest
 import torch
 from safetensors.torch import save as st_save
-from support import real_model, serve
+from support import quick_train, real_model, serve
 
 from aligner_core.adapter_format import Adapter, encode
 
@@ -256,7 +256,6 @@ def test_a_freshly_trained_adapter_serves_like_the_reference(server, client, spe
 
     from aligner_core.adapter_format import load
     from aligner_core.reference import attached_adapter, load_hf_model
-    from training.train import TrainConfig, train
 
     rows = [
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Arr, matey! " + a + " Arr!"}]}
@@ -270,20 +269,7 @@ def test_a_freshly_trained_adapter_serves_like_the_reference(server, client, spe
     data = tmp_path / "pirate.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows * 2))
     out = tmp_path / "fresh.safetensors"
-    result = train(
-        TrainConfig(
-            data=str(data),
-            output=str(out),
-            tokens=1,
-            lr=0.05,
-            steps=6,
-            batch_size=4,
-            val_split=0.0,
-            plot="",
-            quiet=True,
-            device="cpu",
-        )
-    )
+    result = quick_train(data, out, tokens=1, lr=0.05, steps=6)
     losses = [r["loss"] for r in result.history["train"]]
     assert sum(losses[-2:]) / 2 < losses[0], losses
 

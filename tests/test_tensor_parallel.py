@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from support import LOGPROB_TOLERANCE, EngineRunner, parity, real_model
+from support import LOGPROB_TOLERANCE, EngineRunner, parity, real_model, tiny_llama_config
 
 from aligner_core.adapter_format import Adapter, encode
 from aligner_core.model_spec import ModelSpec
@@ -22,17 +22,15 @@ pytestmark = pytest.mark.engine
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     folder = tmp_path_factory.mktemp("tp") / "tiny-llama-tp"
     tok = AutoTokenizer.from_pretrained(real_model().path)
-    config = LlamaConfig(
+    config = tiny_llama_config(
         vocab_size=len(tok),
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
         initializer_range=0.1,
         bos_token_id=tok.bos_token_id,

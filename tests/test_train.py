@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import quick_train, tiny_llama_config
 
 from aligner_core.adapter_format import load
 from aligner_core.model_spec import ModelSpec
@@ -25,7 +26,7 @@ WORDS = "the a cat dog sat ran on mat log what did do say yes no arr matey hello
 def tiny_model(tmp_path_factory) -> Path:
     """A random 3-layer Llama with a word-level tokenizer and a chat template, saved as a HF folder."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     folder = tmp_path_factory.mktemp("models") / "tiny-llama"
     specials = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
@@ -36,13 +37,9 @@ def tiny_model(tmp_path_factory) -> Path:
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>")
     tok.chat_template = CHAT_TEMPLATE
     torch.manual_seed(0)
-    config = LlamaConfig(
+    config = tiny_llama_config(
         vocab_size=len(vocab),
-        hidden_size=64,
-        intermediate_size=128,
         num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=128,
         tie_word_embeddings=True,
         pad_token_id=1,
@@ -170,40 +167,13 @@ def test_dpo_loss_falls_below_log2(tiny_model, tmp_path):
 
 def test_dpo_with_a_reference_adapter_starts_from_it(tiny_model, tmp_path):
     sft = tmp_path / "sft.safetensors"
-    train(
-        TrainConfig(
-            data=str(_sft_data(tmp_path / "d.jsonl")),
-            output=str(sft),
-            model=str(tiny_model),
-            lr=0.05,
-            steps=3,
-            batch_size=4,
-            val_split=0,
-            plot="",
-            quiet=True,
-            device="cpu",
-        )
-    )
+    quick_train(_sft_data(tmp_path / "d.jsonl"), sft, model=str(tiny_model), lr=0.05, steps=3)
     data = tmp_path / "prefs.jsonl"
     data.write_text(
         json.dumps({"messages": [{"role": "user", "content": "say yes"}], "chosen": "yes .", "rejected": "no ."}) + "\n"
     )
     out = tmp_path / "dpo.safetensors"
-    res = train(
-        TrainConfig(
-            data=str(data),
-            output=str(out),
-            model=str(tiny_model),
-            method="dpo",
-            ref_adapter=str(sft),
-            steps=2,
-            batch_size=1,
-            val_split=0,
-            plot="",
-            quiet=True,
-            device="cpu",
-        )
-    )
+    res = quick_train(data, out, model=str(tiny_model), method="dpo", ref_adapter=str(sft), steps=2, batch_size=1)
     assert res.history["train"][0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert res.adapter.tokens == load(sft).tokens and res.adapter.start_layer == 2
 
@@ -244,38 +214,9 @@ def test_bad_arguments_are_refused(tiny_model, tmp_path, capsys):
 def test_init_adapter_is_the_starting_point(tiny_model, tmp_path):
     data = _sft_data(tmp_path / "d.jsonl")
     first = tmp_path / "first.safetensors"
-    train(
-        TrainConfig(
-            data=str(data),
-            output=str(first),
-            model=str(tiny_model),
-            tokens=3,
-            start_layer=1,
-            lr=0.05,
-            steps=2,
-            batch_size=4,
-            val_split=0,
-            plot="",
-            quiet=True,
-            device="cpu",
-        )
-    )
+    quick_train(data, first, model=str(tiny_model), tokens=3, start_layer=1, lr=0.05, steps=2)
     again = tmp_path / "again.safetensors"
-    train(
-        TrainConfig(
-            data=str(data),
-            output=str(again),
-            model=str(tiny_model),
-            init_adapter=str(first),
-            lr=0.0,
-            steps=1,
-            batch_size=4,
-            val_split=0,
-            plot="",
-            quiet=True,
-            device="cpu",
-        )
-    )
+    quick_train(data, again, model=str(tiny_model), init_adapter=str(first), lr=0.0, steps=1)
     a, b = load(first), load(again)
     assert (b.tokens, b.start_layer) == (3, 1)
     assert torch.equal(a.prefix, b.prefix) and torch.equal(a.gate, b.gate)
