@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import datetime
 from typing import Literal
@@ -64,18 +65,9 @@ class AdapterPublic(BaseModel):
 
     @classmethod
     def of(cls, r: AdapterRecord) -> AdapterPublic:
-        return cls(
-            id=f"{r.name}@{r.version}",
-            name=r.name,
-            version=r.version,
-            tokens=r.tokens,
-            params=r.params,
-            bytes=r.bytes,
-            sha256=r.sha256,
-            base_model=r.base_model,
-            public=r.public,
-            created_at=r.created_at,
-        )
+        """The record as the API shows it: its fields less the store's id and tenant, named `name@version`."""
+        shown = {k: v for k, v in dataclasses.asdict(r).items() if k in cls.model_fields and k != "id"}
+        return cls(id=f"{r.name}@{r.version}", **shown)
 
 
 class AdapterList(BaseModel):

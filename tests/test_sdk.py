@@ -396,32 +396,11 @@ def test_upload_tensors_matches_the_server_encoding() -> None:
         Adapter.random(spec, tokens=2, seed=1),
         Adapter.random(spec, start_layer=0, gate_activation="tanh", seed=2),
     ):
-        data = encode_adapter(
-            a.prefix, a.gate, start_layer=a.start_layer, gate_activation=a.gate_activation, base_model=spec.identity
-        )
+        meta = {"start_layer": a.start_layer, "gate_activation": a.gate_activation, "base_model": spec.identity}
+        data = encode_adapter(a.prefix, a.gate, **meta)
         assert data == encode(a)
-        assert (
-            encode_adapter(
-                a.prefix.numpy(),
-                a.gate.numpy(),
-                start_layer=a.start_layer,
-                gate_activation=a.gate_activation,
-                base_model=spec.identity,
-            )
-            == data
-        )
-        assert (
-            decode(
-                encode_adapter(
-                    a.prefix.tolist(),
-                    a.gate.tolist(),
-                    start_layer=a.start_layer,
-                    gate_activation=a.gate_activation,
-                    base_model=spec.identity,
-                )
-            ).sha256()
-            == a.sha256()
-        )
+        assert encode_adapter(a.prefix.numpy(), a.gate.numpy(), **meta) == data
+        assert decode(encode_adapter(a.prefix.tolist(), a.gate.tolist(), **meta)).sha256() == a.sha256()
     with pytest.raises(ValueError, match="gate_activation"):
         encode_adapter([[0.0]], [[0.0]], gate_activation="relu", base_model="m")
 
@@ -481,6 +460,15 @@ def test_import_pulls_in_no_server_vllm_or_torch() -> None:
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "clients/python/aligner_client" in r.stdout
+
+
+def test_package_exports_every_exception() -> None:
+    import aligner_client
+    from aligner_client import errors
+
+    assert len(set(aligner_client.__all__)) == len(aligner_client.__all__)
+    assert all(getattr(aligner_client, name) is getattr(errors, name) for name in errors.__all__)
+    assert set(errors.__all__) <= set(aligner_client.__all__)
 
 
 def test_console_script_is_installed() -> None:

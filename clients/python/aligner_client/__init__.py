@@ -40,23 +40,8 @@ from __future__ import annotations
 
 from aligner_client._client import AsyncClient, AsyncStream, Client, Stream
 from aligner_client._core import DEFAULT_BASE_URL, RetryPolicy
-from aligner_client.errors import (
-    AdapterNotFoundError,
-    AlignerError,
-    APIConnectionError,
-    APIError,
-    APITimeoutError,
-    AuthenticationError,
-    BadRequestError,
-    ConflictError,
-    InternalServerError,
-    InvalidAdapterError,
-    NotFoundError,
-    PayloadTooLargeError,
-    PermissionDeniedError,
-    RateLimitError,
-    ServiceUnavailableError,
-)
+from aligner_client.errors import *  # noqa: F403  (the exceptions, named in errors.__all__)
+from aligner_client.errors import __all__ as __all__  # mypy reads a star import's exports from this form
 from aligner_client.models import (
     Adapter,
     AdapterDeleted,
@@ -83,21 +68,7 @@ __all__ = [
     "AsyncStream",
     "RetryPolicy",
     "DEFAULT_BASE_URL",
-    "AlignerError",
-    "APIError",
-    "BadRequestError",
-    "AuthenticationError",
-    "PermissionDeniedError",
-    "NotFoundError",
-    "AdapterNotFoundError",
-    "ConflictError",
-    "PayloadTooLargeError",
-    "InvalidAdapterError",
-    "RateLimitError",
-    "InternalServerError",
-    "ServiceUnavailableError",
-    "APIConnectionError",
-    "APITimeoutError",
+    *__all__,  # the exceptions
     "Adapter",
     "AdapterList",
     "AdapterDeleted",

@@ -7,7 +7,7 @@ import inspect
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from types import GeneratorType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 from pydantic import ValidationError
@@ -17,9 +17,8 @@ from aligner_client import models as m
 from aligner_client._resources import Namespaces
 from aligner_client.errors import APIError
 
-
-def _policy(max_retries: int, retry_policy: core.RetryPolicy | None) -> core.RetryPolicy:
-    return retry_policy if retry_policy is not None else core.RetryPolicy(max_retries=max_retries)
+HttpT = TypeVar("HttpT", httpx.Client, httpx.AsyncClient)
+TransportT = TypeVar("TransportT", httpx.BaseTransport, httpx.AsyncBaseTransport)
 
 
 def _parse(call: core.Call, resp: httpx.Response) -> Any:
@@ -49,19 +48,13 @@ class Stream:
         self.response = response
 
     def __iter__(self) -> Iterator[m.ChatCompletionChunk]:
-        decoder = core.SSEDecoder()
+        chunks = core.ChunkDecoder()
         try:
             for line in self.response.iter_lines():
-                data = decoder.feed(line)
-                if data is None:
-                    continue
-                event = core.decode_event(data)
-                if event is core.DONE:
+                yield from chunks.feed(line)
+                if chunks.done:
                     return
-                yield event
-            data = decoder.flush()
-            if data is not None and (event := core.decode_event(data)) is not core.DONE:
-                yield event
+            yield from chunks.end()
         except httpx.TransportError as e:
             raise core.transport_error(e) from e
         finally:
@@ -84,19 +77,15 @@ class AsyncStream:
         self.response = response
 
     async def __aiter__(self) -> AsyncIterator[m.ChatCompletionChunk]:
-        decoder = core.SSEDecoder()
+        chunks = core.ChunkDecoder()
         try:
             async for line in self.response.aiter_lines():
-                data = decoder.feed(line)
-                if data is None:
-                    continue
-                event = core.decode_event(data)
-                if event is core.DONE:
+                for chunk in chunks.feed(line):
+                    yield chunk
+                if chunks.done:
                     return
-                yield event
-            data = decoder.flush()
-            if data is not None and (event := core.decode_event(data)) is not core.DONE:
-                yield event
+            for chunk in chunks.end():
+                yield chunk
         except httpx.TransportError as e:
             raise core.transport_error(e) from e
         finally:
@@ -112,14 +101,10 @@ class AsyncStream:
         await self.close()
 
 
-class Client(Namespaces):
-    """Synchronous client.
+class _Shell(Namespaces, Generic[HttpT, TransportT]):
+    """What `Client` and `AsyncClient` share: the arguments, configuration, retry policy and namespaces."""
 
-    `base_url` (server root; default `ALIGNER_BASE_URL`, then http://127.0.0.1:8000), `api_key` (default
-    `ALIGNER_API_KEY`), `admin_key` for `/admin` (default `ALIGNER_ADMIN_KEY`, then `api_key`).
-    Retries 429 / 5xx / connection errors `max_retries` times with exponential backoff, honouring
-    Retry-After. `transport`, `http_client` and `sleep` are for tests and custom networking.
-    """
+    _default_sleep: Callable[[float], Any]
 
     def __init__(
         self,
@@ -131,41 +116,54 @@ class Client(Namespaces):
         max_retries: int = 2,
         retry_policy: core.RetryPolicy | None = None,
         headers: Mapping[str, str] | None = None,
-        transport: httpx.BaseTransport | None = None,
-        http_client: httpx.Client | None = None,
-        sleep: Callable[[float], Any] = time.sleep,
+        transport: TransportT | None = None,
+        http_client: HttpT | None = None,
+        sleep: Callable[[float], Any] | None = None,
     ) -> None:
         self.config = core.resolve_config(base_url, api_key, admin_key, headers)
-        self.retry_policy = _policy(max_retries, retry_policy)
+        self.retry_policy = retry_policy if retry_policy is not None else core.RetryPolicy(max_retries=max_retries)
         self._own_http = http_client is None
-        self._http = http_client or httpx.Client(timeout=timeout, transport=transport)
-        self._sleep = sleep
+        self._http: HttpT = http_client or self._new_http(timeout, transport)
+        self._sleep = sleep if sleep is not None else self._default_sleep
         self._init_namespaces()
+
+    def _new_http(self, timeout: float | httpx.Timeout | None, transport: TransportT | None) -> HttpT:
+        raise NotImplementedError
 
     @property
     def base_url(self) -> str:
         return self.config.base_url
 
+
+class Client(_Shell[httpx.Client, httpx.BaseTransport]):
+    """Synchronous client.
+
+    `base_url` (server root; default `ALIGNER_BASE_URL`, then http://127.0.0.1:8000), `api_key` (default
+    `ALIGNER_API_KEY`), `admin_key` for `/admin` (default `ALIGNER_ADMIN_KEY`, then `api_key`).
+    Retries 429 / 5xx / connection errors `max_retries` times with exponential backoff, honouring
+    Retry-After. `transport`, `http_client` and `sleep` (default `time.sleep`) are for tests and custom
+    networking.
+    """
+
+    _default_sleep = staticmethod(time.sleep)
+
+    def _new_http(self, timeout: float | httpx.Timeout | None, transport: httpx.BaseTransport | None) -> httpx.Client:
+        return httpx.Client(timeout=timeout, transport=transport)
+
     def _send(self, call: core.Call) -> httpx.Response:
-        attempt = 0
+        retries = core.Retries(self.retry_policy)
         while True:
             request = self._http.build_request(**call.request_args(self.config))
             try:
                 resp = self._http.send(request, stream=call.stream)
             except httpx.TransportError as e:
-                err: Exception = core.transport_error(e)
-                cause: Exception | None = e
+                failure: core.Failure = e
             else:
                 if resp.status_code < 400:
                     return resp
-                content = resp.read()
+                failure = (resp.status_code, resp.headers, resp.read())
                 resp.close()
-                err, cause = core.error_from_response(resp.status_code, resp.headers, content), None
-            delay = self.retry_policy.delay_after_error(attempt, err)
-            if delay is None:
-                raise err from cause
-            self._sleep(delay)
-            attempt += 1
+            self._sleep(retries.delay_after(failure))
 
     def _drive(self, op: core.Op) -> Any:
         if isinstance(op, core.Call):
@@ -196,9 +194,10 @@ class Client(Namespaces):
         self.close()
 
 
-class AsyncClient(Namespaces):
-    """Asynchronous client: the same namespaces and arguments as `Client`; every call is awaited
-    (`async for` over `adapters.list_all()` and over the `AsyncStream` that `stream=True` gives)."""
+class AsyncClient(_Shell[httpx.AsyncClient, httpx.AsyncBaseTransport]):
+    """Asynchronous client: the same namespaces and arguments as `Client` (`sleep` defaults to `asyncio.sleep`);
+    every call is awaited (`async for` over `adapters.list_all()` and over the `AsyncStream` that `stream=True`
+    gives)."""
 
     # The namespaces' annotations are the sync client's values; here each call gives an awaitable of one.
     adapters: Any
@@ -207,53 +206,29 @@ class AsyncClient(Namespaces):
     completions: Any
     admin: Any
 
-    def __init__(
-        self,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        *,
-        admin_key: str | None = None,
-        timeout: float | httpx.Timeout | None = core.DEFAULT_TIMEOUT,
-        max_retries: int = 2,
-        retry_policy: core.RetryPolicy | None = None,
-        headers: Mapping[str, str] | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-        http_client: httpx.AsyncClient | None = None,
-        sleep: Callable[[float], Any] = asyncio.sleep,
-    ) -> None:
-        self.config = core.resolve_config(base_url, api_key, admin_key, headers)
-        self.retry_policy = _policy(max_retries, retry_policy)
-        self._own_http = http_client is None
-        self._http = http_client or httpx.AsyncClient(timeout=timeout, transport=transport)
-        self._sleep = sleep
-        self._init_namespaces()
+    _default_sleep = staticmethod(asyncio.sleep)
 
-    @property
-    def base_url(self) -> str:
-        return self.config.base_url
+    def _new_http(
+        self, timeout: float | httpx.Timeout | None, transport: httpx.AsyncBaseTransport | None
+    ) -> httpx.AsyncClient:
+        return httpx.AsyncClient(timeout=timeout, transport=transport)
 
     async def _send(self, call: core.Call) -> httpx.Response:
-        attempt = 0
+        retries = core.Retries(self.retry_policy)
         while True:
             request = self._http.build_request(**call.request_args(self.config))
             try:
                 resp = await self._http.send(request, stream=call.stream)
             except httpx.TransportError as e:
-                err: Exception = core.transport_error(e)
-                cause: Exception | None = e
+                failure: core.Failure = e
             else:
                 if resp.status_code < 400:
                     return resp
-                content = await resp.aread()
+                failure = (resp.status_code, resp.headers, await resp.aread())
                 await resp.aclose()
-                err, cause = core.error_from_response(resp.status_code, resp.headers, content), None
-            delay = self.retry_policy.delay_after_error(attempt, err)
-            if delay is None:
-                raise err from cause
-            slept = self._sleep(delay)
+            slept = self._sleep(retries.delay_after(failure))
             if inspect.isawaitable(slept):
                 await slept
-            attempt += 1
 
     async def _drive(self, op: core.Op) -> Any:
         if isinstance(op, core.Call):

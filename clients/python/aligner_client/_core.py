@@ -121,44 +121,34 @@ def read_file_input(file: FileInput) -> tuple[str, bytes]:
     return Path(getattr(file, "name", "adapter.safetensors") or "adapter.safetensors").name, data
 
 
-def _upload_call(path: str, name: str, file: FileInput, *, admin: bool = False) -> Call:
-    filename, data = read_file_input(file)
-    return Call(
-        "POST",
-        path,
-        form={"name": name},
-        files={"file": (filename, data, "application/octet-stream")},
-        parse=m.Adapter.model_validate,
-        admin=admin,
-    )
-
-
 # adapters
 
 
-def upload_adapter(name: str, file: FileInput) -> Call:
-    return _upload_call("/v1/adapters", name, file)
+def upload_adapter(name: str, file: FileInput, *, public: bool = False) -> Call:
+    """`POST /v1/adapters`, or with `public` `POST /admin/adapters` (admin key)."""
+    filename, data = read_file_input(file)
+    return Call(
+        "POST",
+        "/admin/adapters" if public else "/v1/adapters",
+        form={"name": name},
+        files={"file": (filename, data, "application/octet-stream")},
+        parse=m.Adapter.model_validate,
+        admin=public,
+    )
 
 
 def upload_tensors(
-    name: str,
-    prefix: Any,
-    gate: Any,
-    *,
-    start_layer: int = 2,
-    gate_activation: str = "identity",
-    base_model: str | None = None,
-    public: bool = False,
+    name: str, prefix: Any, gate: Any, *, base_model: str | None = None, public: bool = False, **encoding: Any
 ) -> Generator[Call, Any, m.Adapter]:
-    """Encode aligner/v1 from tensors; without `base_model`, ask the server for its base model id first."""
+    """Encode aligner/v1 from tensors (`encoding`: `encode_adapter`'s start_layer and gate_activation) and upload
+    it; without `base_model`, ask the server for its base model id first."""
     from aligner_client.tensors import encode_adapter
 
     if base_model is None:
         models: m.ModelList = yield list_models()
         base_model = models.base.id
-    data = encode_adapter(prefix, gate, start_layer=start_layer, gate_activation=gate_activation, base_model=base_model)
-    path = "/admin/adapters" if public else "/v1/adapters"
-    return (yield _upload_call(path, name, data, admin=public))
+    data = encode_adapter(prefix, gate, base_model=base_model, **encoding)
+    return (yield upload_adapter(name, data, public=public))
 
 
 def ref(name: str, version: int | None = None) -> str:
@@ -177,8 +167,10 @@ def adapter_versions(name: str) -> Call:
     return Call("GET", f"/v1/adapters/{_seg(name)}/versions", parse=m.AdapterList.model_validate)
 
 
-def delete_adapter(name: str, version: int | None = None) -> Call:
-    return Call("DELETE", f"/v1/adapters/{_seg(ref(name, version))}", parse=m.AdapterDeleted.model_validate)
+def delete_adapter(name: str, version: int | None = None, *, public: bool = False) -> Call:
+    """`DELETE /v1/adapters/…`, or with `public` `/admin/adapters/…` (admin key)."""
+    path = f"/{'admin' if public else 'v1'}/adapters/{_seg(ref(name, version))}"
+    return Call("DELETE", path, admin=public, parse=m.AdapterDeleted.model_validate)
 
 
 @dataclass
@@ -206,60 +198,30 @@ def list_models() -> Call:
     return Call("GET", "/v1/models", parse=m.ModelList.model_validate)
 
 
-def _generation_body(fixed: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    body = {k: v for k, v in fixed.items() if v is not None}
-    body.update(extra)
-    return body
-
-
-def chat(
-    messages: list[dict[str, Any]] | str,
-    *,
-    adapter: str | None = None,
-    model: str | None = None,
-    stream: bool = False,
-    max_tokens: int | None = None,
-    temperature: float | None = None,
-    extra: dict[str, Any] | None = None,
-) -> Call:
+def chat(messages: list[dict[str, Any]] | str, **options: Any) -> Call:
+    """`options`: those of `Chat.create`, with `extra` the other fields."""
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
-    body = _generation_body(
-        {
-            "messages": messages,
-            "adapter": adapter,
-            "model": model,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "stream": stream or None,
-        },
-        extra or {},
-    )
-    return Call("POST", "/v1/chat/completions", json=body, stream=stream, parse=m.ChatCompletion.model_validate)
+    return _generation("/v1/chat/completions", m.ChatCompletion, messages=messages, **options)
 
 
-def completion(
-    prompt: str | list[Any],
+def completion(prompt: str | list[Any], **options: Any) -> Call:
+    return _generation("/v1/completions", m.Completion, prompt=prompt, **options)
+
+
+def _generation(
+    path: str,
+    answer: type[m.ChatCompletion],
     *,
-    adapter: str | None = None,
-    model: str | None = None,
     stream: bool = False,
-    max_tokens: int | None = None,
-    temperature: float | None = None,
     extra: dict[str, Any] | None = None,
+    **fields: Any,
 ) -> Call:
-    body = _generation_body(
-        {
-            "prompt": prompt,
-            "adapter": adapter,
-            "model": model,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "stream": stream or None,
-        },
-        extra or {},
-    )
-    return Call("POST", "/v1/completions", json=body, stream=stream, parse=m.Completion.model_validate)
+    body = {k: v for k, v in fields.items() if v is not None}
+    if stream:
+        body["stream"] = stream
+    body.update(extra or {})
+    return Call("POST", path, json=body, stream=stream, parse=answer.model_validate)
 
 
 # admin
@@ -302,16 +264,6 @@ def list_keys(tenant_id: str) -> Call:
 
 def revoke_key(key_id: str) -> Call:
     return Call("DELETE", f"/admin/keys/{_seg(key_id)}", admin=True, parse=m.ApiKey.model_validate)
-
-
-def publish_adapter(name: str, file: FileInput) -> Call:
-    return _upload_call("/admin/adapters", name, file, admin=True)
-
-
-def unpublish_adapter(name: str, version: int | None = None) -> Call:
-    return Call(
-        "DELETE", f"/admin/adapters/{_seg(ref(name, version))}", admin=True, parse=m.AdapterDeleted.model_validate
-    )
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -421,6 +373,30 @@ class RetryPolicy:
 
 AlignerErrorLike = APIError | APIConnectionError | BaseException
 
+# a failed attempt: the transport's exception, or an error answer's (status, headers, body)
+Failure = BaseException | tuple[int, Mapping[str, str], bytes]
+
+
+@dataclass
+class Retries:
+    """The retry loop without its I/O: after each failed attempt a client hands the failure to `delay_after`,
+    which raises the mapped exception to give up, or returns the seconds to sleep before the next attempt."""
+
+    policy: RetryPolicy
+    attempt: int = 0
+
+    def delay_after(self, failure: Failure) -> float:
+        if isinstance(failure, BaseException):
+            err: Exception = transport_error(failure)
+            cause: BaseException | None = failure
+        else:
+            err, cause = error_from_response(*failure), None
+        delay = self.policy.delay_after_error(self.attempt, err)
+        if delay is None:
+            raise err from cause
+        self.attempt += 1
+        return delay
+
 
 # ------------------------------------------------------------------------------------------------ SSE
 
@@ -478,3 +454,28 @@ def decode_event(data: str) -> Any:
             body=obj,
         )
     return m.ChatCompletionChunk.model_validate(obj)
+
+
+class ChunkDecoder:
+    """A streamed completion's lines in, its chunks out (the I/O-free half of `Stream` and `AsyncStream`):
+    `feed` gives the chunks a line completes, `end` those left when the lines run out; once `[DONE]` came,
+    `done` is True and nothing after it is read."""
+
+    def __init__(self) -> None:
+        self._sse = SSEDecoder()
+        self.done = False
+
+    def feed(self, line: str) -> list[m.ChatCompletionChunk]:
+        return self._decode(self._sse.feed(line))
+
+    def end(self) -> list[m.ChatCompletionChunk]:
+        return self._decode(self._sse.flush())
+
+    def _decode(self, data: str | None) -> list[m.ChatCompletionChunk]:
+        if data is None:
+            return []
+        event = decode_event(data)
+        if event is DONE:
+            self.done = True
+            return []
+        return [event]

@@ -23,12 +23,14 @@ class _Resource:
         self._c = client
 
 
-class Adapters(_Resource):
-    """`/v1/adapters`: the calling tenant's adapters (plus, when reading, the public ones)."""
+class _AdapterWrites(_Resource):
+    """Uploads and deletes, written once for `/v1/adapters` and (`_public`) the admin's `/admin/adapters`."""
+
+    _public = False
 
     def upload(self, name: str, file: core.FileInput) -> m.Adapter:
         """Upload an aligner/v1 file (path, bytes or binary file object); an existing name gets version n+1."""
-        return self._c._drive(core.upload_adapter(name, file))
+        return self._c._drive(core.upload_adapter(name, file, public=self._public))
 
     def upload_tensors(
         self,
@@ -44,9 +46,23 @@ class Adapters(_Resource):
         Without `base_model`, the server's base model id is asked for first."""
         return self._c._drive(
             core.upload_tensors(
-                name, prefix, gate, start_layer=start_layer, gate_activation=gate_activation, base_model=base_model
+                name,
+                prefix,
+                gate,
+                start_layer=start_layer,
+                gate_activation=gate_activation,
+                base_model=base_model,
+                public=self._public,
             )
         )
+
+    def delete(self, name: str, version: int | None = None) -> m.AdapterDeleted:
+        """Delete all versions, or one; requests already running finish first."""
+        return self._c._drive(core.delete_adapter(name, version, public=self._public))
+
+
+class Adapters(_AdapterWrites):
+    """`/v1/adapters`: the calling tenant's adapters (plus, when reading, the public ones)."""
 
     def list(self, limit: int | None = None, after: str | None = None) -> m.AdapterList:
         """One page (newest version of each name); `next_after` is the cursor for the next."""
@@ -62,10 +78,6 @@ class Adapters(_Resource):
 
     def versions(self, name: str) -> m.AdapterList:
         return self._c._drive(core.adapter_versions(name))
-
-    def delete(self, name: str, version: int | None = None) -> m.AdapterDeleted:
-        """Delete all versions, or one; requests already running finish first."""
-        return self._c._drive(core.delete_adapter(name, version))
 
 
 class Models(_Resource):
@@ -152,36 +164,10 @@ class Keys(_Resource):
         return self._c._drive(core.revoke_key(key_id))
 
 
-class PublicAdapters(_Resource):
+class PublicAdapters(_AdapterWrites):
     """`/admin/adapters`: adapters every tenant can list and use."""
 
-    def upload(self, name: str, file: core.FileInput) -> m.Adapter:
-        return self._c._drive(core.publish_adapter(name, file))
-
-    def upload_tensors(
-        self,
-        name: str,
-        prefix: Any,
-        gate: Any,
-        *,
-        start_layer: int = 2,
-        gate_activation: str = "identity",
-        base_model: str | None = None,
-    ) -> m.Adapter:
-        return self._c._drive(
-            core.upload_tensors(
-                name,
-                prefix,
-                gate,
-                start_layer=start_layer,
-                public=True,
-                gate_activation=gate_activation,
-                base_model=base_model,
-            )
-        )
-
-    def delete(self, name: str, version: int | None = None) -> m.AdapterDeleted:
-        return self._c._drive(core.unpublish_adapter(name, version))
+    _public = True
 
 
 class Admin(_Resource):

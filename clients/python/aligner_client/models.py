@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -118,26 +118,21 @@ class ChatCompletion(_Model):
     model: str | None = None
     choices: list[dict[str, Any]] = []
     usage: dict[str, Any] | None = None
+    _chat_part: ClassVar[str] = "message"  # the choice's field with the chat text (a chunk's: "delta")
 
     @property
     def text(self) -> str:
-        """The first choice's text (chat: message.content; completions: text)."""
+        """The first choice's text (chat: message.content, in a chunk delta.content; completions: text)."""
         if not self.choices:
             return ""
         c = self.choices[0]
-        return (c.get("message") or {}).get("content") or c.get("text") or ""
+        return (c.get(self._chat_part) or {}).get("content") or c.get("text") or ""
 
 
 class ChatCompletionChunk(ChatCompletion):
-    """One streamed event."""
+    """One streamed event; `text` is the first choice's new text."""
 
-    @property
-    def text(self) -> str:
-        """The first choice's new text (chat: delta.content; completions: text)."""
-        if not self.choices:
-            return ""
-        c = self.choices[0]
-        return (c.get("delta") or {}).get("content") or c.get("text") or ""
+    _chat_part: ClassVar[str] = "delta"
 
 
 Completion = ChatCompletion
