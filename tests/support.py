@@ -11,14 +11,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import pytest
+import torch
 
 from aligner_core.adapter_format import Adapter, encode
 from aligner_core.model_prep import PreparedModel, prepare
 from aligner_core.model_spec import ModelSpec
+
+if TYPE_CHECKING:
+    from server.engine.table import LayerHandle
 
 LOGPROB_TOLERANCE = 1e-3  # float32 engine vs float32 HF reference; measured differences are ~1e-5
 
@@ -36,6 +39,9 @@ OPERATIONS = [  # (method, path template) of every operation; test_fuzz keeps it
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
     ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model}"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
     ("POST", "/v1/adapters"),
     ("GET", "/v1/adapters"),
     ("GET", "/v1/adapters/{name}"),
@@ -50,6 +56,7 @@ OPERATIONS = [  # (method, path template) of every operation; test_fuzz keeps it
     ("POST", "/admin/adapters"),
     ("DELETE", "/admin/adapters/{name}"),
     ("GET", "/health"),
+    ("GET", "/version"),
     ("GET", "/metrics"),
 ]
 
@@ -67,15 +74,28 @@ def tiny_llama_config(**kw: Any):
     """A small LlamaConfig for HF-only tests (64 wide, 4 layers, 4 query / 2 kv heads unless overridden)."""
     from transformers import LlamaConfig
 
-    shape = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaConfig(**(shape | kw))
+    heads = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)  # tiny_spec()'s
+    return LlamaConfig(**(dict(vocab_size=128, intermediate_size=128) | heads | kw))
+
+
+def linear_layers(
+    spec: ModelSpec, *, bias: bool = True, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> list[LayerHandle]:
+    """A LayerHandle per layer of `spec`: a fresh random fused qkv `nn.Linear` (made on the CPU from torch's
+    global generator, then moved to `device` and `dtype`), no key norm."""
+    from server.engine.table import LayerHandle
+
+    H, KVH, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    return [
+        LayerHandle(
+            index=i,
+            qkv_proj=torch.nn.Linear(spec.hidden_size, (H + 2 * KVH) * D, bias=bias).to(device, dtype),
+            k_norm=None,
+            q_size=H * D,
+            kv_size=KVH * D,
+        )
+        for i in range(spec.num_layers)
+    ]
 
 
 def adapter_set(spec: ModelSpec) -> dict[str, Adapter]:
@@ -92,6 +112,15 @@ def adapter_set(spec: ModelSpec) -> dict[str, Adapter]:
 def chat_ids(tokenizer, text: str) -> list[int]:
     ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def engine_options(model_path: Path | str, served_name: str, **options: Any):
+    """`EngineOptions` as the engine tests run it: float32, eager, 1 GiB of KV cache (each overridable);
+    `options` are the rest of EngineOptions."""
+    from server.engine.facade import EngineOptions
+
+    defaults: dict[str, Any] = {"dtype": "float32", "enforce_eager": True, "kv_cache_gib": 1}
+    return EngineOptions(model_path=str(model_path), served_name=served_name, **(defaults | options))
 
 
 class EngineRunner:
@@ -176,6 +205,8 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 600) -> None:
+        import httpx
+
         env = (
             os.environ
             | {"ALIGNER_KV_CACHE_GIB": "1", "ALIGNER_MAX_MODEL_LEN": "1024", "ALIGNER_MAX_NUM_SEQS": "32"}

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support import tiny_spec
-from torch import nn
+from support import linear_layers, tiny_spec
 
 from aligner_core.adapter_format import Adapter
 from server.engine.aligner_math import delta_general, token_runs
@@ -26,29 +25,12 @@ H, KVH, D = SPEC.num_heads, SPEC.num_kv_heads, SPEC.head_dim
 @pytest.fixture
 def layers() -> list[LayerHandle]:
     torch.manual_seed(0)
-    return [
-        LayerHandle(
-            index=i,
-            qkv_proj=nn.Linear(SPEC.hidden_size, (H + 2 * KVH) * D, bias=True),
-            k_norm=None,
-            q_size=H * D,
-            kv_size=KVH * D,
-        )
-        for i in range(SPEC.num_layers)
-    ]
+    return linear_layers(SPEC)
 
 
 def make_state(layers: list[LayerHandle], path: str, max_slots: int = 4, cold_slots: int = 0) -> WorkerState:
-    shape = TableShape(
-        num_layers=SPEC.num_layers,
-        num_heads=H,
-        num_kv_heads=KVH,
-        head_dim=D,
-        head_offset=0,
-        max_slots=max_slots,
-        max_tokens=4,
-        cold_slots=cold_slots,
-        scratch=8 if cold_slots else 0,
+    shape = TableShape.unsharded(
+        SPEC, max_slots=max_slots, max_tokens=4, cold_slots=cold_slots, scratch=8 if cold_slots else 0
     )
     table = AdapterTable(shape, layers, device=torch.device("cpu"), dtype=torch.float32)
     routing = Routing(8)
@@ -468,9 +450,7 @@ def test_a_bfloat16_table_holds_a_bfloat16_models_projections_exactly(layers) ->
     from server.engine import op
 
     bf = [dataclasses.replace(h, qkv_proj=copy.deepcopy(h.qkv_proj).bfloat16()) for h in layers]
-    shape = TableShape(
-        num_layers=SPEC.num_layers, num_heads=H, num_kv_heads=KVH, head_dim=D, head_offset=0, max_slots=4, max_tokens=4
-    )
+    shape = TableShape.unsharded(SPEC, max_slots=4, max_tokens=4)
     tables = {
         kv: AdapterTable(shape, bf, device=torch.device("cpu"), dtype=torch.bfloat16, kv_dtype=kv)
         for kv in (torch.float32, torch.bfloat16)

@@ -12,7 +12,7 @@ import json
 import os
 
 import pytest
-from support import LOGPROB_TOLERANCE, PROMPTS, EngineRunner, adapter_set, chat_ids, parity, real_model
+from support import LOGPROB_TOLERANCE, PROMPTS, EngineRunner, adapter_set, chat_ids, engine_options, parity, real_model
 
 from aligner_core.adapter_format import encode
 from aligner_core.reference import load_hf_model
@@ -26,18 +26,10 @@ RESULTS: dict[str, object] = {}  # parity figures, written to the test log at th
 
 def options(**kw) -> EngineOptions:
     pm = real_model()
-    base = dict(
-        model_path=str(pm.path),
-        served_name=pm.spec.identity,
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=1024,
-        max_num_seqs=16,
-        kv_cache_gib=1,
-        aligner=AlignerEngineConfig(max_slots=8, max_tokens=16),
-        extra_args=("--max-num-batched-tokens", "64", "--block-size", "32", "--enable-prefix-caching"),
-    )
-    return EngineOptions(**(base | kw))
+    aligner = AlignerEngineConfig(max_slots=8, max_tokens=16)
+    flags = ("--max-num-batched-tokens", "64", "--block-size", "32", "--enable-prefix-caching")
+    base = dict(max_model_len=1024, max_num_seqs=16, aligner=aligner, extra_args=flags)
+    return engine_options(pm.path, pm.spec.identity, **(base | kw))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from support import linear_layers
 
 from aligner_core.adapter_format import Adapter
 from aligner_core.model_spec import ModelSpec
@@ -47,16 +47,7 @@ BF16 = dict(atol=2e-2, rtol=2e-2)  # bf16 `out` against the fp32 reference
 @pytest.fixture
 def layers() -> list[LayerHandle]:
     torch.manual_seed(0)
-    return [
-        LayerHandle(
-            index=i,
-            qkv_proj=nn.Linear(SPEC.hidden_size, (H + 2 * KVH) * D, bias=True).cuda().to(torch.bfloat16),
-            k_norm=None,
-            q_size=H * D,
-            kv_size=KVH * D,
-        )
-        for i in range(SPEC.num_layers)
-    ]
+    return linear_layers(SPEC, device="cuda", dtype=torch.bfloat16)
 
 
 _forward: list[object] = [None]  # stands in for vLLM's forward context: one object per forward
@@ -70,17 +61,7 @@ def no_vllm(monkeypatch):
 
 
 def make_state(layers, *, use_triton: bool, path: str = "auto") -> WorkerState:
-    shape = TableShape(
-        num_layers=SPEC.num_layers,
-        num_heads=H,
-        num_kv_heads=KVH,
-        head_dim=D,
-        head_offset=0,
-        max_slots=2,
-        max_tokens=4,
-        cold_slots=16,
-        scratch=16,
-    )
+    shape = TableShape.unsharded(SPEC, max_slots=2, max_tokens=4, cold_slots=16, scratch=16)
     table = AdapterTable(shape, layers, device=torch.device("cuda"), dtype=torch.bfloat16)
     rt = routing.Routing(16)
     return WorkerState(table=table, routing=rt, scale=1 / math.sqrt(D), path=path, use_triton=use_triton)

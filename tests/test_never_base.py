@@ -35,7 +35,7 @@ import numpy as np
 import openai
 import pytest
 import torch
-from support import LOGPROB_TOLERANCE, Server, real_model, record, serve, tiny_spec
+from support import LOGPROB_TOLERANCE, Server, linear_layers, real_model, record, serve, tiny_spec
 
 from aligner_core.adapter_format import Adapter, encode
 
@@ -77,24 +77,11 @@ def test_a_row_with_an_unknown_key_is_counted_and_logged(caplog) -> None:
     from server.engine import op
     from server.engine.routing import Routing
     from server.engine.routing_v1 import AlignerRoutingLP
-    from server.engine.table import AdapterTable, LayerHandle, TableShape
+    from server.engine.table import AdapterTable, TableShape
 
     spec = tiny_spec()
-    H, KVH, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    layers = [
-        LayerHandle(
-            index=i,
-            qkv_proj=torch.nn.Linear(spec.hidden_size, (H + 2 * KVH) * D),
-            k_norm=None,
-            q_size=H * D,
-            kv_size=KVH * D,
-        )
-        for i in range(spec.num_layers)
-    ]
-    shape = TableShape(
-        num_layers=spec.num_layers, num_heads=H, num_kv_heads=KVH, head_dim=D, head_offset=0, max_slots=2, max_tokens=4
-    )
-    table = AdapterTable(shape, layers, device=torch.device("cpu"), dtype=torch.float32)
+    shape = TableShape.unsharded(spec, max_slots=2, max_tokens=4)
+    table = AdapterTable(shape, linear_layers(spec), device=torch.device("cpu"), dtype=torch.float32)
     routing = Routing(4)
     adapter = Adapter.random(spec, tokens=1, seed=1)
     known, unknown = adapter.sha256(), hashlib.sha256(b"never loaded").hexdigest()
@@ -103,7 +90,7 @@ def test_a_row_with_an_unknown_key_is_counted_and_logged(caplog) -> None:
     def row(index: int, key: str | None) -> tuple:
         return index, SamplingParams(extra_args={"aligner": key} if key else None), [], []
 
-    op.set_worker_state(op.WorkerState(table=table, routing=routing, scale=1 / math.sqrt(D)))
+    op.set_worker_state(op.WorkerState(table=table, routing=routing, scale=1 / math.sqrt(spec.head_dim)))
     try:
         lp = AlignerRoutingLP(None, torch.device("cpu"), False)
         with caplog.at_level(logging.ERROR, logger="server.engine.routing_v1"):

@@ -53,6 +53,12 @@ def chat(client, adapter: str | None = None, **kw) -> str:
     return out.choices[0].message.content
 
 
+def stream_chunks(client, model: str, adapter: str, **kw) -> list:
+    """Every chunk of a streamed, greedy chat completion of QUESTION through `adapter`."""
+    greedy = dict(model=model, messages=QUESTION, temperature=0, extra_body={"adapter": adapter})
+    return list(client.chat.completions.create(**greedy, stream=True, **kw))
+
+
 def base_id(client) -> str:
     return client.models.list().data[0].id
 
@@ -80,15 +86,7 @@ def test_upload_then_chat_with_the_openai_client(server, client, spec) -> None:
     assert "Paris" in base
     with_adapter = chat(client, "persona")
     assert with_adapter != base
-    stream = client.chat.completions.create(
-        model=spec.identity,
-        messages=QUESTION,
-        max_tokens=24,
-        temperature=0,
-        stream=True,
-        extra_body={"adapter": "persona"},
-    )
-    chunks = list(stream)
+    chunks = stream_chunks(client, spec.identity, "persona", max_tokens=24)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == with_adapter
     assert all(c.usage is None for c in chunks)  # usage only when the client asks for it
     # tools that can only set `model` may name the adapter there
@@ -99,16 +97,7 @@ def test_upload_then_chat_with_the_openai_client(server, client, spec) -> None:
 
 
 def test_streaming_usage_when_asked(client, spec) -> None:
-    stream = client.chat.completions.create(
-        model=spec.identity,
-        messages=QUESTION,
-        max_tokens=8,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body={"adapter": "persona"},
-    )
-    last = list(stream)[-1]
+    last = stream_chunks(client, spec.identity, "persona", max_tokens=8, stream_options={"include_usage": True})[-1]
     assert last.usage is not None and last.usage.completion_tokens == 8
 
 

@@ -9,13 +9,12 @@ import shutil
 
 import pytest
 import torch
-from support import LOGPROB_TOLERANCE, EngineRunner, parity, real_model, tiny_llama_config
+from support import LOGPROB_TOLERANCE, EngineRunner, engine_options, parity, real_model, tiny_llama_config
 
 from aligner_core.adapter_format import Adapter, encode
 from aligner_core.model_spec import ModelSpec
 from aligner_core.reference import load_hf_model
 from server.engine.config import AlignerEngineConfig
-from server.engine.facade import EngineOptions
 
 pytestmark = pytest.mark.engine
 
@@ -26,16 +25,10 @@ def tiny_model(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tp") / "tiny-llama-tp"
     tok = AutoTokenizer.from_pretrained(real_model().path)
-    config = tiny_llama_config(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=3,
-        max_position_embeddings=512,
-        initializer_range=0.1,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    # the real tokenizer's vocabulary, on a 128-wide, 3-layer shape whose heads divide by 2
+    vocab = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    shape = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, max_position_embeddings=512)
+    config = tiny_llama_config(**vocab, **shape, initializer_range=0.1)
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.float32).save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -51,17 +44,9 @@ def test_tp2_matches_reference(tiny_model, monkeypatch) -> None:
         "a": Adapter.random(spec, tokens=1, start_layer=1, seed=1, gate_scale=0.5),
         "b": Adapter.random(spec, tokens=3, start_layer=0, gate_activation="tanh", seed=2, gate_scale=0.8),
     }
-    opts = EngineOptions(
-        model_path=str(folder),
-        served_name=spec.identity,
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=256,
-        max_num_seqs=8,
-        kv_cache_gib=1,
-        aligner=AlignerEngineConfig(max_slots=4, max_tokens=4),
-        extra_args=("--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"),
-    )
+    aligner = AlignerEngineConfig(max_slots=4, max_tokens=4)
+    tp2 = ("--tensor-parallel-size", "2", "--distributed-executor-backend", "mp")
+    opts = engine_options(folder, spec.identity, max_model_len=256, max_num_seqs=8, aligner=aligner, extra_args=tp2)
     runner = EngineRunner(opts)
     try:
         for key, a in adapters.items():

@@ -13,7 +13,7 @@ from support import quick_train, tiny_llama_config
 from aligner_core.adapter_format import load
 from aligner_core.model_spec import ModelSpec
 from aligner_core.reference import attached, attached_adapter, load_hf_model
-from training.train import TrainConfig, main, sft_example, train
+from training.train import main, sft_example
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
@@ -87,21 +87,11 @@ def test_sft_example_masks_all_but_assistant_turns(tiny_model):
 
 
 def test_sft_learns_and_saves_the_trained_adapter(tiny_model, tmp_path):
-    out = tmp_path / "out" / "persona.safetensors"
-    cfg = TrainConfig(
-        data=str(_sft_data(tmp_path / "d.jsonl")),
-        output=str(out),
-        model=str(tiny_model),
-        tokens=2,
-        start_layer=1,
-        lr=0.05,
-        steps=25,
-        batch_size=4,
-        val_split=0.2,
-        quiet=True,
-        device="cpu",
+    data, out = _sft_data(tmp_path / "d.jsonl"), tmp_path / "out" / "persona.safetensors"
+    # with a validation split, and the loss plot where it goes by default (<output>.loss.png)
+    res = quick_train(
+        data, out, model=str(tiny_model), tokens=2, start_layer=1, lr=0.05, steps=25, val_split=0.2, plot=None
     )
-    res = train(cfg)
     hist = json.loads(out.with_suffix(".log.json").read_text())
     losses = [r["loss"] for r in hist["train"]]
     assert sum(losses[-5:]) / 5 < 0.7 * losses[0], losses

@@ -67,17 +67,7 @@ def main() -> None:
         LayerHandle(index=i, qkv_proj=qkv[i], k_norm=None, q_size=H * D, kv_size=KVH * D)
         for i in range(SPEC.num_layers)
     ]
-    shape = TableShape(
-        num_layers=30,
-        num_heads=H,
-        num_kv_heads=KVH,
-        head_dim=D,
-        head_offset=0,
-        max_slots=HOT,
-        max_tokens=16,
-        cold_slots=COLD,
-        scratch=512,
-    )
+    shape = TableShape.unsharded(SPEC, max_slots=HOT, max_tokens=16, cold_slots=COLD, scratch=512)
     torch.cuda.synchronize()
     m0 = torch.cuda.memory_allocated()
     table = AdapterTable(shape, layers, device=DEV, dtype=bf)
@@ -155,16 +145,9 @@ def main() -> None:
                     ids = np.sort(ids)
                 for use_triton in (True, False):
                     ms = cuda_time(forward(ids, use_triton))
-                    row = dict(
-                        T=T,
-                        K=K,
-                        N=n,
-                        layout=layout,
-                        tier=tier,
-                        path="triton" if use_triton else "torch",
-                        ms_per_forward=round(ms, 4),
-                        linears_ms=round(base, 4),
-                        ratio_to_linears=round(ms / base, 4),
+                    row = dict(T=T, K=K, N=n, layout=layout, tier=tier, path="triton" if use_triton else "torch")
+                    row |= dict(
+                        ms_per_forward=round(ms, 4), linears_ms=round(base, 4), ratio_to_linears=round(ms / base, 4)
                     )
                     results["cases"].append(row)
                     print(

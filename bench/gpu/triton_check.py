@@ -170,26 +170,17 @@ def correctness(dev):
                     d32 = torch.zeros(T, H * D, device=dev)
                     aligner_delta_triton(d32, q, slots, k, v, mask, gate, scale, N)
                     torch.cuda.synchronize()
-                    untouched = bool(torch.equal(out[slots == 0], out0[slots == 0]))
-                    err_out = (out.float() - (out0.float() + ref)).abs().max().item()
+                    row = dict(dtype=str(dtype).split(".")[-1], D=D, G=G, N=N)
+                    row["max_abs_err_out"] = (out.float() - (out0.float() + ref)).abs().max().item()
                     # error beyond the unavoidable final rounding into dtype
-                    err_round = (out.float() - (out0.float() + ref).to(dtype).float()).abs().max().item()
-                    err_delta = (d32 - ref).abs().max().item()
-                    rel = ((d32 - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-                    rows.append(
-                        dict(
-                            dtype=str(dtype).split(".")[-1],
-                            D=D,
-                            G=G,
-                            N=N,
-                            max_abs_err_out=err_out,
-                            max_abs_err_vs_rounded=err_round,
-                            max_abs_err_delta_fp32=err_delta,
-                            rel_err_delta=rel,
-                            slot0_untouched=untouched,
-                            finite=bool(torch.isfinite(out).all().item()),
-                        )
+                    row["max_abs_err_vs_rounded"] = (
+                        (out.float() - (out0.float() + ref).to(dtype).float()).abs().max().item()
                     )
+                    row["max_abs_err_delta_fp32"] = (d32 - ref).abs().max().item()
+                    row["rel_err_delta"] = ((d32 - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+                    row["slot0_untouched"] = bool(torch.equal(out[slots == 0], out0[slots == 0]))
+                    row["finite"] = bool(torch.isfinite(out).all().item())
+                    rows.append(row)
     return rows
 
 
@@ -209,17 +200,8 @@ def bench(dev):
                     gq = torch.Generator().manual_seed(T)
                     q = torch.randn(T, H * D, generator=gq).to(dev, dtype)
                     out = torch.randn(T, H * D, generator=gq).to(dev, dtype)
-                    r = dict(
-                        model=name,
-                        H=H,
-                        KVH=KVH,
-                        D=D,
-                        N=N,
-                        T=T,
-                        layout=layout,
-                        runs=len(runs),
-                        grid=list(launch_params(T, H, KVH, D, N).grid),
-                    )
+                    r = dict(model=name, H=H, KVH=KVH, D=D, N=N, T=T, layout=layout, runs=len(runs))
+                    r["grid"] = list(launch_params(T, H, KVH, D, N).grid)
 
                     def f_tri():
                         aligner_delta_triton(out, q, slots, k, v, mask, gate, scale, N)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from aligner_core.adapter_format import Adapter
+from aligner_core.model_spec import ModelSpec
 from server.engine.aligner_math import delta_reference, single_token_bias
 from server.engine.raw_store import RawStore
 
@@ -66,6 +67,14 @@ class TableShape:
     max_tokens: int  # Nmax
     cold_slots: int = 0  # further adapters resident as raw P and gates only
     scratch: int = 0  # staging slots for cold adapters, per forward (the most rows a forward can have)
+
+    @classmethod
+    def unsharded(
+        cls, spec: ModelSpec, *, max_slots: int, max_tokens: int, cold_slots: int = 0, scratch: int = 0
+    ) -> TableShape:
+        """A table of all of `spec`'s layers and heads on one rank (no tensor parallelism: head offset 0)."""
+        L, H, KVH, D = spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim
+        return cls(L, H, KVH, D, 0, max_slots, max_tokens, cold_slots, scratch)  # in field order; head offset 0
 
 
 class AdapterTable:

@@ -145,7 +145,7 @@ def test_invalid_quotas_are_rejected(backend: Backend, quotas: Quotas) -> None:
 
 
 def test_api_key_create_find_list_revoke(backend: Backend) -> None:
-    async def body(store: Store):
+    async def body(store: Store) -> None:
         acme = await store.create_tenant("acme", Quotas(requests_per_minute=5))
         other = await store.create_tenant("other")
         k1 = await store.create_api_key(acme.id, key_hash="hash-1", prefix="sk-aaaa")
@@ -160,60 +160,31 @@ def test_api_key_create_find_list_revoke(backend: Backend) -> None:
             await store.find_api_key("hash-1")
         still_found = await store.find_api_key("hash-2")
         listed_after = await store.list_api_keys(acme.id)
-        return (
-            acme,
-            other,
-            k1,
-            k2,
-            k3,
-            found_key,
-            found_tenant,
-            listed,
-            listed_other,
-            revoked,
-            revoked_again,
-            still_found,
-            listed_after,
-        )
+        assert isinstance(k1, ApiKey)
+        assert k1.id.startswith("key_") and len({k1.id, k2.id, k3.id}) == 3
+        assert (k1.tenant_id, k1.prefix, k1.revoked) == (acme.id, "sk-aaaa", False)
+        assert k1.created_at.utcoffset() is not None and k1.created_at.utcoffset().total_seconds() == 0
+        assert found_key == k2
+        assert found_tenant == acme and found_tenant.quotas == Quotas(requests_per_minute=5)
+        assert listed == [k1, k2]
+        assert listed_other == [k3]
+        assert revoked.revoked is True and revoked.id == k1.id and revoked.created_at == k1.created_at
+        assert revoked_again == revoked
+        assert still_found == (k2, acme)
+        assert [(k.id, k.revoked) for k in listed_after] == [(k1.id, True), (k2.id, False)]
+        assert not any("hash" in repr(k) for k in listed_after)  # the hash never comes back
 
-    (
-        acme,
-        other,
-        k1,
-        k2,
-        k3,
-        found_key,
-        found_tenant,
-        listed,
-        listed_other,
-        revoked,
-        revoked_again,
-        still_found,
-        listed_after,
-    ) = backend.run(body)
-    assert isinstance(k1, ApiKey)
-    assert k1.id.startswith("key_") and len({k1.id, k2.id, k3.id}) == 3
-    assert (k1.tenant_id, k1.prefix, k1.revoked) == (acme.id, "sk-aaaa", False)
-    assert k1.created_at.utcoffset() is not None and k1.created_at.utcoffset().total_seconds() == 0
-    assert found_key == k2
-    assert found_tenant == acme and found_tenant.quotas == Quotas(requests_per_minute=5)
-    assert listed == [k1, k2]
-    assert listed_other == [k3]
-    assert revoked.revoked is True and revoked.id == k1.id and revoked.created_at == k1.created_at
-    assert revoked_again == revoked
-    assert still_found == (k2, acme)
-    assert [(k.id, k.revoked) for k in listed_after] == [(k1.id, True), (k2.id, False)]
-    assert not any("hash" in repr(k) for k in listed_after)  # the hash never comes back
+    backend.run(body)
 
 
 def test_find_api_key_unknown_hash_raises_not_found(backend: Backend) -> None:
     async def body(store: Store) -> None:
         tenant = await store.create_tenant("acme")
         await store.create_api_key(tenant.id, key_hash="known", prefix="sk-kn")
-        await store.find_api_key("unknown")
+        with pytest.raises(NotFound, match="^api key not found$"):
+            await store.find_api_key("unknown")
 
-    with pytest.raises(NotFound, match="^api key not found$"):
-        backend.run(body)
+    backend.run(body)
 
 
 def test_revoked_key_is_not_found(backend: Backend) -> None:
