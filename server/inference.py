@@ -82,7 +82,13 @@ async def generate(svc: Services, tenant: Tenant, body: Any, raw: Request, *, en
     try:
         gen = await _started(
             svc.engine.generate(
-                endpoint, body, raw, adapter=adapter, priority=priority, salt_scope=None if shared else tenant.id
+                endpoint,
+                body,
+                raw,
+                adapter=adapter,
+                priority=priority,
+                salt_scope=None if shared else tenant.id,
+                shown_model=getattr(body, "adapter", None) or body.model or None,  # the model the client named
             ),
             ticket,
         )
@@ -96,6 +102,15 @@ async def generate(svc: Services, tenant: Tenant, body: Any, raw: Request, *, en
     if usage is not None:
         svc.metrics.usage(*labels, *usage)
     return JSONResponse(gen.response)
+
+
+async def tokenization(svc: Services, tenant: Tenant, body: Any, raw: Request, *, endpoint: str) -> Response:
+    """/tokenize and /detokenize: the base model's tokenizer (an adapter changes no token), once the adapter
+    the body names is one the tenant may use (else the same 404 as generation)."""
+    ref, via = _target(svc, getattr(body, "adapter", None), body.model)
+    if ref is not None:
+        await resolve_adapter(svc, tenant, ref, via=via)
+    return JSONResponse(await svc.engine.tokenization(endpoint, body, raw))
 
 
 async def _started(starting: Awaitable[Generation], ticket: Ticket) -> Generation:

@@ -195,10 +195,12 @@ class AlignerEngine:
         adapter: AdapterUse | None,
         salt_scope: str | None,
         priority: int = 0,
+        shown_model: str | None = None,
     ) -> Generation:
         """Run one chat ("chat") or completion ("completions") request, on `adapter` (None: the base model),
         in the prefix cache of `salt_scope` (a tenant id; None: shared by every tenant), at `priority` (used
-        under vLLM's priority policy only).
+        under vLLM's priority policy only). The answer's `model` is `shown_model` (what the client named;
+        None: the base model's name), and its JSON is OpenAI's (`openai_shape`).
 
         Every value that decides sharing is set here: a client-sent `vllm_xargs["aligner"]` is dropped, the
         salt is made from the scope, the adapter's content hash and the client's own salt. A stream is read
@@ -217,6 +219,7 @@ class AlignerEngine:
             request.cache_salt = cache_salt(salt_scope, key, request.cache_salt)
             request.priority = priority if self.options.priority_scheduling else 0  # vLLM refuses it otherwise
             request.model = self.options.served_name
+            shown = shown_model or self.options.served_name
             wanted = _usage_wanted(request)
             if request.stream:  # usage on every chunk, so what was streamed is counted even if the client leaves early
                 request.stream_options = StreamOptions(include_usage=True, continuous_usage_stats=True)
@@ -231,16 +234,33 @@ class AlignerEngine:
                     if result.usage is not None
                     else None
                 )
-                return Generation(None, response=result.model_dump(), usage=usage)
+                return Generation(None, response=openai_shape(result.model_dump(), shown), usage=usage)
             refused = _error_event(first)
             if refused is not None and refused.status == 400:
                 await result.aclose()
                 raise refused
-            return Generation(lease, source=result, first=first, wanted=wanted, n=max(1, int(request.n or 1)))
+            n = max(1, int(request.n or 1))
+            return Generation(lease, source=result, first=first, wanted=wanted, n=n, model=shown)
         except BaseException:
             if lease is not None:
                 await lease.release()
             raise
+
+    async def tokenization(self, endpoint: str, request: Any, raw_request: Any) -> dict:
+        """vLLM's answer to a "tokenize" or "detokenize" request, as JSON (the base model's tokenizer: an
+        adapter changes no token); its refusals raise `RequestRejected`."""
+        from server.engine.vllm_glue import ErrorResponse
+
+        if self._serving is None:
+            raise EngineNotReady("engine is not running")
+        serving = self._serving.serving_tokenization
+        handler = serving.create_tokenize if endpoint == "tokenize" else serving.create_detokenize
+        request.model = self.options.served_name
+        with _rejecting(request):
+            result = await handler(request, raw_request)
+        if isinstance(result, ErrorResponse):
+            raise RequestRejected(result.error.message, status=result.error.code, param=result.error.param)
+        return result.model_dump()
 
     async def _serve(self, endpoint: str, request: Any, raw_request: Any) -> tuple[Any, str | None]:
         """vLLM's answer to `request`: a response, an ErrorResponse or a stream, with the stream's first event."""
@@ -390,10 +410,11 @@ class Generation:
         first: str | None = None,
         wanted: str = "none",
         n: int = 1,
+        model: str = "",
     ) -> None:
         self.response = response
         self._lease, self._usage = lease, usage
-        self._source, self._first, self._wanted = source, first, wanted
+        self._source, self._first, self._wanted, self._model = source, first, wanted, model
         self._meter = _Meter(n)
         self._events: AsyncGenerator[str, None] | None = None
 
@@ -425,22 +446,26 @@ class Generation:
             await source.aclose()
 
     def _shown(self, chunk: str) -> str | None:
-        """`chunk` as the client sees it (None: a usage chunk it did not ask for), its usage counted.
+        """`chunk` as the client sees it (None: a usage chunk it did not ask for), its usage counted, in
+        OpenAI's shape.
 
         vLLM's serving code yields SSE text, so usage is read back out of it here, where its format is known."""
         error = _error_event(chunk)
         if error is not None:
             raise error
-        if not chunk.startswith("data: {") or '"usage"' not in chunk:
+        if not chunk.startswith("data: {"):
             return chunk
         event = json.loads(chunk[len("data: ") :])
-        self._meter.see(event)
-        if self._wanted == "continuous":
-            return chunk
-        if not event.get("choices"):  # the final usage chunk
-            return chunk if self._wanted == "final" else None
-        event.pop("usage", None)
-        return "data: " + json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n\n"
+        if "usage" in event:
+            self._meter.see(event)
+            if not event.get("choices"):  # the final usage chunk
+                if self._wanted == "none":
+                    return None
+            elif self._wanted != "continuous":
+                del event["usage"]
+        return (
+            "data: " + json.dumps(openai_shape(event, self._model), separators=(",", ":"), ensure_ascii=False) + "\n\n"
+        )
 
     async def close(self) -> None:
         """Close vLLM's stream (which aborts the request if it is still running) and release the lease; idempotent."""
@@ -452,6 +477,30 @@ class Generation:
         finally:
             if self._lease is not None:
                 await self._lease.release()
+
+
+def openai_shape(answer: dict, model: str) -> dict:
+    """vLLM's answer (a response or a stream chunk, as JSON) as OpenAI's schemas have it, in place: `model` as
+    the client named it, no null where the schema wants an object or an array (dropped: each is optional),
+    and chat logprobs' `refusal` beside their `content`."""
+    answer["model"] = model
+    usage = answer.get("usage")
+    if isinstance(usage, dict):
+        _drop_nulls(usage, ("prompt_tokens_details", "completion_tokens_details"))
+    for choice in answer.get("choices") or ():
+        for part in (choice.get("message"), choice.get("delta")):
+            if isinstance(part, dict):
+                _drop_nulls(part, ("annotations", "function_call", "tool_calls"))
+        logprobs = choice.get("logprobs")
+        if isinstance(logprobs, dict) and "content" in logprobs:  # chat's (completions' have `tokens`)
+            logprobs.setdefault("refusal", None)
+    return answer
+
+
+def _drop_nulls(obj: dict, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if key in obj and obj[key] is None:
+            del obj[key]
 
 
 def _usage_wanted(request: Any) -> str:

@@ -10,44 +10,19 @@ from urllib.parse import unquote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ModelWrapValidatorHandler, model_validator
 
-from server.deps import GenerationTenantDep, ManagedTenantDep, ServicesDep
-from server.engine.facade import constraint_field, is_vllm_client_error, output_constraint
-from server.engine.vllm_glue import ChatCompletionRequest, CompletionRequest
-from server.errors import InvalidRequest
+from adapters_store import AdapterRecord
+from server.deps import GenerationTenantDep, ManagedTenantDep, ServicesDep, resolve_adapter
+from server.engine.facade import constraint_field, output_constraint
+from server.errors import InvalidRequest, ModelNotFound
 from server.inference import generate
-from server.schemas import AdapterPublic, ModelCard, ModelList
+from server.requests import ChatRequest, CompletionsRequest
+from server.schemas import AdapterPublic, AdapterRef, ModelCard, ModelList
+from server.services import Services
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 _STARTED = int(time.time())
-
-
-class _MalformedIsInvalid(BaseModel):
-    """Mixed into our request models. vLLM's own request validators raise TypeError ("messages": null) or
-    its VLLMValidationError on some malformed bodies; pydantic turns only ValueError into a validation
-    error, so re-raise as one: a 400."""
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def malformed_is_invalid(cls, data: Any, handler: ModelWrapValidatorHandler) -> Any:
-        try:
-            return handler(data)
-        except (TypeError, AttributeError, KeyError, IndexError) as e:
-            raise ValueError(f"malformed request: {e}") from None
-        except Exception as e:
-            if is_vllm_client_error(e):
-                raise ValueError(str(e)) from None
-            raise
-
-
-class ChatRequest(_MalformedIsInvalid, ChatCompletionRequest):
-    adapter: str | None = None  # "name" or "name@version"; absent: the base model
-
-
-class CompletionsRequest(_MalformedIsInvalid, CompletionRequest):
-    adapter: str | None = None
 
 
 @router.post("/chat/completions")
@@ -204,22 +179,42 @@ def _needed_items(node: dict, pointer: str) -> list[str]:
 
 @router.get("/models")
 async def list_models(svc: ServicesDep, tenant: ManagedTenantDep) -> ModelList:
-    base = svc.spec.identity
-    cards = [ModelCard(id=base, created=_STARTED, owned_by="aligner-serve", root=base)]
+    """The base model, then every adapter the tenant may use (its own and the public ones), by name."""
+    cards = [_base_card(svc)]
     after = None
     while True:
         page = await svc.store.list_adapters(tenant.id, limit=1000, after=after)
-        for r in page.items:
-            cards.append(
-                ModelCard(
-                    id=r.name,
-                    created=int(r.created_at.timestamp()),
-                    owned_by="public" if r.public else "tenant",
-                    root=base,
-                    parent=base,
-                    adapter=AdapterPublic.of(r),
-                )
-            )
+        cards += [_adapter_card(svc, r) for r in page.items]
         if page.next_after is None:
             return ModelList(data=cards)
         after = page.next_after
+
+
+@router.get("/models/{model:path}")
+async def retrieve_model(model: str, svc: ServicesDep, tenant: ManagedTenantDep) -> ModelCard:
+    """The base model, or an adapter the tenant may use (`name` or `name@version`); anything else, another
+    tenant's adapter included, is the same 404 `model_not_found`."""
+    if model in (svc.spec.identity, svc.spec.name):
+        return _base_card(svc)
+    try:
+        ref = AdapterRef.parse(model, param="model")
+    except InvalidRequest:  # no adapter can have that name
+        raise ModelNotFound(f"The model '{model[:80]}' does not exist or you do not have access to it.") from None
+    return _adapter_card(svc, await resolve_adapter(svc, tenant, ref, via="model"), shown=model)
+
+
+def _base_card(svc: Services) -> ModelCard:
+    base = svc.spec.identity
+    return ModelCard(id=base, created=_STARTED, owned_by="aligner-serve", root=base)
+
+
+def _adapter_card(svc: Services, r: AdapterRecord, shown: str | None = None) -> ModelCard:
+    base = svc.spec.identity
+    return ModelCard(
+        id=shown or r.name,
+        created=int(r.created_at.timestamp()),
+        owned_by="public" if r.public else "tenant",
+        root=base,
+        parent=base,
+        adapter=AdapterPublic.of(r),
+    )

@@ -1,12 +1,15 @@
-"""Operations: health (engine and store, always open) and Prometheus metrics (a credential in multi-tenant mode)."""
+"""Operations: health and version (always open) and Prometheus metrics (a credential in multi-tenant mode)."""
 
 from __future__ import annotations
+
+from importlib.metadata import version as installed_version
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.deps import MetricsReaderDep, ServicesDep
+from server.engine.vllm_glue import VLLM_VERSION
 
 router = APIRouter(tags=["ops"])
 
@@ -15,6 +18,12 @@ router = APIRouter(tags=["ops"])
 async def health(svc: ServicesDep) -> JSONResponse:
     await svc.engine.check_health()  # else EngineNotReady: a 503
     return JSONResponse({"status": "ok", "model": svc.spec.identity})
+
+
+@router.get("/version")
+async def version() -> JSONResponse:
+    """vLLM's `/version` (the engine's version), and ours."""
+    return JSONResponse({"version": VLLM_VERSION, "aligner_serve": installed_version("aligner-serve")})
 
 
 @router.get("/metrics", dependencies=[MetricsReaderDep])
