@@ -24,23 +24,26 @@ from server.fair_share import watch_revocations
 from server.limits import BodyLimitMiddleware
 from server.metrics import Metrics
 from server.resolver import AdapterResolver
-from server.routes import adapters, admin, openai, ops, ui
+from server.routes import adapters, admin, openai, ops, tokens, ui
 from server.services import Services
-from server.settings import Settings
+from server.settings import Settings, fit_max_model_len
 
 OPEN_TENANT = "default"
 log = logging.getLogger("aligner.server")
 
 
 def engine_options(settings: Settings, model_path: str, identity: str) -> EngineOptions:
-    config = json.loads((Path(model_path) / "config.json").read_text())
+    """The engine's options from the settings (`aligner serve` has already merged its flags and
+    ALIGNER_ENGINE_ARGS into them); max_model_len fitted to the model (SettingError if it cannot be)."""
+    config_path = Path(model_path) / "config.json"
+    config = json.loads(config_path.read_text())
     return EngineOptions(
         model_path=model_path,
         served_name=identity,
         architecture=(config.get("architectures") or ["LlamaForCausalLM"])[0],
         dtype=settings.dtype,
         enforce_eager=settings.enforce_eager,
-        max_model_len=settings.max_model_len,
+        max_model_len=fit_max_model_len(settings, config, str(config_path)),
         max_num_seqs=settings.max_num_seqs,
         kv_cache_gib=settings.kv_cache_gib,
         aligner=AlignerEngineConfig(
@@ -144,6 +147,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=max(settings.max_request_bytes, settings.max_adapter_bytes + (64 << 10))
     )
-    for module in (openai, adapters, admin, ops, ui):
+    for module in (openai, tokens, adapters, admin, ops, ui):
         app.include_router(module.router)
     return app

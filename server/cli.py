@@ -1,4 +1,5 @@
-"""The `aligner` command. `aligner serve` starts the server; settings come from flags, then ALIGNER_* env."""
+"""The `aligner` command. `aligner serve [MODEL] [flags]` starts the server: its own flags, any `vllm serve`
+flag, then ALIGNER_* variables (server/settings.py has the rule)."""
 
 from __future__ import annotations
 
@@ -10,22 +11,26 @@ import sys
 from pydantic import ValidationError
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from server.settings import Settings
+def _serve(args: argparse.Namespace, engine_argv: list[str]) -> int:
+    from server.settings import SettingError, Settings, error_lines, fit_to_model, serve_settings
 
-    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     try:
-        settings = Settings(**overrides)
+        # Our own flags and the ALIGNER_* variables are checked before anything imports vLLM (~30 s on 2
+        # cores): unsafe settings fail fast. vLLM flags (MODEL, `--max-num-seqs 8`, ...) go through vLLM's parser.
+        settings = fit_to_model(serve_settings(cli, engine_argv))
     except ValidationError as e:
-        for err in e.errors():
-            print(f"aligner serve: {err['msg']}", file=sys.stderr)
+        for line in error_lines(e):
+            print(f"aligner serve: {line}", file=sys.stderr)
         return 2
-    # Imported only now: server.app pulls in vLLM (~30 s on 2 cores), and unsafe settings must fail fast.
+    except SettingError as e:
+        print(f"aligner serve: {e}", file=sys.stderr)
+        return 2
     import uvicorn
 
     from server.app import create_app
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -34,6 +39,17 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=30,
         timeout_keep_alive=settings.keep_alive_seconds,
     )
+    return 0
+
+
+def _serve_help(serve: argparse.ArgumentParser, token: str) -> int:
+    """Our options, then vLLM's (its own help: `--help=all`, `--help=GROUP`, `--help=FLAG` as `vllm serve`)."""
+    if token in ("-h", "--help"):
+        print(serve.format_help(), flush=True)
+        print("vLLM's engine flags (every `vllm serve` flag is an `aligner serve` flag):\n", flush=True)
+    from server.engine.config import EngineFlags
+
+    EngineFlags().help("--help" if token == "-h" else token)
     return 0
 
 
@@ -68,14 +84,27 @@ def _random_adapter(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aligner", description="Serve Aligner adapters on vLLM.")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="start the OpenAI-compatible server")
+    serve = sub.add_parser(
+        "serve",
+        help="start the OpenAI-compatible server",
+        usage="aligner serve [MODEL] [options] [any `vllm serve` flag]",
+        description=(
+            "Start the OpenAI-compatible server. MODEL (or --model) is a preset name or a Hugging Face folder. "
+            "Every `vllm serve` flag is taken too and reaches the engine (vLLM's own parser reads them, after "
+            "ALIGNER_ENGINE_ARGS). Settings are ALIGNER_* variables; where a flag and a variable set the same "
+            "thing, the command line wins over ALIGNER_ENGINE_ARGS, which wins over ALIGNER_<NAME>, and the log "
+            "says so."
+        ),
+        add_help=False,
+        allow_abbrev=False,  # `--seed` is vLLM's, not short for our --seed-adapters
+    )
+    serve.add_argument("-h", "--help", action="store_true", help="show this help, then vLLM's engine flags")
     serve.add_argument("--model", help="preset name or Hugging Face folder (default: smollm2-135m-instruct)")
     serve.add_argument("--store", help="store URL, e.g. sqlite:///data/aligner.db")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve.add_argument("--host", help="address to bind (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default: 8000)")
     serve.add_argument("--seed-adapters", help="folder of *.safetensors to publish as public adapters at start")
     serve.add_argument("--enforce-eager", action="store_true", default=None, help="skip torch.compile (faster start)")
-    serve.set_defaults(func=_serve)
     rnd = sub.add_parser("random-adapter", help="write a random aligner/v1 adapter for the served model (a demo)")
     rnd.add_argument("-o", "--output", required=True)
     rnd.add_argument("--model", default="smollm2-135m-instruct")
@@ -99,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
             print("aligner: the client is not installed: pip install -e clients/python", file=sys.stderr)
             return 2
         return client_main(argv, prog="aligner")
+    if argv[:1] == ["serve"]:  # our flags here; MODEL and every other flag to vLLM's parser
+        asked = [a for a in argv[1:] if a in ("-h", "--help") or a.startswith("--help=")]
+        if asked:
+            return _serve_help(serve, asked[0])
+        args, engine_argv = serve.parse_known_args(argv[1:])
+        del args.help
+        return _serve(args, engine_argv)
     args = parser.parse_args(argv)
     func = args.func
     del args.func, args.command

@@ -137,7 +137,13 @@ def test_generate_stamps_the_request_and_hides_usage_the_client_did_not_ask_for(
             vllm_xargs={"aligner": "forged", "other": 1},
         )
         gen = await eng.generate(
-            "completions", body, None, adapter=AdapterUse("k" * 64, _data), salt_scope="ten_1", priority=7
+            "completions",
+            body,
+            None,
+            adapter=AdapterUse("k" * 64, _data),
+            salt_scope="ten_1",
+            priority=7,
+            shown_model="persona",
         )
         assert eng.leases == 1 and gen.streaming
         events = [e async for e in gen.events()]
@@ -152,8 +158,8 @@ def test_generate_stamps_the_request_and_hides_usage_the_client_did_not_ask_for(
     assert sent.cache_salt == cache_salt("ten_1", "k" * 64, "mine")
     assert sent.stream_options.include_usage and sent.stream_options.continuous_usage_stats
     assert events == [
-        'data: {"choices":[{"index":0,"text":"a"}]}\n\n',
-        'data: {"choices":[{"index":0,"text":"b"}]}\n\n',
+        'data: {"choices":[{"index":0,"text":"a"}],"model":"persona"}\n\n',  # the model the client named
+        'data: {"choices":[{"index":0,"text":"b"}],"model":"persona"}\n\n',
         "data: [DONE]\n\n",
     ]
     assert usage == (3, 2) and serving.closed and eng.leases == 0

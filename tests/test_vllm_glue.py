@@ -154,6 +154,14 @@ def error_response(cls: type) -> None:  # a refusal's message, code (HTTP status
     assert {"message", "code", "param"} <= fields(cls.model_fields["error"].annotation)
 
 
+def tokenize_request(cls: type) -> None:  # our /tokenize bodies subclass it; the engine sets `model`
+    assert "model" in fields(cls) and ({"prompt"} <= fields(cls) or {"messages"} <= fields(cls))
+
+
+def detokenize_request(cls: type) -> None:
+    assert {"model", "tokens"} <= fields(cls)
+
+
 EXPECTED: dict[str, Callable] = {
     "LlamaForCausalLM": model_class,
     "MistralForCausalLM": model_class,
@@ -185,6 +193,9 @@ EXPECTED: dict[str, Callable] = {
     "CompletionResponse": openai_response,
     "StreamOptions": stream_options,
     "ErrorResponse": error_response,
+    "TokenizeCompletionRequest": tokenize_request,
+    "TokenizeChatRequest": tokenize_request,
+    "DetokenizeRequest": detokenize_request,
 }
 
 
@@ -200,7 +211,15 @@ def test_name_imports_and_is_what_we_rely_on(name: str) -> None:
 
 
 def test_all_names_the_table_and_the_helpers() -> None:
-    helpers = {"VLLM_NAMES", "VLLM_VERSION", "engine_args", "json_flag", "open_engine", "serving_state"}
+    helpers = {
+        "VLLM_NAMES",
+        "VLLM_VERSION",
+        "engine_arg_parser",
+        "engine_args",
+        "json_flag",
+        "open_engine",
+        "serving_state",
+    }
     assert sorted(vllm_glue.__all__) == sorted([*vllm_glue.VLLM_NAMES, *helpers])
 
 
@@ -240,7 +259,7 @@ def vllm_modules_after(code: str) -> set[str]:
 def test_the_model_side_does_not_load_the_openai_server() -> None:
     """Workers import the model classes and routers while vLLM builds the model: that must import no more of
     vLLM than the model-side names themselves need, and none of the OpenAI server's launchers."""
-    assert {"EngineClient", "ChatCompletionRequest", "FlexibleArgumentParser"} <= SERVING and len(SERVING) == 11
+    assert {"EngineClient", "ChatCompletionRequest", "FlexibleArgumentParser"} <= SERVING and len(SERVING) == 14
     model_side = sorted({m for n, m in vllm_glue.VLLM_NAMES.items() if n not in SERVING})
     own = vllm_modules_after("import " + ", ".join(model_side))
     ours = vllm_modules_after(

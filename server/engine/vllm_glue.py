@@ -37,6 +37,11 @@ if TYPE_CHECKING:  # the same names as VLLM_NAMES, for type checkers (tests/test
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest, CompletionResponse
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+    from vllm.entrypoints.serve.tokenize.protocol import (
+        DetokenizeRequest,
+        TokenizeChatRequest,
+        TokenizeCompletionRequest,
+    )
     from vllm.forward_context import get_forward_context, is_forward_context_available
     from vllm.model_executor.layers.attention import Attention
     from vllm.model_executor.models.llama import LlamaForCausalLM
@@ -88,6 +93,9 @@ VLLM_NAMES: dict[str, str] = {
     "CompletionResponse": "vllm.entrypoints.openai.completion.protocol",
     "StreamOptions": "vllm.entrypoints.generate.base.protocol",
     "ErrorResponse": "vllm.entrypoints.serve.engine.protocol",
+    "TokenizeCompletionRequest": "vllm.entrypoints.serve.tokenize.protocol",
+    "TokenizeChatRequest": "vllm.entrypoints.serve.tokenize.protocol",
+    "DetokenizeRequest": "vllm.entrypoints.serve.tokenize.protocol",
 }
 
 __all__ = [  # VLLM_NAMES' names, then our own (tests/test_vllm_glue.py keeps them equal)
@@ -121,8 +129,12 @@ __all__ = [  # VLLM_NAMES' names, then our own (tests/test_vllm_glue.py keeps th
     "CompletionResponse",
     "StreamOptions",
     "ErrorResponse",
+    "TokenizeCompletionRequest",
+    "TokenizeChatRequest",
+    "DetokenizeRequest",
     "VLLM_NAMES",
     "VLLM_VERSION",
+    "engine_arg_parser",
     "engine_args",
     "json_flag",
     "open_engine",
@@ -140,10 +152,14 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+def engine_arg_parser(**parser_kwargs: Any) -> FlexibleArgumentParser:
+    """`vllm serve`'s own argument parser (every vLLM flag; `parser_kwargs` go to FlexibleArgumentParser)."""
+    return __getattr__("make_arg_parser")(__getattr__("FlexibleArgumentParser")(**parser_kwargs))
+
+
 def engine_args(argv: list[str]) -> Namespace:
     """Parse `vllm serve`-style flags with vLLM's own parser (so every vLLM flag works)."""
-    parser = __getattr__("make_arg_parser")(__getattr__("FlexibleArgumentParser")())
-    return parser.parse_args(argv)
+    return engine_arg_parser().parse_args(argv)
 
 
 def json_flag(value: Any) -> str:
