@@ -146,17 +146,7 @@ FLAG_SETTINGS = {
 # Taken out of the flags handed to vLLM once they are settings (the engine gets them from the settings):
 # the model must be (vLLM serves the prepared folder), the rest would only be duplicates. Not
 # --kv-cache-memory-bytes: vLLM on GPU reads the flag itself.
-_TAKEN_OUT = (
-    "model_tag",
-    "model",
-    "host",
-    "port",
-    "dtype",
-    "enforce_eager",
-    "max_model_len",
-    "max_num_seqs",
-    "scheduling_policy",
-)
+_TAKEN_OUT = tuple(dest for dest in FLAG_SETTINGS if dest != "kv_cache_memory_bytes")
 # vLLM flags aligner-serve sets itself to run the Aligner model: refused, with the reason
 RESERVED_FLAGS = {
     "served_model_name": ("--served-model-name", "requests name the base model by its identity"),
