@@ -49,10 +49,17 @@ def demand_of(body: Any, endpoint: str, max_model_len: int, adapter: str | None)
     The prompt is charged its UTF-8 bytes (a byte-level BPE token is at least one byte; the JSON syntax
     around chat messages covers the template's few tokens), the completion its max_tokens (the model
     length when absent), each sequence at most the model length."""
-    n = max(1, int(body.n or 1))
-    out = getattr(body, "max_completion_tokens", None) or body.max_tokens or max_model_len
+    n = max(1, int(getattr(body, "n", None) or 1))  # the Responses API has no n
+    out = (
+        getattr(body, "max_completion_tokens", None)
+        or getattr(body, "max_tokens", None)
+        or getattr(body, "max_output_tokens", None)
+        or max_model_len
+    )
     if endpoint == "chat":
         prompts = [len(json.dumps([body.messages, body.tools], default=str).encode())]
+    elif endpoint == "responses":
+        prompts = [len(json.dumps([body.instructions, body.input, body.tools], default=str).encode())]
     else:
         p = body.prompt
         many = isinstance(p, list) and p and not isinstance(p[0], int)

@@ -19,6 +19,7 @@ from server.engine.vllm_glue import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    ResponsesRequest,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
 )
@@ -93,6 +94,10 @@ class ChatRequest(_MalformedIsInvalid, ChatCompletionRequest):
 
 
 class CompletionsRequest(_MalformedIsInvalid, CompletionRequest):
+    adapter: str | None = None
+
+
+class ResponsesBody(_MalformedIsInvalid, ResponsesRequest):
     adapter: str | None = None
 
 

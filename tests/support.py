@@ -38,6 +38,7 @@ PROMPTS = [
 OPERATIONS = [  # (method, path template) of every operation; test_fuzz keeps it equal to the OpenAPI document
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
+    ("POST", "/v1/responses"),
     ("GET", "/v1/models"),
     ("GET", "/v1/models/{model}"),
     ("POST", "/tokenize"),

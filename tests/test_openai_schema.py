@@ -146,3 +146,45 @@ def test_tokenize_detokenize_and_version(server, adapter) -> None:
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "adapter_not_found", missing.text
     version = httpx.get(server.base + "/version").json()
     assert version["version"] == "0.32.0" and version["aligner_serve"], version
+
+
+def test_responses_api_runs_the_adapter_exactly_as_chat(server) -> None:
+    """/v1/responses (through the real openai client too) gives the tokens of the equivalent chat request, on
+    the base model and on an adapter (by `adapter` and by `model`), streaming or not, and echoes the model."""
+    import openai
+
+    data = encode(Adapter.random(real_model().spec, tokens=2, seed=11, gate_scale=1.0))
+    r = httpx.post(server.base + "/v1/adapters", files={"file": ("s.safetensors", data)}, data={"name": "strong"})
+    assert r.status_code == 201, r.text
+    base, question = real_model().spec.identity, "What is the capital of France?"
+    chat = {"messages": [{"role": "user", "content": question}], "max_tokens": 12, "temperature": 0}
+    asked = {"input": question, "max_output_tokens": 12, "temperature": 0}
+    texts = {}
+    for label, named in {"base": {"model": base}, "adapter": {"model": base, "adapter": "strong"}}.items():
+        want = post(server, "/v1/chat/completions", chat | named).json()["choices"][0]["message"]["content"]
+        got = post(server, "/v1/responses", asked | named)
+        assert got.status_code == 200, got.text
+        answer = got.json()
+        assert answer["model"] == named.get("adapter", base) and answer["status"] in ("completed", "incomplete"), answer
+        assert answer["output"][-1]["content"][0]["text"] == want, (label, answer, want)
+        assert answer["usage"]["output_tokens"] > 0
+        with httpx.stream(
+            "POST", server.base + "/v1/responses", json=asked | named | {"stream": True}, timeout=120
+        ) as s:
+            assert s.status_code == 200
+            events = [json.loads(line[len("data: ") :]) for line in s.iter_lines() if line.startswith("data: ")]
+        deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+        assert deltas == want and events[-1]["type"] in ("response.completed", "response.incomplete"), (
+            label,
+            events[-1],
+        )
+        assert events[-1]["response"]["model"] == named.get("adapter", base)
+        texts[label] = want
+    assert texts["adapter"] != texts["base"], texts  # the adapter changed the answer, on both routes alike
+    client = openai.OpenAI(base_url=server.base + "/v1", api_key="open-mode")
+    out = client.responses.create(model="strong", input=question, max_output_tokens=12, temperature=0)
+    assert out.output_text == texts["adapter"] and out.model == "strong"
+    refused = post(server, "/v1/responses", asked | {"model": base, "previous_response_id": "resp_x"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "previous_response_id", refused.text
+    missing = post(server, "/v1/responses", asked | {"model": "nope"})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found", missing.text

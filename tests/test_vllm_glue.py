@@ -141,6 +141,10 @@ def openai_request(cls: type) -> None:  # our route bodies subclass it; the engi
     assert {"cache_salt", "vllm_xargs", "priority", "model", "stream", "stream_options", "n"} <= fields(cls)
 
 
+def responses_request(cls: type) -> None:  # as openai_request, without n and stream_options
+    assert {"cache_salt", "vllm_xargs", "priority", "model", "stream", "input", "max_output_tokens"} <= fields(cls)
+
+
 def openai_response(cls: type) -> None:
     assert callable(cls.model_dump) and "usage" in fields(cls)
 
@@ -191,6 +195,8 @@ EXPECTED: dict[str, Callable] = {
     "ChatCompletionResponse": openai_response,
     "CompletionRequest": openai_request,
     "CompletionResponse": openai_response,
+    "ResponsesRequest": responses_request,
+    "ResponsesResponse": openai_response,
     "StreamOptions": stream_options,
     "ErrorResponse": error_response,
     "TokenizeCompletionRequest": tokenize_request,
@@ -257,7 +263,7 @@ def vllm_modules_after(code: str) -> set[str]:
 def test_the_model_side_does_not_load_the_openai_server() -> None:
     """Workers import the model classes and routers while vLLM builds the model: that must import no more of
     vLLM than the model-side names themselves need, and none of the OpenAI server's launchers."""
-    assert {"EngineClient", "ChatCompletionRequest", "FlexibleArgumentParser"} <= SERVING and len(SERVING) == 14
+    assert {"EngineClient", "ChatCompletionRequest", "FlexibleArgumentParser"} <= SERVING and len(SERVING) == 16
     model_side = sorted({m for n, m in vllm_glue.VLLM_NAMES.items() if n not in SERVING})
     own = vllm_modules_after("import " + ", ".join(model_side))
     ours = vllm_modules_after(

@@ -153,6 +153,11 @@ class AlignerEngine:
     async def start(self) -> None:
         from server.engine import vllm_glue
 
+        if os.environ.get("VLLM_ENABLE_RESPONSES_API_STORE", "0") not in ("", "0"):
+            raise EngineError(
+                "VLLM_ENABLE_RESPONSES_API_STORE is set: vLLM's response store is one for every tenant (a key could "
+                "read or continue another tenant's response by its id), so aligner-serve does not run with it; unset it"
+            )
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.options.kv_cache_gib))
         args = vllm_glue.engine_args(self.options.argv())
         self._stack = AsyncExitStack()
@@ -197,7 +202,8 @@ class AlignerEngine:
         priority: int = 0,
         shown_model: str | None = None,
     ) -> Generation:
-        """Run one chat ("chat") or completion ("completions") request, on `adapter` (None: the base model),
+        """Run one chat ("chat"), completion ("completions") or Responses API ("responses") request, on
+        `adapter` (None: the base model),
         in the prefix cache of `salt_scope` (a tenant id; None: shared by every tenant), at `priority` (used
         under vLLM's priority policy only). The answer's `model` is `shown_model` (what the client named;
         None: the base model's name), and its JSON is OpenAI's (`openai_shape`).
@@ -220,8 +226,9 @@ class AlignerEngine:
             request.priority = priority if self.options.priority_scheduling else 0  # vLLM refuses it otherwise
             request.model = self.options.served_name
             shown = shown_model or self.options.served_name
-            wanted = _usage_wanted(request)
-            if request.stream:  # usage on every chunk, so what was streamed is counted even if the client leaves early
+            wanted = _usage_wanted(request) if endpoint != "responses" else "final"
+            if request.stream and endpoint != "responses":
+                # usage on every chunk, so what was streamed is counted even if the client leaves early
                 request.stream_options = StreamOptions(include_usage=True, continuous_usage_stats=True)
             result, first = await self._serve(endpoint, request, raw_request)
             if isinstance(result, ErrorResponse):
@@ -229,17 +236,15 @@ class AlignerEngine:
             if not isinstance(result, AsyncGenerator):
                 if lease is not None:
                     await lease.release()
-                usage = (
-                    (result.usage.prompt_tokens, result.usage.completion_tokens or 0)
-                    if result.usage is not None
-                    else None
+                answer = (
+                    result.model_dump(mode="json", by_alias=True) if endpoint == "responses" else result.model_dump()
                 )
-                return Generation(None, response=openai_shape(result.model_dump(), shown), usage=usage)
+                return Generation(None, response=openai_shape(answer, shown), usage=_usage_of(result.usage))
             refused = _error_event(first)
             if refused is not None and refused.status == 400:
                 await result.aclose()
                 raise refused
-            n = max(1, int(request.n or 1))
+            n = max(1, int(getattr(request, "n", None) or 1))  # the Responses API has no n
             return Generation(lease, source=result, first=first, wanted=wanted, n=n, model=shown)
         except BaseException:
             if lease is not None:
@@ -266,10 +271,15 @@ class AlignerEngine:
         """vLLM's answer to `request`: a response, an ErrorResponse or a stream, with the stream's first event."""
         if self._serving is None:
             raise EngineNotReady("engine is not running")
-        chat, completion = self._serving.openai_serving_chat, self._serving.openai_serving_completion
-        handler = chat.create_chat_completion if endpoint == "chat" else completion.create_completion
+        handler = {
+            "chat": self._serving.openai_serving_chat.create_chat_completion,
+            "completions": self._serving.openai_serving_completion.create_completion,
+            "responses": self._serving.openai_serving_responses.create_responses,
+        }[endpoint]
         with _rejecting(request):
             result = await handler(request, raw_request)
+            if isinstance(result, AsyncGenerator) and endpoint == "responses":
+                result = _sse_events(result)
             first = await anext(result, None) if isinstance(result, AsyncGenerator) else None
         return result, first
 
@@ -453,6 +463,8 @@ class Generation:
         error = _error_event(chunk)
         if error is not None:
             raise error
+        if chunk.startswith("event: "):
+            return self._shown_response_event(chunk)
         if not chunk.startswith("data: {"):
             return chunk
         event = json.loads(chunk[len("data: ") :])
@@ -466,6 +478,22 @@ class Generation:
         return (
             "data: " + json.dumps(openai_shape(event, self._model), separators=(",", ":"), ensure_ascii=False) + "\n\n"
         )
+
+    def _shown_response_event(self, chunk: str) -> str:
+        """A Responses API event (`event: <type>` then its JSON) as the client sees it: the response's `model`
+        as the client named it; the tokens counted (each text delta is one step's output: a token, until the
+        final event's usage)."""
+        head, _, data = chunk.partition("\ndata: ")
+        event = json.loads(data)
+        response = event.get("response")
+        if isinstance(response, dict):
+            response["model"] = self._model
+            if event.get("type") in ("response.completed", "response.incomplete") and response.get("usage"):
+                usage = response["usage"]
+                self._meter.final = (usage.get("input_tokens", 0), usage.get("output_tokens", 0))
+        elif event.get("type") == "response.output_text.delta":
+            self._meter.completion[0] = self._meter.completion.get(0, 0) + 1
+        return f"{head}\ndata: {json.dumps(event, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
     async def close(self) -> None:
         """Close vLLM's stream (which aborts the request if it is still running) and release the lease; idempotent."""
@@ -501,6 +529,24 @@ def _drop_nulls(obj: dict, keys: tuple[str, ...]) -> None:
     for key in keys:
         if key in obj and obj[key] is None:
             del obj[key]
+
+
+def _usage_of(usage: Any) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of vLLM's usage object (chat and completions', or the Responses API's)."""
+    if usage is None:
+        return None
+    if hasattr(usage, "input_tokens"):
+        return usage.input_tokens, usage.output_tokens or 0
+    return usage.prompt_tokens, usage.completion_tokens or 0
+
+
+async def _sse_events(events: AsyncGenerator[Any, None]) -> AsyncGenerator[str, None]:
+    """The Responses API's event objects as SSE text, as vLLM's own route writes them."""
+    try:
+        async for event in events:
+            yield f"event: {getattr(event, 'type', 'unknown')}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
+    finally:
+        await events.aclose()
 
 
 def _usage_wanted(request: Any) -> str:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # the same names as VLLM_NAMES, for type checkers (tests/test
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest, CompletionResponse
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest, ResponsesResponse
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
     from vllm.entrypoints.serve.tokenize.protocol import (
         DetokenizeRequest,
@@ -91,6 +92,8 @@ VLLM_NAMES: dict[str, str] = {
     "ChatCompletionResponse": "vllm.entrypoints.openai.chat_completion.protocol",
     "CompletionRequest": "vllm.entrypoints.openai.completion.protocol",
     "CompletionResponse": "vllm.entrypoints.openai.completion.protocol",
+    "ResponsesRequest": "vllm.entrypoints.openai.responses.protocol",
+    "ResponsesResponse": "vllm.entrypoints.openai.responses.protocol",
     "StreamOptions": "vllm.entrypoints.generate.base.protocol",
     "ErrorResponse": "vllm.entrypoints.serve.engine.protocol",
     "TokenizeCompletionRequest": "vllm.entrypoints.serve.tokenize.protocol",
@@ -127,6 +130,8 @@ __all__ = [  # VLLM_NAMES' names, then our own (tests/test_vllm_glue.py keeps th
     "ChatCompletionResponse",
     "CompletionRequest",
     "CompletionResponse",
+    "ResponsesRequest",
+    "ResponsesResponse",
     "StreamOptions",
     "ErrorResponse",
     "TokenizeCompletionRequest",

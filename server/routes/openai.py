@@ -16,7 +16,7 @@ from server.deps import GenerationTenantDep, ManagedTenantDep, ServicesDep, reso
 from server.engine.facade import constraint_field, output_constraint
 from server.errors import InvalidRequest, ModelNotFound
 from server.inference import generate
-from server.requests import ChatRequest, CompletionsRequest
+from server.requests import ChatRequest, CompletionsRequest, ResponsesBody
 from server.schemas import AdapterPublic, AdapterRef, ModelCard, ModelList
 from server.services import Services
 
@@ -37,6 +37,17 @@ async def completions(
 ) -> Response:
     _check_json_schema(body)
     return await generate(svc, tenant, body, raw, endpoint="completions")
+
+
+@router.post("/responses")
+async def responses(body: ResponsesBody, raw: Request, svc: ServicesDep, tenant: GenerationTenantDep) -> Response:
+    """OpenAI's Responses API (vLLM's, without its response store: each response stands alone)."""
+    if body.previous_response_id is not None:
+        raise InvalidRequest(
+            "previous_response_id is not supported: responses are not stored; send the conversation in `input`",
+            param="previous_response_id",
+        )
+    return await generate(svc, tenant, body, raw, endpoint="responses")
 
 
 # --- structured outputs: a JSON schema that admits no finite value ---
