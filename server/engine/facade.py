@@ -66,6 +66,11 @@ class EngineOptions:
     aligner_enabled: bool = True  # False: the stock engine, for baselines and equivalence tests
     isolate_worker_cores: bool = True  # CPU: keep the API process and engine core off the workers' cores
     priority_scheduling: bool = False  # vLLM's priority policy: each request's `priority` orders the queue
+    # tool calling: vLLM's parser of the model's tool calls (None: none, `tools` are refused), the chat template
+    # that teaches the model its tools (a file or the template; None: the model's own), --tool-strict-level
+    tool_call_parser: str | None = None
+    chat_template: str | None = None
+    tool_strict_level: str | None = None  # None: vLLM's default
 
     def argv(self) -> list[str]:
         from server.engine.vllm_glue import json_flag
@@ -100,6 +105,12 @@ class EngineOptions:
             argv += ["--scheduling-policy", "priority"]
         if self.enforce_eager:
             argv.append("--enforce-eager")
+        if self.chat_template is not None:
+            argv += ["--chat-template", self.chat_template]
+        if self.tool_call_parser is not None:
+            argv += ["--enable-auto-tool-choice", "--tool-call-parser", self.tool_call_parser]
+        if self.tool_strict_level is not None:
+            argv += ["--tool-strict-level", self.tool_strict_level]
         return argv + list(self.extra_args)
 
     def _routing(self) -> str:
@@ -135,6 +146,13 @@ class EngineHooks:
     def adapter_evicted(self) -> None: ...
     def resident_changed(self, count: int) -> None: ...
     def leases_changed(self, count: int) -> None: ...
+
+
+_HANDLERS = {  # endpoint -> vLLM's serving object (on its State) and method
+    "chat": ("openai_serving_chat", "create_chat_completion"),
+    "completions": ("openai_serving_completion", "create_completion"),
+    "responses": ("openai_serving_responses", "create_responses"),
+}
 
 
 class AlignerEngine:
@@ -271,11 +289,8 @@ class AlignerEngine:
         """vLLM's answer to `request`: a response, an ErrorResponse or a stream, with the stream's first event."""
         if self._serving is None:
             raise EngineNotReady("engine is not running")
-        handler = {
-            "chat": self._serving.openai_serving_chat.create_chat_completion,
-            "completions": self._serving.openai_serving_completion.create_completion,
-            "responses": self._serving.openai_serving_responses.create_responses,
-        }[endpoint]
+        serving, method = _HANDLERS[endpoint]
+        handler = getattr(getattr(self._serving, serving), method)
         with _rejecting(request):
             result = await handler(request, raw_request)
             if isinstance(result, AsyncGenerator) and endpoint == "responses":
