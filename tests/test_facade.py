@@ -89,11 +89,13 @@ class FakeServing:
 
     def __init__(self, answer) -> None:
         self.answer, self.requests, self.closed = answer, [], False
-        self.openai_serving_chat = self.openai_serving_completion = self
+        self.openai_serving_chat = self.openai_serving_completion = self.openai_serving_responses = self
 
     async def create_completion(self, request, raw_request):
         self.requests.append(request)
         return self.answer(self)
+
+    create_responses = create_completion
 
 
 def _events(serving: FakeServing, events: list[str]):
@@ -212,3 +214,60 @@ def test_a_stream_error_event_after_the_first_raises() -> None:
 
     seen, err, serving = asyncio.run(main())
     assert len(seen) == 1 and (err.status, err.message) == (500, "engine died") and serving.closed
+
+
+class _Event:
+    """A Responses API stream event as vLLM's serving code yields it (an object, not SSE text)."""
+
+    def __init__(self, **fields) -> None:
+        self.type, self.fields = fields["type"], fields
+
+    def model_dump_json(self, **_) -> str:
+        import json
+
+        return json.dumps(self.fields)
+
+
+RESPONSE_EVENTS = [
+    _Event(type="response.created", response={"model": "m:1", "status": "in_progress"}),
+    _Event(type="response.output_text.delta", delta="Par"),
+    _Event(type="response.output_text.delta", delta="is"),
+    _Event(
+        type="response.completed",
+        response={"model": "m:1", "status": "completed", "usage": {"input_tokens": 9, "output_tokens": 2}},
+    ),
+]
+
+
+@pytest.mark.parametrize("leave_after", [None, 3])
+def test_a_responses_stream_echoes_the_model_and_counts_what_was_streamed(leave_after) -> None:
+    """The Responses API's events become SSE text with the model the client named; usage is the final
+    event's, or the text deltas seen when the client left before it."""
+    import json
+
+    from server.engine.facade import AdapterUse
+    from server.engine.vllm_glue import ResponsesRequest
+
+    async def main():
+        eng, serving = serving_engine(lambda s: _events(s, RESPONSE_EVENTS))
+        body = ResponsesRequest(input="hi", stream=True, model="x")
+        gen = await eng.generate(
+            "responses", body, None, adapter=AdapterUse("k" * 64, _data), salt_scope="t", shown_model="persona"
+        )
+        events = []
+        async for e in gen.events():
+            events.append(e)
+            if len(events) == leave_after:
+                break
+        usage = gen.usage()
+        await gen.close()
+        return eng, serving, events, usage
+
+    eng, serving, events, usage = asyncio.run(main())
+    (sent,) = serving.requests
+    assert sent.vllm_xargs == {"aligner": "k" * 64} and sent.model == "m:1"
+    heads = [e.split("\n", 1)[0] for e in events]
+    assert heads == [f"event: {e.type}" for e in RESPONSE_EVENTS][: leave_after or None]
+    data = [json.loads(e.split("data: ", 1)[1]) for e in events]
+    assert data[0]["response"]["model"] == "persona"
+    assert usage == ((9, 2) if leave_after is None else (0, 2)) and serving.closed and eng.leases == 0
