@@ -105,9 +105,22 @@ def test_tenants_are_isolated(server, tenants, spec) -> None:
         ("GET", "/v1/adapters/secret/versions"),
         ("GET", "/v1/adapters/secret@1"),
         ("DELETE", "/v1/adapters/secret"),
+        ("GET", "/v1/models/secret"),
+        ("GET", "/v1/models/secret@1"),
+        ("POST", "/tokenize"),
+        ("POST", "/v1/responses"),
     ):
-        theirs = call(server, method, path, bob)
-        missing = call(server, method, path.replace("secret", "nothing"), bob)
+        field = "prompt" if path == "/tokenize" else "input"
+        theirs, missing = (
+            call(
+                server,
+                method,
+                path.replace("secret", name),
+                bob,
+                **({"json": {"model": name, field: "Hi"}} if method == "POST" else {}),
+            )
+            for name in ("secret", "nothing")
+        )
         assert theirs.status_code == missing.status_code == 404
         assert theirs.json() == {
             "error": {
