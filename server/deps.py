@@ -93,9 +93,7 @@ async def resolve_adapter(svc: Services, tenant: Tenant, ref: AdapterRef, *, via
         return await svc.resolver.resolve(tenant.id, ref.name, ref.version)
     except NotFound:
         if via == "model":
-            raise ModelNotFound(
-                f"The model '{ref}' does not exist or you do not have access to it.", param="model"
-            ) from None
+            raise ModelNotFound.named(str(ref)) from None
         raise AdapterNotFound.named(str(ref)) from None
 
 

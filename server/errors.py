@@ -101,6 +101,10 @@ class AdapterNotFound(APIError, status=404, code="adapter_not_found"):
 class ModelNotFound(APIError, status=404, code="model_not_found"):
     """An adapter named through `model`, which the tenant cannot use."""
 
+    @classmethod
+    def named(cls, name: str) -> ModelNotFound:
+        return cls(f"The model '{name}' does not exist or you do not have access to it.", param="model")
+
 
 class NotFoundError(APIError, status=404, code="not_found"):
     """A tenant or an API key."""

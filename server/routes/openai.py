@@ -220,7 +220,7 @@ async def retrieve_model(model: str, svc: ServicesDep, tenant: ManagedTenantDep)
     try:
         ref = AdapterRef.parse(model, param="model")
     except InvalidRequest:  # no adapter can have that name
-        raise ModelNotFound(f"The model '{model[:80]}' does not exist or you do not have access to it.") from None
+        raise ModelNotFound.named(model[:80]) from None
     return _adapter_card(svc, await resolve_adapter(svc, tenant, ref, via="model"), shown=model)
 
 

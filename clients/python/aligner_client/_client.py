@@ -104,6 +104,7 @@ class AsyncStream:
 class _Shell(Namespaces, Generic[HttpT, TransportT]):
     """What `Client` and `AsyncClient` share: the arguments, configuration, retry policy and namespaces."""
 
+    _http_class: Callable[..., HttpT]  # httpx.Client or httpx.AsyncClient
     _default_sleep: Callable[[float], Any]
 
     def __init__(
@@ -123,12 +124,9 @@ class _Shell(Namespaces, Generic[HttpT, TransportT]):
         self.config = core.resolve_config(base_url, api_key, admin_key, headers)
         self.retry_policy = retry_policy if retry_policy is not None else core.RetryPolicy(max_retries=max_retries)
         self._own_http = http_client is None
-        self._http: HttpT = http_client or self._new_http(timeout, transport)
+        self._http: HttpT = http_client or self._http_class(timeout=timeout, transport=transport)
         self._sleep = sleep if sleep is not None else self._default_sleep
         self._init_namespaces()
-
-    def _new_http(self, timeout: float | httpx.Timeout | None, transport: TransportT | None) -> HttpT:
-        raise NotImplementedError
 
     @property
     def base_url(self) -> str:
@@ -145,10 +143,8 @@ class Client(_Shell[httpx.Client, httpx.BaseTransport]):
     networking.
     """
 
+    _http_class = httpx.Client
     _default_sleep = staticmethod(time.sleep)
-
-    def _new_http(self, timeout: float | httpx.Timeout | None, transport: httpx.BaseTransport | None) -> httpx.Client:
-        return httpx.Client(timeout=timeout, transport=transport)
 
     def _send(self, call: core.Call) -> httpx.Response:
         retries = core.Retries(self.retry_policy)
@@ -206,12 +202,8 @@ class AsyncClient(_Shell[httpx.AsyncClient, httpx.AsyncBaseTransport]):
     completions: Any
     admin: Any
 
+    _http_class = httpx.AsyncClient
     _default_sleep = staticmethod(asyncio.sleep)
-
-    def _new_http(
-        self, timeout: float | httpx.Timeout | None, transport: httpx.AsyncBaseTransport | None
-    ) -> httpx.AsyncClient:
-        return httpx.AsyncClient(timeout=timeout, transport=transport)
 
     async def _send(self, call: core.Call) -> httpx.Response:
         retries = core.Retries(self.retry_policy)
