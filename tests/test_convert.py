@@ -15,6 +15,8 @@ from aligner_core import convert as convert_mod
 from aligner_core.adapter_format import decode, encode, load
 from aligner_core.convert import (
     LLAMA2_7B_CONFIG,
+    LLAMA2_13B_CONFIG,
+    convert_checkpoint,
     convert_lit_llama,
     llama2_7b_base_model,
     main,
@@ -46,15 +48,18 @@ def _reference(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _synthetic(tokens: int = 1, start: int = 2, layers: int = 32, heads: int = 32, hidden: int = 4096) -> dict:
-    """A state dict in the released layout (tied adapter_wte shares P's storage, as in the real files)."""
+def _synthetic(
+    tokens: int = 1, start: int = 2, layers: int = 32, heads: int = 32, hidden: int = 4096, gate_shape=None
+) -> dict:
+    """A state dict in the released layout (tied adapter_wte shares P's storage, as in the real files);
+    `gate_shape` (default [1, heads, 1, 1]) makes older single-value gates ([1], [1, 1, 1, 1])."""
     gen = torch.Generator().manual_seed(1)
     p = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
     sd = {"global_value_embedding.weight": p}
     for layer in range(start, layers):
-        sd[f"transformer.h.{layer}.attn.gating_factor"] = (torch.randn(1, heads, 1, 1, generator=gen) * 0.1).to(
-            torch.bfloat16
-        )
+        sd[f"transformer.h.{layer}.attn.gating_factor"] = (
+            torch.randn(*(gate_shape or (1, heads, 1, 1)), generator=gen) * 0.1
+        ).to(torch.bfloat16)
         sd[f"transformer.h.{layer}.attn.adapter_wte.weight"] = p
     return sd
 
@@ -303,10 +308,14 @@ def test_bad_gate_shape_is_refused(tmp_path: Path) -> None:
 
 def test_wrong_hidden_size_is_refused(tmp_path: Path) -> None:
     sd = _synthetic(hidden=64)
-    with pytest.raises(AdapterFormatError, match="4096"):
+    with pytest.raises(AdapterFormatError, match="Llama-2-7b-hf has hidden size 4096"):
         convert_lit_llama(_save(sd, tmp_path / "h.pth"), base_model=BASE)
-    a = convert_lit_llama(tmp_path / "h.pth", base_model=BASE, hidden_size=64)
-    assert list(a.prefix.shape) == [1, 64]
+    with pytest.raises(AdapterFormatError, match="--base-model"):  # no known base has hidden 64
+        convert_lit_llama(tmp_path / "h.pth")
+    with pytest.raises(AdapterFormatError, match="--hidden-size"):
+        convert_lit_llama(tmp_path / "h.pth", base_model="m:abc", hidden_size=4096)
+    a = convert_lit_llama(tmp_path / "h.pth", base_model="m:abc")
+    assert list(a.prefix.shape) == [1, 64] and a.num_layers == 32 and a.base_model == "m:abc"
 
 
 def test_missing_prefix_and_unknown_keys_are_refused(tmp_path: Path) -> None:
@@ -325,6 +334,132 @@ def test_non_finite_gate_is_refused(tmp_path: Path) -> None:
     sd["transformer.h.3.attn.gating_factor"] = torch.full((1, 32, 1, 1), float("nan"), dtype=torch.bfloat16)
     with pytest.raises(AdapterFormatError, match="NaN"):
         convert_lit_llama(_save(sd, tmp_path / "nan.pth"), base_model=BASE)
+
+
+# --- shapes read from the file -------------------------------------------------------------------
+
+LLAMA2_13B = ModelSpec.from_config(LLAMA2_13B_CONFIG, name="Llama-2-13b-hf")
+
+
+def test_13b_shaped_checkpoint_converts_without_flags(tmp_path: Path) -> None:
+    sd = _synthetic(tokens=10, layers=40, heads=40, hidden=5120)
+    a = convert_lit_llama(_save(sd, tmp_path / "13b.pth"))
+    assert a.base_model == LLAMA2_13B.identity and a.base_model.startswith("Llama-2-13b-hf:")
+    assert (a.num_layers, a.start_layer, list(a.gate.shape), list(a.prefix.shape)) == (40, 2, [38, 40], [10, 5120])
+    assert torch.equal(a.gate[-1], sd["transformer.h.39.attn.gating_factor"].reshape(40))
+    spec = LLAMA2_13B
+    assert (spec.hidden_size, spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim) == (
+        5120,
+        40,
+        40,
+        40,
+        128,
+    )
+
+
+def test_13b_with_the_old_shape_flags_is_labelled_13b(tmp_path: Path) -> None:
+    # Before: the right shape flags but no --base-model labelled a 13B file Llama-2-7b-hf.
+    path = _save(_synthetic(layers=40, heads=40, hidden=5120), tmp_path / "13b.pth")
+    a = convert_lit_llama(path, num_layers=40, num_heads=40, hidden_size=5120)
+    assert a.base_model == LLAMA2_13B.identity
+
+
+def test_13b_named_as_7b_is_refused(tmp_path: Path) -> None:
+    path = _save(_synthetic(layers=40, heads=40, hidden=5120), tmp_path / "13b.pth")
+    with pytest.raises(AdapterFormatError, match="Llama-2-7b-hf has hidden size 4096"):
+        convert_lit_llama(path, base_model=BASE)
+
+
+def test_truncated_13b_names_the_missing_gate(tmp_path: Path) -> None:
+    sd = _synthetic(layers=40, heads=40, hidden=5120)
+    del sd["transformer.h.39.attn.gating_factor"], sd["transformer.h.39.attn.adapter_wte.weight"]
+    with pytest.raises(AdapterFormatError, match=r"missing 'transformer\.h\.39\.attn\.gating_factor'.*Llama-2-13b-hf"):
+        convert_lit_llama(_save(sd, tmp_path / "cut.pth"))
+
+
+def test_300_token_checkpoint_converts(tmp_path: Path) -> None:
+    a = convert_lit_llama(_save(_synthetic(tokens=300), tmp_path / "mm300.pth"))
+    assert a.tokens == 300 and a.base_model == BASE and a.params == 300 * 4096 + 30 * 32
+
+
+@pytest.mark.parametrize("shape", [(1,), (1, 1, 1, 1)])
+def test_single_value_gates_are_spread_over_the_heads(tmp_path: Path, shape: tuple) -> None:
+    sd = _synthetic(gate_shape=shape)
+    converted = convert_checkpoint(_save(sd, tmp_path / "old.pth"))
+    a = converted.adapter
+    assert list(a.gate.shape) == [30, 32] and a.base_model == BASE
+    for row, layer in enumerate(range(2, 32)):
+        value = sd[f"transformer.h.{layer}.attn.gating_factor"].reshape(())
+        assert torch.equal(a.gate[row], value.expand(32))
+    assert any("spread over the 32 heads" in n for n in converted.notes)
+
+
+def test_single_value_gates_of_an_unknown_model_need_num_heads(tmp_path: Path) -> None:
+    path = _save(_synthetic(hidden=64, layers=6, gate_shape=(1,)), tmp_path / "old.pth")
+    with pytest.raises(AdapterFormatError, match="--num-heads"):
+        convert_lit_llama(path, base_model="m:abc")
+    a = convert_lit_llama(path, base_model="m:abc", num_heads=4)
+    assert list(a.gate.shape) == [4, 4] and a.num_layers == 6
+
+
+def test_gate_heads_disagreeing_with_num_heads_is_refused(tmp_path: Path) -> None:
+    path = _save(_synthetic(), tmp_path / "g.pth")
+    with pytest.raises(AdapterFormatError, match="--num-heads"):
+        convert_lit_llama(path, num_heads=16)
+
+
+def test_mixed_gate_shapes_are_refused(tmp_path: Path) -> None:
+    sd = _synthetic()
+    sd["transformer.h.9.attn.gating_factor"] = torch.zeros(1, dtype=torch.bfloat16)
+    with pytest.raises(AdapterFormatError, match="different shapes"):
+        convert_lit_llama(_save(sd, tmp_path / "mixed.pth"))
+
+
+def test_tied_copies_are_reported(tmp_path: Path) -> None:
+    converted = convert_checkpoint(_save(_synthetic(), tmp_path / "t.pth"))
+    assert any("30 per-layer adapter_wte copies equal the global prefix" in n for n in converted.notes)
+
+
+# The authors' repository layout (out/<method>/<dataset>/<size>/<run>/<checkpoint>.pth), one file per
+# released shape: Alpaca 1 and 10 tokens (7B, 13B), MetaMath 1, 10, 100, 300, Beaver SFT and DPO.
+AUTHORS_TREE = {
+    "aligner/lit-llama-2-alpaca512/7B/1vector-start_layer2-lr0.009bs64/epoch-8.0.pth": (1, "7b"),
+    "aligner/lit-llama-2-alpaca512/7B/10vector-start_layer2-lr0.009bs64/epoch-5.0.pth": (10, "7b"),
+    "aligner/lit-llama-2-alpaca512/13B/1vector-start_layer2-lr0.009bs64/epoch-8.0.pth": (1, "13b"),
+    "aligner/lit-llama-2-alpaca512/13B/10vector-start_layer2-lr0.009bs64/epoch-5.0.pth": (10, "13b"),
+    "aligner/lit-llama-2-metaMath/7B/1vector-start_layer2-lr0.009bs64/epoch-3.0.pth": (1, "7b"),
+    "aligner/lit-llama-2-metaMath/7B/10vector-start_layer2-lr0.009bs64/epoch-3.0.pth": (10, "7b"),
+    "aligner/lit-llama-2-metaMath/7B/100vector-start_layer2-lr0.009bs64/epoch-3.0.pth": (100, "7b"),
+    "aligner/lit-llama-2-metaMath/7B/300vector-start_layer2-lr0.009bs64/epoch-3.0.pth": (300, "7b"),
+    "aligner/lit-llama-2-beaver_safe/7B/1vector-start_layer2-lr0.009bs64/epoch-3.0.pth": (1, "7b"),
+    "DPO/aligner/lit-llama-2-beaver_safe2/7B/1vector-start_layer2-lr0.0001bs32/epoch-3.0.pth": (1, "7b"),
+}
+
+
+def test_cli_converts_the_authors_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, dst = tmp_path / "out", tmp_path / "converted"
+    for rel, (tokens, size) in AUTHORS_TREE.items():
+        shape = {"7b": {}, "13b": {"layers": 40, "heads": 40, "hidden": 5120}}[size]
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        _save(_synthetic(tokens=tokens, **shape), src / rel)
+    assert main([str(src), "-o", str(dst)]) == 0
+    for rel, (tokens, size) in AUTHORS_TREE.items():
+        a = load((dst / rel).with_suffix(".safetensors"))
+        assert a.tokens == tokens
+        assert a.base_model == {"7b": BASE, "13b": LLAMA2_13B.identity}[size]
+    out = capsys.readouterr().out
+    assert f"converted {len(AUTHORS_TREE)} of {len(AUTHORS_TREE)} checkpoints" in out
+
+
+def test_cli_tree_with_a_bad_file_fails_and_names_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "out"
+    (src / "a").mkdir(parents=True)
+    _save(_synthetic(), src / "a" / "good.pth")
+    (src / "a" / "bad.pth").write_bytes(b"not a checkpoint")
+    assert main([str(src), "-o", str(tmp_path / "dst")]) == 1
+    assert (tmp_path / "dst" / "a" / "good.safetensors").is_file()
+    captured = capsys.readouterr()
+    assert "bad.pth" in captured.err and "converted 1 of 2" in captured.out
 
 
 # --- CLI ----------------------------------------------------------------------------------------
