@@ -158,6 +158,11 @@ def error_response(cls: type) -> None:  # a refusal's message, code (HTTP status
     assert {"message", "code", "param"} <= fields(cls.model_fields["error"].annotation)
 
 
+def compilation_config(cls: type) -> None:  # the piecewise fallback reads vLLM's own splitting ops
+    assert {"cudagraph_mode", "splitting_ops"} <= fields(cls)
+    assert "vllm::unified_attention_with_output" in cls._attention_ops
+
+
 def tokenize_request(cls: type) -> None:  # our /tokenize bodies subclass it; the engine sets `model`
     assert "model" in fields(cls) and ({"prompt"} <= fields(cls) or {"messages"} <= fields(cls))
 
@@ -186,6 +191,7 @@ EXPECTED: dict[str, Callable] = {
     "get_forward_context": forward_context,
     "is_forward_context_available": forward_context_available,
     "current_platform": platform,
+    "CompilationConfig": compilation_config,
     "EngineClient": engine_client,
     "init_app_state": init_app_state,
     "build_async_engine_client": build_async_engine_client,

@@ -41,7 +41,9 @@ def test_our_flags_parse_with_vllm_serve_parser() -> None:
     )
     args = engine_args(opts.argv())
     assert args.hf_overrides == {"architectures": ["AlignerLlamaForCausalLM"]}
-    assert args.additional_config == {"aligner": {"max_slots": 7, "cold_slots": 0, "max_tokens": 3, "path": "auto"}}
+    assert args.additional_config == {
+        "aligner": {"max_slots": 7, "cold_slots": 0, "max_tokens": 3, "path": "auto", "routing": "v1"}
+    }
     assert args.worker_extension_cls == "server.engine.worker_ext.AlignerWorkerExtension"
     assert args.logits_processors == ["server.engine.routing_v1:AlignerRoutingLP"]
     assert args.max_num_batched_tokens == 64 and args.served_model_name == ["m:1"]

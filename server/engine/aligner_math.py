@@ -29,6 +29,29 @@ def delta_general(
     return torch.matmul(_softmax_small(scores), v).mul_(gate[..., None])
 
 
+def add_term_torch(
+    out: torch.Tensor,  # [T, H*D] attention output before o_proj; updated in place
+    q: torch.Tensor,  # [T, H*D] post-RoPE queries
+    tok_slot: torch.Tensor,  # [T] long slot of each token, 0 = no adapter (zero gates: adds exact zeros)
+    k_layer: torch.Tensor,  # [S, KVH, Nmax, D] float32: one layer of AdapterTable.k
+    v_layer: torch.Tensor,  # [S, KVH, Nmax, D] float32
+    mask: torch.Tensor,  # [S, Nmax] float32: 0 for real prefix tokens, -inf for padding (mask[:, 0] == 0)
+    gate_layer: torch.Tensor,  # [S, KVH, G] float32
+    scale: float,
+    n_max_used: int,  # keys 0..n_max_used-1 are read
+) -> torch.Tensor:
+    """The graph launch's torch twin, with the Triton kernel's signature (`aligner_delta_triton`): every token
+    computed, no host sync, no shape that depends on the routing, so a recorded call is right at replay for
+    any `tok_slot` and table contents (tests/test_graph_replay.py). Returns `out`."""
+    T = out.shape[0]
+    S, KVH, N, D = k_layer.shape
+    n = min(int(n_max_used), N)
+    qg = q.reshape(T, KVH, -1, D).float()  # [T, KVH, G, D]
+    k, v = k_layer[tok_slot, :, :n], v_layer[tok_slot, :, :n]  # [T, KVH, n, D]
+    delta = delta_general(qg, k, v, mask[tok_slot, :n], gate_layer[tok_slot], scale)  # [T, KVH, G, D]
+    return out.add_(delta.reshape(T, -1).to(out.dtype))
+
+
 def _softmax_small(scores: torch.Tensor) -> torch.Tensor:
     """Softmax over a short last dim (the prefix tokens), in place: on CPU about 4x faster than
     torch.softmax, whose per-row set-up dominates when rows have a handful of entries. Every row has at

@@ -17,6 +17,7 @@ class AlignerEngineConfig:
     cold_slots: int = 0  # further resident adapters kept as raw P and gates, projected on the fly
     max_tokens: int = 16  # largest N (prefix tokens) an adapter may have
     path: str = "auto"  # "auto", "torch", "gather", "triton" or "cpu": see server/engine/op.py PATHS
+    routing: str = "v1"  # the runner's routing tracker, "v1" or "v2" (set by the engine options, not a user setting)
 
     def to_additional_config(self) -> dict[str, Any]:
         return {"aligner": asdict(self)}

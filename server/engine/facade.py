@@ -13,8 +13,10 @@ fields or serving objects.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
+import logging
 import os
 import time
 from collections import OrderedDict
@@ -26,6 +28,8 @@ from typing import Any
 from server.engine import placement
 from server.engine.config import EXTRA_ARGS_KEY, AlignerEngineConfig
 from server.engine.plugin import aligner_architecture
+
+log = logging.getLogger(__name__)
 
 
 class EngineError(Exception):
@@ -91,13 +95,15 @@ class EngineOptions:
             "--disable-uvicorn-access-log",
         ]
         if self.aligner_enabled:
+            aligner = dataclasses.replace(self.aligner, routing=self._routing())
             argv += [
                 "--hf-overrides",
                 json_flag({"architectures": [aligner_architecture(self.architecture)]}),
                 "--worker-extension-cls",
                 "server.engine.worker_ext.AlignerWorkerExtension",
                 "--additional-config",
-                json_flag(self.aligner.to_additional_config()),
+                json_flag(aligner.to_additional_config()),
+                *self.cuda_graphs()[1],
             ]
         if self.aligner_enabled and self._routing() == "v1":
             argv += ["--logits-processors", "server.engine.routing_v1:AlignerRoutingLP"]
@@ -116,9 +122,55 @@ class EngineOptions:
     def _routing(self) -> str:
         if self.routing != "auto":
             return self.routing
-        from server.engine.vllm_glue import current_platform
+        return "v1" if _on_cpu() or os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "0" else "v2"
 
-        return "v1" if current_platform.is_cpu() or os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "0" else "v2"
+    def cuda_graphs(self) -> tuple[str, list[str]]:
+        """How vLLM's CUDA graphs and the Aligner op go together: (what the start-up log says, the flags that
+        make it so). A captured graph replays without running Python, so the op is either graph-safe or kept
+        out of every graph:
+        - CPU, --enforce-eager or the stock engine: no graphs;
+        - the V2 runner with the Triton kernel: graph-safe (routing in persistent buffers filled before each
+          forward, one launch per layer of a fixed geometry: `op.WorkerState.graph_safe`), vLLM's own modes;
+        - otherwise (the V1 runner, whose routing is read in Python during the forward; no Triton): the op
+          is a splitting op under piecewise graphs, so it runs eagerly between the captured pieces, and a
+          --compilation-config of the user's is refused (it could capture the op)."""
+        if not self.aligner_enabled or self.enforce_eager or _on_cpu():
+            return "no CUDA graphs (CPU or --enforce-eager): the Aligner op runs eagerly", []
+        if self._routing() == "v2" and self.aligner.path in ("auto", "triton") and _triton_available():
+            return "CUDA graphs as vLLM configures them: the Aligner op is graph-safe (V2 runner, Triton kernel)", []
+        given = [a for a in self.extra_args if a.startswith(_COMPILATION_FLAGS)]
+        if given:
+            raise EngineError(
+                f"{given[0]} cannot be combined with the Aligner op on this runner: it is graph-safe only on vLLM's "
+                "V2 model runner with the Triton kernel, so here it runs as a splitting op under piecewise CUDA "
+                "graphs, which aligner-serve configures itself; drop the flag, or pass --enforce-eager"
+            )
+        from server.engine.vllm_glue import CompilationConfig, json_flag
+
+        splitting = [*CompilationConfig._attention_ops, *KV_CACHE_UPDATE_OPS, ALIGNER_OP]
+        flags = ["--compilation-config", json_flag({"cudagraph_mode": "PIECEWISE", "splitting_ops": splitting})]
+        why = "V1 runner" if self._routing() == "v1" else "no Triton kernel"
+        return f"piecewise CUDA graphs with {ALIGNER_OP} as a splitting op ({why}): the op runs eagerly", flags
+
+
+# The Aligner op's name as vLLM's splitting_ops have it; vLLM's own kv-cache updates, which it splits at when it
+# picks the splitting ops itself (CompilationConfig.set_splitting_ops_for_v1), and no longer does once we do.
+ALIGNER_OP = "aligner::apply_"
+# vLLM's flags that set the compilation config, CUDA graph modes included (`-cc.cudagraph_mode=FULL`, `-O3`)
+_COMPILATION_FLAGS = ("--compilation-config", "--compilation_config", "-cc", "-O", "--optimization-level")
+KV_CACHE_UPDATE_OPS = ("vllm::unified_kv_cache_update", "vllm::unified_mla_kv_cache_update")
+
+
+def _on_cpu() -> bool:
+    from server.engine.vllm_glue import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def _triton_available() -> bool:
+    from server.engine.triton_kernel import triton_available
+
+    return triton_available()
 
 
 def cache_salt(tenant: str | None, key: str | None, user_salt: str | None = None) -> str:
@@ -177,6 +229,7 @@ class AlignerEngine:
                 "read or continue another tenant's response by its id), so aligner-serve does not run with it; unset it"
             )
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.options.kv_cache_gib))
+        log.info("Aligner: %s", self.options.cuda_graphs()[0])
         args = vllm_glue.engine_args(self.options.argv())
         self._stack = AsyncExitStack()
         try:

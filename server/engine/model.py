@@ -7,12 +7,14 @@ patching after load would be silently ignored by a compiled graph.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 import server.engine.op  # noqa: F401  registers torch.ops.aligner.apply_
+from server.engine import triton_kernel
 from server.engine.config import AlignerEngineConfig
 from server.engine.op import WorkerState, apply_term, resolve_cpu_kernel, resolve_triton, set_worker_state
 from server.engine.routing import Routing
@@ -27,6 +29,8 @@ from server.engine.vllm_glue import (
     extract_layer_index,
     get_tensor_model_parallel_rank,
 )
+
+log = logging.getLogger(__name__)
 
 _attention_classes: dict[type, type] = {}
 
@@ -99,8 +103,18 @@ def install(model: torch.nn.Module, vllm_config: VllmConfig) -> WorkerState:
         use_triton=resolve_triton(cfg.path, param.device),
         use_cpu_kernel=use_cpu_kernel,
     )
+    if state.use_triton and cfg.routing == "v2":  # vLLM may capture the op in CUDA graphs: see op.py
+        state.graph_launch = triton_kernel.aligner_delta_triton
+        most = max(vllm_config.scheduler_config.max_num_batched_tokens, _largest_capture(vllm_config))
+        state.token_slots = torch.zeros(most, dtype=torch.long, device=param.device)
+    log.info("Aligner op: kernel %s (routing %s)", state.kernel(), cfg.routing)
     set_worker_state(state)
     return state
+
+
+def _largest_capture(vllm_config: VllmConfig) -> int:
+    """The most tokens a captured CUDA graph runs (its padded batch), 0 without graphs."""
+    return int(getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", None) or 0)
 
 
 if TYPE_CHECKING:

@@ -10,13 +10,21 @@ the table never sees the routing:
         assign: AdapterTable.lookup(key, Routing.slots_in_use()) -> slot -> Routing row (or counted unknown)
     worker extension -- load / load_many / evict / counters / stats --> WorkerState -> AdapterTable
     apply_term, once per layer -- plan --> WorkerState -> Routing.plan (once per forward) -> StepPlan
+
+Graph-safe mode (`WorkerState.graph_safe`: the V2 runner with the Triton kernel, where vLLM captures CUDA
+graphs): the token -> slot routing of each forward is written, before the forward and outside any graph, into
+one persistent buffer (`token_slots`, fixed address), and every forward launches the kernel on every adapted
+layer with a geometry fixed by the token count and the table's maximum N, whether or not a token has an
+adapter (slot 0 adds nothing). No Python decision depends on the routing, so a captured launch is right at
+replay for any routing and any table contents. Everywhere else vLLM captures no graph around the op (CPU,
+--enforce-eager, or the op is a splitting op: `facade.EngineOptions.cuda_graphs`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +64,13 @@ class WorkerState:
     _cpu: cpu_kernel.BoundKernel | None = None
     _cpu_plan: StepPlan | None = None  # the forward the kernel was begun for
     _cached: tuple[object, int, int, StepPlan | None] | None = None  # (forward context, T, routing version, plan)
+    # graph-safe mode: the launch (the Triton kernel, or its torch twin in tests) and the persistent routing
+    graph_launch: Callable[..., torch.Tensor] | None = None
+    token_slots: torch.Tensor | None = None  # [max tokens a forward has] long on the model's device; 0 = none
+
+    @property
+    def graph_safe(self) -> bool:
+        return self.graph_launch is not None
 
     # ---- rows: the routers' verbs ----
     def assign(self, row: int, key: str | None) -> int:
@@ -78,10 +93,29 @@ class WorkerState:
     def set_batch(self, rows: np.ndarray, query_start_loc: np.ndarray) -> None:
         """V2 runner, before each forward: batch entry i is row `rows[i]`, its tokens query_start_loc[i:i+2]."""
         self.routing.set_batch(rows, query_start_loc)
+        self._fill_token_slots()
 
     def set_tokens(self, tok_slot: np.ndarray | None) -> None:
         """Token -> routing id for the coming forward, as is (a V2-style layout made by hand)."""
         self.routing.set_tokens(tok_slot)
+        self._fill_token_slots()
+
+    def _fill_token_slots(self) -> None:
+        """Graph-safe mode: write the coming forward's token slots (cold adapters staged) into the persistent
+        buffer, zeros past them; outside any graph, before the forward."""
+        buf = self.token_slots
+        if buf is None:
+            return
+        tokens = self.routing.tokens(None)
+        if tokens is None or not tokens.any():
+            buf.zero_()
+            return
+        if len(tokens) > len(buf):
+            raise RuntimeError(f"a forward of {len(tokens)} tokens exceeds the Aligner routing buffer ({len(buf)})")
+        t = self.table
+        slots = t.stage(tokens) if t.shape.cold_slots else tokens
+        buf[len(slots) :].zero_()
+        buf[: len(slots)].copy_(torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64)), non_blocking=False)
 
     def plan(self, num_tokens: int) -> StepPlan | None:
         """The op's plan for the forward now running, or None: no token is adapted. Made at the forward's
@@ -144,7 +178,10 @@ class WorkerState:
         return self._cpu
 
     def kernel(self) -> str:
-        """What computes the term: "triton", "cpu" (the C kernel), "torch" (the torch fast paths) or "gather"."""
+        """What computes the term: "triton", "cpu" (the C kernel), "torch" (the torch fast paths) or "gather";
+        "triton-graph" in graph-safe mode ("torch-graph": its torch twin, in tests)."""
+        if self.graph_launch is not None:
+            return "triton-graph" if self.use_triton else "torch-graph"
         return (
             "triton"
             if self.use_triton
@@ -219,10 +256,16 @@ def apply_term(out: torch.Tensor, q: torch.Tensor, layer: int) -> None:
     if st is None or layer not in st.table.adapted_layers:
         return
     t0 = time.perf_counter()
+    t = st.table
+    if st.graph_launch is not None:  # graph-safe: one fixed launch, whatever the routing (see the module doc)
+        T = q.shape[0]
+        slots = st.token_slots[:T]  # type: ignore[index]  # set with graph_launch
+        st.graph_launch(out, q, slots, t.k[layer], t.v[layer], t.mask, t.gate[layer], st.scale, t.shape.max_tokens)
+        st.op_seconds += time.perf_counter() - t0
+        return
     plan = st.plan(q.shape[0])
     if plan is None:
         return
-    t = st.table
     if st.use_triton:
         triton_kernel.aligner_delta_triton(
             out, q, plan.tok_slot, t.k[layer], t.v[layer], t.mask, t.gate[layer], st.scale, plan.max_tokens

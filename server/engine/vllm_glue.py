@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # the same names as VLLM_NAMES, for type checkers (tests/test
 
     from starlette.datastructures import State
     from vllm import ModelRegistry, SamplingParams
-    from vllm.config import VllmConfig
+    from vllm.config import CompilationConfig, VllmConfig
     from vllm.distributed import get_tensor_model_parallel_rank
     from vllm.engine.protocol import EngineClient
     from vllm.entrypoints.generate.base.protocol import StreamOptions
@@ -82,6 +82,7 @@ VLLM_NAMES: dict[str, str] = {
     "get_forward_context": "vllm.forward_context",
     "is_forward_context_available": "vllm.forward_context",
     "current_platform": "vllm.platforms",
+    "CompilationConfig": "vllm.config",
     # the OpenAI server (this file, facade.py, server/routes, server/inference.py)
     "EngineClient": "vllm.engine.protocol",
     "init_app_state": "vllm.entrypoints.launchers.api_server.app_state",
@@ -121,6 +122,7 @@ __all__ = [  # VLLM_NAMES' names, then our own (tests/test_vllm_glue.py keeps th
     "get_forward_context",
     "is_forward_context_available",
     "current_platform",
+    "CompilationConfig",
     "EngineClient",
     "init_app_state",
     "build_async_engine_client",
