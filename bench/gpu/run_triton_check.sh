@@ -5,7 +5,9 @@
 # 2. pytest tests/test_triton_kernel.py tests/test_gpu_op.py (GPU tests included: the kernel, and the whole
 #    op on a two-tier table on CUDA),
 # 3. bench/gpu/triton_check.py: correctness sweep + kernel vs torch timings -> $OUT/triton_check.json,
-# 4. bench/gpu/op_check.py: the op per forward (30 layers), hot and cold adapters -> $OUT/op_check.json.
+# 4. bench/gpu/op_check.py: the op per forward (30 layers), hot and cold adapters -> $OUT/op_check.json,
+# 5. bench/gpu/graph_check.py: the graph-safe op captured in a CUDA graph and under torch.compile
+#    reduce-overhead, replayed under three routings against the reference; op per layer -> $OUT/graph_check.json.
 # Needs no vllm and no project virtualenv. Keeps to about 3 minutes.
 set -u
 cd "$(dirname "$0")/../.."
@@ -43,5 +45,10 @@ t0=$(date +%s)
 timeout 200 "$PY" bench/gpu/op_check.py 2>&1 | tee "$OUT/op.log" | tail -40
 OP_RC=$?
 echo "op rc=$OP_RC in $(( $(date +%s) - t0 ))s"
-echo "pytest_rc=$PYTEST_RC bench_rc=$BENCH_RC op_rc=$OP_RC" > "$OUT/rc.txt"
-[ "$PYTEST_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ] && [ "$OP_RC" -eq 0 ]
+echo "== bench/gpu/graph_check.py"
+t0=$(date +%s)
+timeout 200 "$PY" bench/gpu/graph_check.py 2>&1 | tee "$OUT/graph.log" | tail -20
+GRAPH_RC=$?
+echo "graph rc=$GRAPH_RC in $(( $(date +%s) - t0 ))s"
+echo "pytest_rc=$PYTEST_RC bench_rc=$BENCH_RC op_rc=$OP_RC graph_rc=$GRAPH_RC" > "$OUT/rc.txt"
+[ "$PYTEST_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ] && [ "$OP_RC" -eq 0 ] && [ "$GRAPH_RC" -eq 0 ]
