@@ -30,8 +30,7 @@ import torch
 
 from aligner_core.adapter_format import Adapter
 from aligner_core.model_spec import ModelSpec
-from server.engine import op
-from server.engine.aligner_math import add_term_torch
+from server.engine import kernels, op
 from server.engine.routing import Routing
 from server.engine.table import AdapterTable, LayerHandle, TableShape
 
@@ -57,10 +56,10 @@ def _state(*, graph: bool) -> op.WorkerState:
     table = AdapterTable(
         TableShape.unsharded(SPEC, max_slots=64, max_tokens=16), layers, device=torch.device("cpu"), dtype=torch.float32
     )
-    st = op.WorkerState(table=table, routing=Routing(256), scale=1 / math.sqrt(D))
-    st.use_cpu_kernel = not graph and op.resolve_cpu_kernel("auto", torch.device("cpu"), torch.float32, D, 16)
+    kernel = "torch" if graph else kernels.choose("auto", torch.device("cpu"), torch.float32, D, 16)
+    st = op.WorkerState(table=table, routing=Routing(256), scale=1 / math.sqrt(D), kernel=kernel)
     if graph:
-        st.graph_launch, st.token_slots = add_term_torch, torch.zeros(512, dtype=torch.long)
+        st.enable_graphs(512)
     for i in range(8):
         st.load(f"k{i}", Adapter.random(SPEC, tokens=4, start_layer=2, seed=i, gate_scale=0.3))
     return st
@@ -100,7 +99,7 @@ def main() -> None:
             "graph_none_us": _per_layer_us(graph, None, T, reps),
             "graph_all_us": _per_layer_us(graph, mixed, T, reps),
             "eager_all_us": _per_layer_us(eager, mixed, T, reps),
-            "eager_kernel": eager.kernel(),
+            "eager_kernel": eager.kernel,
         }
         rows.append(row)
         print(json.dumps(row))

@@ -74,9 +74,7 @@ class Settings(BaseSettings):
     max_model_len: int = 2048  # unset: the smaller of this and the model's context length (see fit_to_model)
     max_num_seqs: int = 256
     kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE (the CPU KV cache): whole GiB, vLLM reads it as an integer
-    kernel_path: Literal["auto", "torch", "gather", "triton", "cpu"] = (
-        "auto"  # the Aligner op's paths (server/engine/op.py)
-    )
+    kernel_path: Literal["auto", "torch", "triton", "cpu"] = "auto"  # the Aligner term's kernel (server/engine/kernels)
     engine_args: str = ""  # further `vllm serve` flags, shell-quoted
     # tool calling (README, "Tool calling"); unset: the preset's (SmolLM2: its tools template and hermes), none
     # for a model folder. "none" turns either off (no parser: `tools` is refused; no template: the model's own).

@@ -1,4 +1,4 @@
-"""The Aligner term: every fast path against the per-token reference, on a real slot table."""
+"""The Aligner term: every kernel (server/engine/kernels/) against the per-token reference, on a real slot table."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ import torch
 from support import linear_layers, tiny_spec
 
 from aligner_core.adapter_format import Adapter
-from server.engine.aligner_math import delta_general, token_runs
-from server.engine.op import GROUPED_MIN_RUN, WorkerState, aligner_delta
-from server.engine.routing import Routing, step_plan
+from server.engine import kernels
+from server.engine.aligner_math import delta_general
+from server.engine.kernels import cpu as cpu_kernel
+from server.engine.kernels.torch import add_term
+from server.engine.op import WorkerState
+from server.engine.routing import Routing, StepPlan, step_plan
 from server.engine.table import AdapterTable, LayerHandle, TableShape, reference_term
 
 SPEC = tiny_spec()  # hidden 64, 4 layers, 4 heads, 2 kv heads, head_dim 16
@@ -28,13 +31,25 @@ def layers() -> list[LayerHandle]:
     return linear_layers(SPEC)
 
 
-def make_state(layers: list[LayerHandle], path: str, max_slots: int = 4, cold_slots: int = 0) -> WorkerState:
+KERNELS = ("torch", "cpu")  # the kernels a CPU runs (triton: tests/test_triton_kernel.py, on a GPU)
+PREFILL_RUN = 64  # a prefill chunk of one adapter
+
+
+def make_state(layers: list[LayerHandle], kernel: str, max_slots: int = 4, cold_slots: int = 0) -> WorkerState:
     shape = TableShape.unsharded(
         SPEC, max_slots=max_slots, max_tokens=4, cold_slots=cold_slots, scratch=8 if cold_slots else 0
     )
     table = AdapterTable(shape, layers, device=torch.device("cpu"), dtype=torch.float32)
     routing = Routing(8)
-    return WorkerState(table=table, routing=routing, scale=1 / math.sqrt(D), path=path)
+    return WorkerState(table=table, routing=routing, scale=1 / math.sqrt(D), kernel=kernel)
+
+
+def term(st: WorkerState, plan: StepPlan | None, q: torch.Tensor, layer: int) -> torch.Tensor:
+    """[T, H*D] what the state's kernel adds for `layer` (zeros when the plan is None: no adapted token)."""
+    out = torch.zeros(q.shape[0], H * D)
+    if plan is not None:
+        st.impl().add(out, q.contiguous(), layer, plan)
+    return out
 
 
 ADAPTERS = {
@@ -56,48 +71,48 @@ def run_paths(layers, names: list[str | None]) -> dict[str, list[torch.Tensor]]:
     results: dict[str, list[torch.Tensor]] = {
         "reference": [reference(layers, l, q, names) for l in range(SPEC.num_layers)]
     }
-    for path in ("auto", "gather"):
-        st = make_state(layers, path)
+    for kernel in KERNELS:
+        st = make_state(layers, kernel)
         slots = {n: st.table.put(n, ADAPTERS[n]) for n in sorted({n for n in names if n})}
         plan = st.plan_tokens(np.array([slots[n] if n else 0 for n in names]), len(names))
-        results[path] = [aligner_delta(st, plan, q, l) for l in range(SPEC.num_layers)]
+        results[kernel] = [term(st, plan, q, l) for l in range(SPEC.num_layers)]
     return results
 
 
 def assert_paths_match(results: dict[str, list[torch.Tensor]]) -> None:
-    for path in ("auto", "gather"):
-        for l, (got, want) in enumerate(zip(results[path], results["reference"])):
-            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=f"{path} path, layer {l}")
+    for kernel in KERNELS:
+        for l, (got, want) in enumerate(zip(results[kernel], results["reference"])):
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=f"{kernel} kernel, layer {l}")
     assert any(r.abs().max() > 1e-3 for r in results["reference"])  # the term is not trivially zero
 
 
-def test_mixed_batch_general_path(layers) -> None:
+def test_mixed_batch(layers) -> None:
     assert_paths_match(run_paths(layers, [None, "a", "a", "b", "c", None, "d", "d", "b", None]))
 
 
-def test_all_single_token_bias_path(layers) -> None:
+def test_single_token_adapters_only(layers) -> None:
     names = [None, "a", "a", "c", None, "c"]
     assert_paths_match(run_paths(layers, names))
 
 
-def test_minority_adapted_subset_path(layers) -> None:
+def test_few_adapted_tokens(layers) -> None:
     assert_paths_match(run_paths(layers, [None] * 9 + ["b", "d"] + [None] * 5))
 
 
-def test_long_prefill_grouped_path(layers) -> None:
-    names = [None] * 5 + ["b"] * GROUPED_MIN_RUN + ["d"] * 3 + [None] * 2 + ["a"] * 10
+def test_long_prefill_runs(layers) -> None:
+    names = [None] * 5 + ["b"] * PREFILL_RUN + ["d"] * 3 + [None] * 2 + ["a"] * 10
     assert_paths_match(run_paths(layers, names))
 
 
 def test_no_adapter_tokens_get_exact_zero(layers) -> None:
     results = run_paths(layers, [None, "b", None])
-    for path in ("auto", "gather"):
-        for r in results[path]:
+    for kernel in KERNELS:
+        for r in results[kernel]:
             assert torch.equal(r[0], torch.zeros_like(r[0])) and torch.equal(r[2], torch.zeros_like(r[2]))
 
 
 def test_evicted_slot_is_clean_when_reused(layers) -> None:
-    st = make_state(layers, "auto", max_slots=1)
+    st = make_state(layers, "torch", max_slots=1)
     slot = st.table.put("b", ADAPTERS["b"])
     assert st.table.evict("b", in_use={slot}) is False  # a batch row still uses it
     assert st.table.evict("b", in_use=set()) is True
@@ -109,17 +124,12 @@ def test_evicted_slot_is_clean_when_reused(layers) -> None:
 def test_table_full_and_idempotent_put(layers) -> None:
     from server.engine.table import TableFull
 
-    st = make_state(layers, "auto", max_slots=2)
+    st = make_state(layers, "torch", max_slots=2)
     assert st.table.put("a", ADAPTERS["a"]) == st.table.put("a", ADAPTERS["a"])
     st.table.put("b", ADAPTERS["b"])
     with pytest.raises(TableFull):
         st.table.put("c", ADAPTERS["c"])
     assert st.table.stats()["resident"] == 2
-
-
-def test_token_runs() -> None:
-    assert token_runs([0, 0, 3, 3, 3, 1]) == [(0, 2, 0), (2, 5, 3), (5, 6, 1)]
-    assert token_runs([]) == []
 
 
 def test_routing_rows_moves_and_swaps() -> None:
@@ -132,7 +142,7 @@ def test_routing_rows_moves_and_swaps() -> None:
     assert list(r.row_slot[:2]) == [2, 1]
     assert r.slots_in_use() == {1, 2}
     plan = step_plan(np.array([2, 2, 0, 1]), 6, np.array([0, 1, 4]), torch.device("cpu"))
-    assert plan.max_tokens == 4 and plan.tok_slot.tolist() == [2, 2, 0, 1, 0, 0] and plan.longest_run == 2
+    assert plan.max_tokens == 4 and plan.tok_slot.tolist() == [2, 2, 0, 1, 0, 0]
 
 
 # ---- two-tier table: cold adapters (raw P and gates) projected on the fly ----
@@ -147,42 +157,42 @@ def cold_paths(
     results: dict[str, list[torch.Tensor]] = {
         "reference": [reference(layers, l, q, names) for l in range(SPEC.num_layers)]
     }
-    for path in ("auto", "gather"):
-        st = make_state(layers, path, max_slots=max_slots, cold_slots=8)
+    for kernel in KERNELS:
+        st = make_state(layers, kernel, max_slots=max_slots, cold_slots=8)
         for n in sorted({n for n in names if n}):
             st.table.put(n, ADAPTERS[n])
         pinned = set(range(1, max_slots + 1)) if in_use_all else set()  # no promotion when every hot slot is busy
         ids = {n: st.table.lookup(n, pinned) for n in sorted({n for n in names if n})}
         plan = st.plan_tokens(np.array([ids[n] if n else 0 for n in names]), len(names))
-        results[path] = [aligner_delta(st, plan, q, l) for l in range(SPEC.num_layers)]
-        results[f"{path}-ids"] = ids
+        results[kernel] = [term(st, plan, q, l) for l in range(SPEC.num_layers)]
+        results[f"{kernel}-ids"] = ids
     return results
 
 
 def test_cold_adapters_match_the_reference(layers) -> None:
     names = ["a", "b", None, "c", "d", "b", "a"]
     results = cold_paths(layers, names, max_slots=1)
-    ids = results.pop("auto-ids")
-    results.pop("gather-ids")
+    ids = results.pop("torch-ids")
+    results.pop("cpu-ids")
     assert ids["a"] == 1 and all(ids[n] > 1 + 8 for n in "bcd")  # a hot; b, c, d cold (past the scratch slots)
     assert_paths_match(results)
 
 
-def test_cold_single_token_adapters_use_the_bias_path(layers) -> None:
+def test_cold_single_token_adapters(layers) -> None:
     results = cold_paths(layers, ["c", "a", "c", None], max_slots=1)
-    results.pop("auto-ids"), results.pop("gather-ids")
+    results.pop("torch-ids"), results.pop("cpu-ids")
     assert_paths_match(results)
 
 
 def test_cold_prefill_run_matches_the_reference(layers) -> None:
-    names = ["d"] * (GROUPED_MIN_RUN + 3) + ["b", None]
+    names = ["d"] * (PREFILL_RUN + 3) + ["b", None]
     results = cold_paths(layers, names, max_slots=1)
-    results.pop("auto-ids"), results.pop("gather-ids")
+    results.pop("torch-ids"), results.pop("cpu-ids")
     assert_paths_match(results)
 
 
 def test_promotion_demotes_the_least_recently_used_idle_hot_adapter(layers) -> None:
-    st = make_state(layers, "auto", max_slots=1, cold_slots=4)
+    st = make_state(layers, "torch", max_slots=1, cold_slots=4)
     assert st.table.put("a", ADAPTERS["a"]) == 1
     cold_b = st.table.put("b", ADAPTERS["b"])
     assert cold_b == st.table.cold_base + 1
@@ -196,13 +206,13 @@ def test_promotion_demotes_the_least_recently_used_idle_hot_adapter(layers) -> N
     q = torch.randn(3, H * D)
     plan = st.plan_tokens(np.array([1, st.table.cold_base, 1]), 3)
     for l in range(SPEC.num_layers):
-        torch.testing.assert_close(aligner_delta(st, plan, q, l), reference(layers, l, q, names), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(term(st, plan, q, l), reference(layers, l, q, names), atol=2e-5, rtol=1e-4)
 
 
 def test_cold_evict_respects_rows_and_capacity(layers) -> None:
     from server.engine.table import TableFull
 
-    st = make_state(layers, "auto", max_slots=1, cold_slots=2)
+    st = make_state(layers, "torch", max_slots=1, cold_slots=2)
     st.table.put("a", ADAPTERS["a"])
     cold_b = st.table.put("b", ADAPTERS["b"])
     st.table.put("c", ADAPTERS["c"])
@@ -217,7 +227,7 @@ def test_cold_evict_respects_rows_and_capacity(layers) -> None:
     ids = [st.table.lookup(n, {1}) for n in names]
     plan = st.plan_tokens(np.array(ids), 3)
     for l in range(SPEC.num_layers):
-        torch.testing.assert_close(aligner_delta(st, plan, q, l), reference(layers, l, q, names), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(term(st, plan, q, l), reference(layers, l, q, names), atol=2e-5, rtol=1e-4)
 
 
 def test_raw_store_memory_per_adapter() -> None:
@@ -254,26 +264,21 @@ def test_raw_store_first_adapter_of_a_size_does_not_touch_its_whole_chunk() -> N
 
 
 def test_op_dispatches_to_the_triton_kernel_with_the_right_tensors(layers, monkeypatch) -> None:
-    """The kernel itself is tested on GPU (tests/test_triton_kernel.py); here its CPU twin stands in to check
-    what the op hands it: the layer's table slices, the step's slots and longest prefix, in-place add."""
-    from server.engine import op, triton_kernel
+    """The kernel itself is tested on GPU (tests/test_triton_kernel.py); here the torch kernel, which has its
+    signature, stands in to check what the op hands it: the layer's table slices, the step's slots and
+    longest prefix, in-place add."""
+    from server.engine import op
+    from server.engine.kernels import triton
 
     calls = []
 
     def twin(out, q, tok_slot, k_layer, v_layer, mask, gate_layer, scale, n_max_used):
         calls.append(n_max_used)
-        T = q.shape[0]
-        qg = q.view(T, KVH, -1, D).float()
-        n = n_max_used
-        delta = delta_general(
-            qg, k_layer[tok_slot, :, :n], v_layer[tok_slot, :, :n], mask[tok_slot, :n], gate_layer[tok_slot], scale
-        )
-        out.add_(delta.reshape(T, -1).to(out.dtype))
-        return out
+        return add_term(out, q, tok_slot, k_layer, v_layer, mask, gate_layer, scale, n_max_used)
 
-    monkeypatch.setattr(triton_kernel, "aligner_delta_triton", twin)
+    monkeypatch.setattr(triton, "aligner_delta_triton", twin)
     names = ["b", None, "d", "a", "b"]
-    st = make_state(layers, "auto")
+    st = make_state(layers, "triton")
     slots = {n: st.table.put(n, ADAPTERS[n]) for n in "abd"}
     st.set_tokens(np.array([slots[n] if n else 0 for n in names]))
     torch.manual_seed(5)
@@ -281,7 +286,6 @@ def test_op_dispatches_to_the_triton_kernel_with_the_right_tensors(layers, monke
     try:
         op.set_worker_state(st)
         for l in range(SPEC.num_layers):
-            st.use_triton = True
             via_kernel = torch.zeros(len(names), H * D)
             op.apply_(via_kernel, q, l)
             torch.testing.assert_close(via_kernel, reference(layers, l, q, names), atol=2e-5, rtol=1e-4)
@@ -291,79 +295,20 @@ def test_op_dispatches_to_the_triton_kernel_with_the_right_tensors(layers, monke
 
 
 def test_triton_path_is_refused_where_it_cannot_run() -> None:
-    from server.engine.op import resolve_triton
-
-    assert resolve_triton("auto", torch.device("cpu")) is False
-    assert resolve_triton("gather", torch.device("cpu")) is False
+    cpu = torch.device("cpu")
+    assert kernels.choose("auto", cpu, torch.float32, 64, 16) == "cpu"
+    assert kernels.choose("torch", cpu, torch.float32, 64, 16) == "torch"
     with pytest.raises(RuntimeError, match="triton"):
-        resolve_triton("triton", torch.device("cpu"))
-    with pytest.raises(ValueError):
-        resolve_triton("fast", torch.device("cpu"))
+        kernels.choose("triton", cpu, torch.float32, 64, 16)
+    with pytest.raises(ValueError, match="unknown Aligner kernel path"):
+        kernels.choose("gather", cpu, torch.float32, 64, 16)  # the old general path is the torch kernel now
 
 
-# ---- chunked path: tokens regrouped per adapter into fixed-size chunks ----
-
-
-@pytest.mark.parametrize("chunk", [1, 3, 4, 8])
-def test_chunk_layout_covers_every_adapted_token_once(chunk) -> None:
-    from server.engine.aligner_math import chunk_layout
-
-    rng = np.random.default_rng(chunk)
-    tok = rng.integers(0, 5, 41)
-    rows, chunk_slot, inverse = chunk_layout(tok, chunk)
-    assert len(rows) == len(chunk_slot) * chunk
-    real = rows[rows < len(tok)]
-    assert sorted(real.tolist()) == np.flatnonzero(tok).tolist()  # each adapted token exactly once
-    for m, s in enumerate(chunk_slot):  # a chunk holds one adapter's tokens
-        assert all(tok[r] == s for r in rows[m * chunk : (m + 1) * chunk] if r < len(tok))
-    for t in range(len(tok)):
-        assert (inverse[t] == len(rows)) if tok[t] == 0 else rows[inverse[t]] == t
-    empty = chunk_layout(np.zeros(5, dtype=np.int64), chunk)
-    assert len(empty[0]) == 0 and list(empty[2]) == [0] * 5
-
-
-@pytest.mark.parametrize("chunk", [1, 4, 5])
-def test_chunked_delta_matches_the_general_path(chunk) -> None:
-    from server.engine.aligner_math import chunk_layout, delta_chunked
-
-    torch.manual_seed(0)
-    S, N, T, G = 6, 8, 37, H // KVH
-    k, v = torch.randn(S, KVH, N, D), torch.randn(S, KVH, N, D)
-    gate = torch.randn(S, KVH, G)
-    ntok = [0, 8, 3, 5, 1, 8]
-    mask = torch.full((S, N), float("-inf"))
-    for s, n in enumerate(ntok):
-        mask[s, : max(n, 1)] = 0.0
-    gate[0] = 0.0
-    tok = np.random.default_rng(1).integers(0, S, T)
-    tok[10:25] = 3  # a prefill-like run
-    q = torch.randn(T, KVH, G, D)
-    rows, chunk_slot, inverse = (torch.from_numpy(x) for x in chunk_layout(tok, chunk))
-    got = delta_chunked(q, rows, chunk_slot, inverse, k, v, mask, gate, 0.25, N)
-    ts = torch.from_numpy(tok)
-    want = delta_general(q, k[ts], v[ts], mask[ts], gate[ts], 0.25)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert torch.equal(got[ts == 0], torch.zeros_like(got[ts == 0]))
-
-
-def test_op_takes_the_chunked_path_for_many_prefix_tokens(layers, monkeypatch) -> None:
-    from server.engine import op
-
-    monkeypatch.setattr(op, "CHUNKED_MIN_N", 2)  # the tiny table's adapters have N <= 4
-    calls = []
-    real = op.delta_chunked
-    monkeypatch.setattr(op, "delta_chunked", lambda *a: calls.append(1) or real(*a))
-    results = run_paths(layers, [None, "b", "b", "d", "a", None, "d", "b", "c"] * 3)
-    assert calls  # the auto path went through delta_chunked
-    assert_paths_match(results)
-
-
-# ---- the fused CPU kernel (server/engine/cpu_kernel.c) ----
+# ---- the fused CPU kernel (server/engine/kernels/cpu_kernel.c) ----
 
 
 def kernel_state(layers, names: list[str | None]) -> tuple[WorkerState, np.ndarray]:
     st = make_state(layers, "cpu")
-    st.use_cpu_kernel = True
     slots = {n: st.table.put(n, ADAPTERS[n]) for n in sorted({n for n in names if n})}
     return st, np.array([slots[n] if n else 0 for n in names])
 
@@ -373,7 +318,7 @@ def kernel_state(layers, names: list[str | None]) -> tuple[WorkerState, np.ndarr
     [
         [None, "a", "a", "b", "c", None, "d", "d", "b", None],  # mixed N
         [None, "a", "a", "c", None, "c"],  # N = 1 only
-        [None] * 5 + ["b"] * GROUPED_MIN_RUN + ["d"] * 3 + [None] * 2 + ["a"] * 10,  # prefill runs
+        [None] * 5 + ["b"] * PREFILL_RUN + ["d"] * 3 + [None] * 2 + ["a"] * 10,  # prefill runs
         [None, None],  # no adapter
     ],
     ids=["mixed", "single-token", "prefill", "none"],
@@ -398,14 +343,14 @@ def test_cpu_kernel_through_the_op_matches_the_reference(layers, names) -> None:
                     assert torch.equal(out[t], base[t])  # untouched, bit for bit
     finally:
         op.set_worker_state(None)
-    assert st.kernel() == "cpu"
+    assert st.kernel == "cpu"
     assert (st.op_seconds > 0) == any(names)  # timed only when some token has an adapter
 
 
 def test_cpu_kernel_is_checked_once_per_forward_and_again_for_the_next(layers, monkeypatch) -> None:
     """Within a forward (one vLLM forward context) the kernel checks the layout and slots at the first layer
     only; the next forward, with other tokens and another T, is checked afresh and computed with its own."""
-    from server.engine import cpu_kernel, op, routing
+    from server.engine import op, routing
 
     forwards = [
         [None, "a", "b", "b", "d", None, "c"],
@@ -460,7 +405,7 @@ def test_a_bfloat16_table_holds_a_bfloat16_models_projections_exactly(layers) ->
             t.put(name, ADAPTERS[name])
     t32, t16 = tables[torch.float32], tables[torch.bfloat16]
     assert t16.k.dtype == torch.bfloat16 and t16.k.nbytes * 2 == t32.k.nbytes
-    for name in ("k", "v", "gate", "bias", "mask"):
+    for name in ("k", "v", "gate", "mask"):
         assert torch.equal(getattr(t16, name).float(), getattr(t32, name)), name
     names = [None, "a", "b", "b", "c", "d", None, "d"]
     tokens = np.array([t32.lookup(n) if n else 0 for n in names])
@@ -468,7 +413,7 @@ def test_a_bfloat16_table_holds_a_bfloat16_models_projections_exactly(layers) ->
     base = torch.randn(len(names), H * D).bfloat16()
     outs = []
     for t in (t32, t16):
-        st = WorkerState(table=t, routing=Routing(8), scale=1 / math.sqrt(D), path="cpu", use_cpu_kernel=True)
+        st = WorkerState(table=t, routing=Routing(8), scale=1 / math.sqrt(D), kernel="cpu")
         st.set_tokens(tokens)
         op.set_worker_state(st)
         try:
@@ -502,7 +447,6 @@ def random_table(S: int, KVH: int, G: int, N: int, D: int, seed: int = 0):
 def kernel_build(request, tmp_path_factory):
     """The kernel as the server builds it (with its AVX-512 body where the CPU has one), and its portable
     loops alone: the twin every machine without AVX-512 runs."""
-    from server.engine import cpu_kernel
 
     if request.param == "native":
         lib = cpu_kernel.load()
@@ -528,7 +472,6 @@ def kernel_build(request, tmp_path_factory):
     ],  # unrolled and generic head sizes; G past the vector body's 4
 )
 def test_cpu_kernel_matches_the_general_path(kernel_build, dtype, kv_dtype, D, G) -> None:
-    from server.engine import cpu_kernel
 
     S, KVH, N, T = 9, 3, 16, 53  # N up to 16
     k, v, gate, ntok, mask = random_table(S, KVH, G, N, D)
@@ -552,7 +495,6 @@ def test_cpu_kernel_matches_the_general_path(kernel_build, dtype, kv_dtype, D, G
 
 
 def test_cpu_kernel_refuses_a_slot_outside_the_table() -> None:
-    from server.engine import cpu_kernel
 
     k, v, gate, ntok, _ = random_table(4, 1, 2, 2, 16)
     out, q = torch.zeros(3, 32), torch.randn(3, 32)
@@ -570,7 +512,6 @@ def test_cpu_kernel_refuses_a_slot_outside_the_table() -> None:
 def test_cpu_kernel_layer_calls_need_a_begun_step_and_a_real_layer() -> None:
     """The per-layer call passes only addresses and a layer: the kernel itself refuses a step that was never
     checked (or failed its check) and a layer outside the table, and writes nothing."""
-    from server.engine import cpu_kernel
 
     k, v, gate, ntok, _ = random_table(4, 1, 2, 2, 16)
     bound = cpu_kernel.BoundKernel(
@@ -597,7 +538,6 @@ def test_cpu_kernel_layer_calls_need_a_begun_step_and_a_real_layer() -> None:
 
 
 def test_cpu_kernel_is_built_once_into_its_cache(tmp_path, monkeypatch) -> None:
-    from server.engine import cpu_kernel
 
     first = cpu_kernel.build(tmp_path)
     stamp = first.stat().st_mtime_ns
@@ -606,33 +546,28 @@ def test_cpu_kernel_is_built_once_into_its_cache(tmp_path, monkeypatch) -> None:
 
 
 def test_cpu_path_resolution(monkeypatch, caplog) -> None:
-    from server.engine import cpu_kernel
-    from server.engine.op import resolve_cpu_kernel
-
     cpu = torch.device("cpu")
-    assert resolve_cpu_kernel("cpu", cpu, torch.bfloat16, 64, 16) is True
-    assert resolve_cpu_kernel("auto", cpu, torch.float32, 64, 16) is True
-    for path in ("torch", "gather", "triton"):
-        assert resolve_cpu_kernel(path, cpu, torch.float32, 64, 16) is False
-    assert resolve_cpu_kernel("auto", cpu, torch.float16, 64, 16) is False  # fp16: the torch paths
+    assert kernels.choose("cpu", cpu, torch.bfloat16, 64, 16) == "cpu"
+    assert kernels.choose("auto", cpu, torch.float32, 64, 16) == "cpu"
+    assert kernels.choose("torch", cpu, torch.float32, 64, 16) == "torch"
+    assert kernels.choose("auto", cpu, torch.float16, 64, 16) == "torch"  # fp16: the torch kernel
     with pytest.raises(RuntimeError, match="float16"):
-        resolve_cpu_kernel("cpu", cpu, torch.float16, 64, 16)
-    with pytest.raises(ValueError, match="unknown Aligner path"):
-        resolve_cpu_kernel("fast", cpu, torch.float32, 64, 16)
-    # No compiler: "auto" falls back to the torch paths with a warning, "cpu" is refused with the reason.
+        kernels.choose("cpu", cpu, torch.float16, 64, 16)
+    with pytest.raises(ValueError, match="unknown Aligner kernel path"):
+        kernels.choose("fast", cpu, torch.float32, 64, 16)
+    # No compiler: "auto" falls back to the torch kernel with a warning, "cpu" is refused with the reason.
     monkeypatch.setattr(cpu_kernel, "_lib", None)
     monkeypatch.setattr(cpu_kernel, "_error", None)
     monkeypatch.setenv("CC", "/nonexistent/cc")
     monkeypatch.setenv("ALIGNER_KERNEL_CACHE", str(cpu_kernel.cache_dir() / "never"))
     with caplog.at_level("WARNING"):
-        assert resolve_cpu_kernel("auto", cpu, torch.float32, 64, 16) is False
-    assert "torch paths" in caplog.text and "/nonexistent/cc" in caplog.text
+        assert kernels.choose("auto", cpu, torch.float32, 64, 16) == "torch"
+    assert "torch kernel" in caplog.text and "/nonexistent/cc" in caplog.text
     with pytest.raises(RuntimeError, match="'cpu' cannot run"):
-        resolve_cpu_kernel("cpu", cpu, torch.float32, 64, 16)
+        kernels.choose("cpu", cpu, torch.float32, 64, 16)
 
 
 def test_cpu_kernel_is_never_loaded_from_a_directory_others_can_write(tmp_path, monkeypatch) -> None:
-    from server.engine import cpu_kernel
 
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -650,7 +585,7 @@ def test_loading_the_cpu_kernel_leaves_the_process_floating_point_mode_alone() -
     import sys
 
     code = (
-        "import sys; from server.engine import cpu_kernel; cpu_kernel.load(); "
+        "import sys; from server.engine.kernels import cpu as cpu_kernel; cpu_kernel.load(); "
         "import torch; assert sys.float_info.min / 2 > 0, 'flush-to-zero'; "
         "assert (torch.tensor(1e-40) * 1).item() > 0, 'denormals-are-zero'"
     )

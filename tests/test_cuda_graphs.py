@@ -15,7 +15,6 @@ from support import linear_layers, tiny_spec
 
 from aligner_core.adapter_format import Adapter
 from server.engine import facade, op, vllm_glue
-from server.engine.aligner_math import add_term_torch
 from server.engine.facade import ALIGNER_OP, EngineError, EngineOptions
 from server.engine.routing import Routing
 from server.engine.table import AdapterTable, TableShape, reference_term
@@ -104,9 +103,9 @@ def test_v2_model_state_routes_a_fake_batch(graph_safe: bool) -> None:
     table = AdapterTable(
         TableShape.unsharded(SPEC, max_slots=4, max_tokens=4), layers, device=torch.device("cpu"), dtype=torch.float32
     )
-    st = op.WorkerState(table=table, routing=Routing(8), scale=1 / math.sqrt(D), path="gather")
+    st = op.WorkerState(table=table, routing=Routing(8), scale=1 / math.sqrt(D))
     if graph_safe:
-        st.graph_launch, st.token_slots = add_term_torch, torch.zeros(16, dtype=torch.long)
+        st.enable_graphs(16)
     adapters = {
         "ka": Adapter.random(SPEC, tokens=1, start_layer=1, seed=1, gate_scale=0.5),
         "kb": Adapter.random(SPEC, tokens=3, start_layer=0, seed=2, gate_scale=0.9),

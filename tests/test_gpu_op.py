@@ -19,9 +19,9 @@ from support import linear_layers
 from aligner_core.adapter_format import Adapter
 from aligner_core.model_spec import ModelSpec
 from server.engine import op, routing
-from server.engine.op import GROUPED_MIN_RUN, WorkerState
+from server.engine.kernels.triton import triton_available
+from server.engine.op import WorkerState
 from server.engine.table import AdapterTable, LayerHandle, TableShape, reference_term
-from server.engine.triton_kernel import triton_available
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and triton_available()),
@@ -29,6 +29,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 # SmolLM2-135M's attention shape, fewer layers
+PREFILL_RUN = 64  # a prefill chunk of one adapter
 SPEC = ModelSpec(
     name="gpu-op", hidden_size=576, num_layers=6, num_heads=9, num_kv_heads=3, head_dim=64, fingerprint="0" * 12
 )
@@ -60,11 +61,11 @@ def no_vllm(monkeypatch):
     op.set_worker_state(None)
 
 
-def make_state(layers, *, use_triton: bool, path: str = "auto") -> WorkerState:
+def make_state(layers, *, use_triton: bool) -> WorkerState:
     shape = TableShape.unsharded(SPEC, max_slots=2, max_tokens=4, cold_slots=16, scratch=16)
     table = AdapterTable(shape, layers, device=torch.device("cuda"), dtype=torch.bfloat16)
     rt = routing.Routing(16)
-    return WorkerState(table=table, routing=rt, scale=1 / math.sqrt(D), path=path, use_triton=use_triton)
+    return WorkerState(table=table, routing=rt, scale=1 / math.sqrt(D), kernel="triton" if use_triton else "torch")
 
 
 def reference(layers, layer: int, q: torch.Tensor, names: list[str | None]) -> torch.Tensor:
@@ -89,7 +90,7 @@ def run_op(st: WorkerState, q: torch.Tensor, names: list[str | None], ids: dict[
 BATCHES = {
     "decode mix": [None, "a", "c", "d", "e", "f", "b", None, "c", "d"],
     "all N=1": ["a", "c", None, "f", "a", "c"],
-    "prefill run + decode": ["d"] * (GROUPED_MIN_RUN + 6) + ["b", None, "a"] + ["e"] * 5,
+    "prefill run + decode": ["d"] * (PREFILL_RUN + 6) + ["b", None, "a"] + ["e"] * 5,
 }
 
 

@@ -28,7 +28,6 @@ from torch.utils._pytree import tree_map
 
 from aligner_core.adapter_format import Adapter
 from server.engine import op
-from server.engine.aligner_math import add_term_torch
 from server.engine.routing import Routing
 from server.engine.table import AdapterTable, TableShape, reference_term
 
@@ -88,10 +87,9 @@ def make_state(*, graph_safe: bool) -> tuple[op.WorkerState, list]:
     layers = linear_layers(SPEC)
     shape = TableShape.unsharded(SPEC, max_slots=4, max_tokens=4)
     table = AdapterTable(shape, layers, device=torch.device("cpu"), dtype=torch.float32)
-    st = op.WorkerState(table=table, routing=Routing(8), scale=1 / math.sqrt(D), path="gather")
+    st = op.WorkerState(table=table, routing=Routing(8), scale=1 / math.sqrt(D))
     if graph_safe:
-        st.graph_launch = add_term_torch
-        st.token_slots = torch.zeros(32, dtype=torch.long)
+        st.enable_graphs(32)
     return st, layers
 
 
@@ -221,8 +219,8 @@ def test_cold_adapters_are_staged_into_the_buffer() -> None:
     layers = linear_layers(SPEC)
     shape = TableShape.unsharded(SPEC, max_slots=1, max_tokens=4, cold_slots=4, scratch=4)
     table = AdapterTable(shape, layers, device=torch.device("cpu"), dtype=torch.float32)
-    st = op.WorkerState(table=table, routing=Routing(8), scale=1 / math.sqrt(D), path="gather")
-    st.graph_launch, st.token_slots = add_term_torch, torch.zeros(16, dtype=torch.long)
+    st = op.WorkerState(table=table, routing=Routing(8), scale=1 / math.sqrt(D))
+    st.enable_graphs(16)
     for name in ("a", "b", "c"):
         table.put(name, ADAPTERS[name])
     names: list[str | None] = ["a", "b", "c", None]

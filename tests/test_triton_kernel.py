@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from server.engine.aligner_math import delta_general, delta_reference
-from server.engine.triton_kernel import MAX_BLOCK_N, MAX_TILE, aligner_delta_triton, launch_params, triton_available
+from server.engine.kernels.triton import MAX_BLOCK_N, MAX_TILE, aligner_delta_triton, launch_params, triton_available
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -126,7 +126,7 @@ _INTERP_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from test_triton_kernel import random_layer
     from server.engine.aligner_math import delta_general
-    from server.engine.triton_kernel import aligner_delta_triton
+    from server.engine.kernels.triton import aligner_delta_triton
     worst = 0.0
     for N, G, D, KVH, n_used in [(1, 1, 16, 2, 1), (4, 3, 16, 2, 4), (16, 4, 32, 1, 16), (40, 3, 16, 2, 40), (8, 2, 16, 2, 5)]:
         S, T, H = 5, 9, KVH * G

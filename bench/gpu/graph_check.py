@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from aligner_core.adapter_format import Adapter  # noqa: E402
 from aligner_core.model_spec import ModelSpec  # noqa: E402
-from server.engine import op, triton_kernel  # noqa: E402
-from server.engine.aligner_math import add_term_torch  # noqa: E402
+from server.engine import op  # noqa: E402
+from server.engine.kernels import triton as triton_kernel  # noqa: E402
 from server.engine.routing import Routing  # noqa: E402
 from server.engine.table import AdapterTable, LayerHandle, TableShape, reference_term  # noqa: E402
 
@@ -53,9 +53,8 @@ def build() -> tuple[op.WorkerState, list[LayerHandle], dict[str, Adapter]]:
     table = AdapterTable(
         TableShape.unsharded(SPEC, max_slots=8, max_tokens=16), layers, device=DEV, dtype=torch.float32
     )
-    st = op.WorkerState(table=table, routing=Routing(64), scale=1 / math.sqrt(D))
-    st.graph_launch = add_term_torch if DRY else triton_kernel.aligner_delta_triton
-    st.token_slots = torch.zeros(512, dtype=torch.long, device=DEV)
+    st = op.WorkerState(table=table, routing=Routing(64), scale=1 / math.sqrt(D), kernel="torch" if DRY else "triton")
+    st.enable_graphs(512)
     adapters = {
         "a": Adapter.random(SPEC, tokens=1, start_layer=2, seed=1, gate_scale=0.5),
         "b": Adapter.random(SPEC, tokens=7, start_layer=0, gate_activation="tanh", seed=2, gate_scale=0.9),

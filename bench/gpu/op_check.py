@@ -7,8 +7,8 @@ the model's own linear layers for the same tokens (qkv, o, gate/up, down; no att
 bound of a forward of the base model.
 
 Cases: T tokens over K distinct adapters of N tokens, each hot (projections precomputed) or cold (raw P and
-gates only, projected into scratch slots every forward), through the Triton kernel or the op's torch path
-(bias for N = 1, gathers, grouped runs for long prefills). The table holds COLD (default 100,000) cold
+gates only, projected into scratch slots every forward), through the Triton kernel or the torch kernel
+(the general path's gathers). The table holds COLD (default 100,000) cold
 adapters resident on the GPU; their memory per adapter is reported.
 """
 
@@ -123,7 +123,8 @@ def main() -> None:
         T = len(ids)
         q = torch.randn(T, H * D, device=DEV, dtype=bf)
         out = torch.zeros(T, H * D, device=DEV, dtype=bf)
-        st = op.WorkerState(table=table, routing=rt, scale=1 / math.sqrt(D), path="auto", use_triton=use_triton)
+        kernel = "triton" if use_triton else "torch"
+        st = op.WorkerState(table=table, routing=rt, scale=1 / math.sqrt(D), kernel=kernel)
 
         def run():
             op.set_worker_state(st)

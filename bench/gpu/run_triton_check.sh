@@ -25,7 +25,7 @@ if ! "$PY" -c "import torch, triton, pytest, numpy" 2>/dev/null; then
 fi
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" \
   2>&1 | tee "$OUT/env.txt"
-"$PY" -c "import server.engine.triton_kernel as k; print('triton_available', k.triton_available())" || exit 2
+"$PY" -c "import server.engine.kernels.triton as k; print('triton_available', k.triton_available())" || exit 2
 
 echo "== pytest tests/test_triton_kernel.py tests/test_gpu_op.py"
 t0=$(date +%s)

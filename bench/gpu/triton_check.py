@@ -9,8 +9,7 @@ Timed, per layer call, in bf16 (q/out), one layer of a 65-slot table (64 adapter
   triton_graph the same launch replayed from a CUDA graph (no launch overhead: what decode under graphs sees)
   gather       the op's general path: [T, KVH, n, D] gathers + delta_general + out.add_ (eager)
   gather_graph the same, replayed from a CUDA graph
-  grouped      delta_grouped over contiguous runs (host loop; skipped when runs > MAX_GROUPED_RUNS)
-  bias         N == 1 only: the op's exact constant path, out.add_(bias[slots])
+  bias         N == 1 only: the exact constant term, out.add_(bias[slots]) (the op's former N = 1 path)
 Layouts: decode = each token an independent request on a random slot (1/8 of them slot 0);
 prefill = the same slots sorted, i.e. contiguous runs per adapter.
 """
@@ -33,10 +32,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from test_triton_kernel import random_layer  # noqa: E402  the tests' table layer: one layout for both
 
-from server.engine.aligner_math import delta_general, delta_grouped, token_runs  # noqa: E402
-from server.engine.triton_kernel import aligner_delta_triton, launch_params, triton_available  # noqa: E402
+from server.engine.aligner_math import delta_general  # noqa: E402
+from server.engine.kernels.triton import aligner_delta_triton, launch_params, triton_available  # noqa: E402
 
-MAX_GROUPED_RUNS = 600
 CORR_T = 257  # tokens per correctness case
 SHAPES = {"smollm2": dict(H=9, KVH=3, D=64), "llama8b": dict(H=32, KVH=8, D=128)}
 TS = (32, 512, 4096)
@@ -77,13 +75,6 @@ def gather_path(out, q, slots, k, v, mask, gate, scale, n, KVH, D):
     T = q.shape[0]
     qg = q.view(T, KVH, -1, D).float()
     d = delta_general(qg, k[slots, :, :n], v[slots, :, :n], mask[slots, :n], gate[slots], scale)
-    out.add_(d.reshape(T, -1).to(out.dtype))
-
-
-def grouped_path(out, q, slots, k, v, mask, gate, scale, n, KVH, D, runs):
-    T = q.shape[0]
-    qg = q.view(T, KVH, -1, D).float()
-    d = delta_grouped(qg, slots, k[:, :, :n], v[:, :, :n], mask[:, :n], gate, scale, runs)
     out.add_(d.reshape(T, -1).to(out.dtype))
 
 
@@ -196,11 +187,11 @@ def bench(dev):
                 for layout in ("decode", "prefill"):
                     slots_cpu = make_slots(T, layout, seed=T + N)
                     slots = slots_cpu.to(dev)
-                    runs = token_runs(slots_cpu.tolist())
+                    runs = int((slots_cpu[1:] != slots_cpu[:-1]).sum()) + 1  # contiguous runs of one slot
                     gq = torch.Generator().manual_seed(T)
                     q = torch.randn(T, H * D, generator=gq).to(dev, dtype)
                     out = torch.randn(T, H * D, generator=gq).to(dev, dtype)
-                    r = dict(model=name, H=H, KVH=KVH, D=D, N=N, T=T, layout=layout, runs=len(runs))
+                    r = dict(model=name, H=H, KVH=KVH, D=D, N=N, T=T, layout=layout, runs=runs)
                     r["grid"] = list(launch_params(T, H, KVH, D, N).grid)
 
                     def f_tri():
@@ -208,9 +199,6 @@ def bench(dev):
 
                     def f_gather():
                         gather_path(out, q, slots, k, v, mask, gate, scale, N, KVH, D)
-
-                    def f_grouped():
-                        grouped_path(out, q, slots, k, v, mask, gate, scale, N, KVH, D, runs)
 
                     def f_bias():
                         out.add_(bias[slots].to(out.dtype))
@@ -226,7 +214,6 @@ def bench(dev):
                     r["triton_graph_ms"] = time_graph(f_tri)
                     r["gather_ms"] = time_eager(f_gather)
                     r["gather_graph_ms"] = time_graph(f_gather)
-                    r["grouped_ms"] = time_eager(f_grouped, repeats=5) if len(runs) <= MAX_GROUPED_RUNS else None
                     r["bias_ms"] = time_eager(f_bias) if N == 1 else None
                     # bytes the kernel must at least move: q read, out read+write, K/V of the distinct slots used
                     distinct = int(torch.unique(slots_cpu[slots_cpu > 0]).numel())
@@ -271,17 +258,16 @@ def fmt(x):
 
 HEADER = (
     f"{'model':8} {'N':>2} {'T':>5} {'layout':7} {'runs':>4} | {'triton':>8} {'tri_gr':>8} {'gather':>8} "
-    f"{'gath_gr':>8} {'grouped':>8} {'bias':>8} | {'x_gath':>6} {'x_grp':>6} (us per layer call)"
+    f"{'gath_gr':>8} {'bias':>8} | {'x_gath':>6} (us per layer call)"
 )
 
 
 def fmt_row(r):
     sp_g = r["gather_ms"] / r["triton_ms"]
-    sp_grp = (r["grouped_ms"] / r["triton_ms"]) if r["grouped_ms"] else None
     return (
         f"{r['model']:8} {r['N']:>2} {r['T']:>5} {r['layout']:7} {r['runs']:>4} | {fmt(r['triton_ms'])} "
-        f"{fmt(r['triton_graph_ms'])} {fmt(r['gather_ms'])} {fmt(r['gather_graph_ms'])} {fmt(r['grouped_ms'])} "
-        f"{fmt(r['bias_ms'])} | {sp_g:6.1f} {'' if sp_grp is None else f'{sp_grp:6.1f}'}"
+        f"{fmt(r['triton_graph_ms'])} {fmt(r['gather_ms'])} {fmt(r['gather_graph_ms'])} "
+        f"{fmt(r['bias_ms'])} | {sp_g:6.1f}"
     )
 
 

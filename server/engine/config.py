@@ -16,7 +16,7 @@ class AlignerEngineConfig:
     max_slots: int = 64  # hot adapters: per-layer K_p/V_p precomputed
     cold_slots: int = 0  # further resident adapters kept as raw P and gates, projected on the fly
     max_tokens: int = 16  # largest N (prefix tokens) an adapter may have
-    path: str = "auto"  # "auto", "torch", "gather", "triton" or "cpu": see server/engine/op.py PATHS
+    path: str = "auto"  # "auto", "torch", "triton" or "cpu": see server/engine/kernels PATHS
     routing: str = "v1"  # the runner's routing tracker, "v1" or "v2" (set by the engine options, not a user setting)
 
     def to_additional_config(self) -> dict[str, Any]:

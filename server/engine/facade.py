@@ -168,7 +168,7 @@ def _on_cpu() -> bool:
 
 
 def _triton_available() -> bool:
-    from server.engine.triton_kernel import triton_available
+    from server.engine.kernels.triton import triton_available
 
     return triton_available()
 

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 import server.engine.op  # noqa: F401  registers torch.ops.aligner.apply_
-from server.engine import triton_kernel
+from server.engine import kernels
 from server.engine.config import AlignerEngineConfig
-from server.engine.op import WorkerState, apply_term, resolve_cpu_kernel, resolve_triton, set_worker_state
+from server.engine.op import WorkerState, apply_term, set_worker_state
 from server.engine.routing import Routing
 from server.engine.table import AdapterTable, LayerHandle, TableShape
 from server.engine.vllm_glue import (
@@ -89,25 +89,16 @@ def install(model: torch.nn.Module, vllm_config: VllmConfig) -> WorkerState:
         scratch=vllm_config.scheduler_config.max_num_seqs if cfg.cold_slots else 0,  # one per batch row
     )
     dtype = cast(torch.dtype, vllm_config.model_config.dtype)  # resolved to a torch.dtype by ModelConfig
-    use_cpu_kernel = resolve_cpu_kernel(cfg.path, param.device, dtype, attn0.head_size, cfg.max_tokens)
+    kernel = kernels.choose(cfg.path, param.device, dtype, attn0.head_size, cfg.max_tokens)
     # The C kernel reads a bfloat16 model's K_p/V_p in bfloat16 (exact: they are projected in it); the
-    # torch and Triton paths read float32.
-    kv_dtype = dtype if use_cpu_kernel and dtype == torch.bfloat16 else torch.float32
+    # torch and Triton kernels read float32.
+    kv_dtype = dtype if kernel == "cpu" and dtype == torch.bfloat16 else torch.float32
     table = AdapterTable(shape, handles, device=param.device, dtype=dtype, kv_dtype=kv_dtype)
     routing = Routing(vllm_config.scheduler_config.max_num_seqs)
-    state = WorkerState(
-        table=table,
-        routing=routing,
-        scale=1.0 / math.sqrt(attn0.head_size),
-        path=cfg.path,
-        use_triton=resolve_triton(cfg.path, param.device),
-        use_cpu_kernel=use_cpu_kernel,
-    )
-    if state.use_triton and cfg.routing == "v2":  # vLLM may capture the op in CUDA graphs: see op.py
-        state.graph_launch = triton_kernel.aligner_delta_triton
-        most = max(vllm_config.scheduler_config.max_num_batched_tokens, _largest_capture(vllm_config))
-        state.token_slots = torch.zeros(most, dtype=torch.long, device=param.device)
-    log.info("Aligner op: kernel %s (routing %s)", state.kernel(), cfg.routing)
+    state = WorkerState(table=table, routing=routing, scale=1.0 / math.sqrt(attn0.head_size), kernel=kernel)
+    if kernel == "triton" and cfg.routing == "v2":  # vLLM may capture the op in CUDA graphs: see op.py
+        state.enable_graphs(max(vllm_config.scheduler_config.max_num_batched_tokens, _largest_capture(vllm_config)))
+    log.info("Aligner op: kernel %s (routing %s)", state.kernel_mode, cfg.routing)
     set_worker_state(state)
     return state
 

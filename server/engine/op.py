@@ -24,16 +24,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from server.engine import cpu_kernel, triton_kernel
+from server.engine import kernels
 from server.engine import routing as _routing
-from server.engine.aligner_math import delta_chunked, delta_general, delta_grouped, delta_single_token
 from server.engine.routing import Routing, StepPlan, step_plan
 from server.engine.table import AdapterTable
 
@@ -42,35 +41,41 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# auto: a kernel where one runs (Triton on CUDA, the C kernel on CPU), else the torch fast paths picked per
-# step; torch: always the torch fast paths; gather: always the general torch path; triton, cpu: always that
-# kernel (refused at start where it cannot run)
-PATHS = ("auto", "torch", "gather", "triton", "cpu")
-GROUPED_MIN_RUN = 64  # a run this long (a prefill chunk) is cheaper grouped than gathered
-CHUNKED_MIN_N = 8  # from this many prefix tokens, chunks of tokens per adapter beat per-token gathers (CPU)
-CHUNK_ROWS = 4
-FAST = ("auto", "torch")  # paths that pick the torch fast paths per step
-
 
 @dataclass
 class WorkerState:
     table: AdapterTable
     routing: Routing
     scale: float  # 1 / sqrt(D), the attention's own scale
-    path: str = "auto"
-    use_triton: bool = False  # resolved once at start from `path` and the device (`resolve_triton`)
-    use_cpu_kernel: bool = False  # likewise (`resolve_cpu_kernel`)
+    kernel: str = "torch"  # "torch", "triton" or "cpu": chosen once at start (`kernels.choose`)
     op_seconds: float = 0.0  # host time spent computing the term (on CUDA: launching it), for benchmarks
-    _cpu: cpu_kernel.BoundKernel | None = None
-    _cpu_plan: StepPlan | None = None  # the forward the kernel was begun for
     _cached: tuple[object, int, int, StepPlan | None] | None = None  # (forward context, T, routing version, plan)
-    # graph-safe mode: the launch (the Triton kernel, or its torch twin in tests) and the persistent routing
-    graph_launch: Callable[..., torch.Tensor] | None = None
-    token_slots: torch.Tensor | None = None  # [max tokens a forward has] long on the model's device; 0 = none
+    _impl: kernels.Kernel | None = None
+    # graph-safe mode (`enable_graphs`): the persistent routing and each captured size's step
+    token_slots: torch.Tensor | None = None  # [most tokens a forward has] long on the model's device; 0 = none
+    _graph_steps: dict[int, StepPlan] = field(default_factory=dict)
 
     @property
     def graph_safe(self) -> bool:
-        return self.graph_launch is not None
+        return self.token_slots is not None
+
+    @property
+    def kernel_mode(self) -> str:
+        """The kernel's name, "-graph" added in graph-safe mode (the stats and the start-up log say it)."""
+        return self.kernel + ("-graph" if self.graph_safe else "")
+
+    def impl(self) -> kernels.Kernel:
+        """The kernel, bound to the table on first use."""
+        if self._impl is None:
+            self._impl = kernels.make(self.kernel, self.table, self.scale)
+        return self._impl
+
+    def enable_graphs(self, max_tokens_per_forward: int) -> None:
+        """Graph-safe mode (see the module doc): the routing of each forward goes into one persistent buffer,
+        and every forward launches the kernel. Only a graph-safe kernel can run so."""
+        if not self.impl().graph_safe:
+            raise RuntimeError(f"the {self.kernel} kernel is not graph-safe; it cannot run inside CUDA graphs")
+        self.token_slots = torch.zeros(max_tokens_per_forward, dtype=torch.long, device=self.table.k.device)
 
     # ---- rows: the routers' verbs ----
     def assign(self, row: int, key: str | None) -> int:
@@ -158,7 +163,7 @@ class WorkerState:
         t = self.table
         return {
             **t.stats(),
-            "kernel": self.kernel(),
+            "kernel": self.kernel_mode,
             "kv_dtype": str(t.k.dtype).removeprefix("torch."),
             "op_seconds": self.op_seconds,
             **self.counters(),
@@ -166,73 +171,19 @@ class WorkerState:
         }
 
     # ---- the op's ----
-    def cpu_kernel_for(self, plan: StepPlan, out: torch.Tensor, q: torch.Tensor) -> cpu_kernel.BoundKernel:
-        """The C kernel bound to the table, begun for this forward: the layout and token slots are checked at
-        a forward's first layer only (its attention layers all give out and q the same layout)."""
-        if self._cpu is None:
-            t = self.table
-            self._cpu = cpu_kernel.BoundKernel(t.k, t.v, t.gate, t.ntok, self.scale)
-        if plan is not self._cpu_plan:
-            self._cpu.begin(out, q, plan.tok_slot_host, plan.max_tokens)
-            self._cpu_plan = plan  # held, so its token slots (which the kernel reads) stay alive
-        return self._cpu
-
-    def kernel(self) -> str:
-        """What computes the term: "triton", "cpu" (the C kernel), "torch" (the torch fast paths) or "gather";
-        "triton-graph" in graph-safe mode ("torch-graph": its torch twin, in tests)."""
-        if self.graph_launch is not None:
-            return "triton-graph" if self.use_triton else "torch-graph"
-        return (
-            "triton"
-            if self.use_triton
-            else "cpu"
-            if self.use_cpu_kernel
-            else "torch"
-            if self.path in FAST
-            else self.path
-        )
-
-
-def resolve_triton(path: str, device: torch.device) -> bool:
-    """Whether the op uses the Triton kernel: always for path "triton" (which must be able to run), on CUDA
-    devices with triton installed for "auto", never for "gather"."""
-    from server.engine.triton_kernel import triton_available
-
-    _check_path(path)
-    can = device.type == "cuda" and triton_available()
-    if path == "triton" and not can:
-        raise RuntimeError("the Aligner path 'triton' needs a CUDA device and the triton package")
-    return path == "triton" or (path == "auto" and can)
-
-
-def resolve_cpu_kernel(path: str, device: torch.device, dtype: torch.dtype, head_dim: int, max_tokens: int) -> bool:
-    """Whether the op uses the C kernel: always for path "cpu" (which must be able to run), for "auto" on CPU
-    when it builds and takes the model (else the torch paths, with a warning saying why), never otherwise."""
-    _check_path(path)
-    if path not in ("auto", "cpu"):
-        return False
-    why = (
-        "the CPU kernel runs on CPU devices only"
-        if device.type != "cpu"
-        else cpu_kernel.supports(dtype, head_dim, max_tokens)
-    )
-    if why is None:
-        try:
-            cpu_kernel.load()
-        except cpu_kernel.KernelUnavailable as e:
-            why = str(e)
-    if why is None:
-        return True
-    if path == "cpu":
-        raise RuntimeError(f"the Aligner path 'cpu' cannot run: {why}")
-    if device.type == "cpu":
-        log.warning("Aligner: using the torch paths on CPU (slower): %s", why)
-    return False
-
-
-def _check_path(path: str) -> None:
-    if path not in PATHS:
-        raise ValueError(f"unknown Aligner path {path!r}; one of {PATHS}")
+    def graph_step(self, num_tokens: int) -> StepPlan:
+        """Graph-safe mode: the step of a forward of `num_tokens` tokens, the same for any routing (the
+        persistent buffer's first tokens, every key of the table)."""
+        step = self._graph_steps.get(num_tokens)
+        if step is None:
+            assert self.token_slots is not None
+            if num_tokens > len(self.token_slots):
+                raise RuntimeError(
+                    f"a forward of {num_tokens} tokens exceeds the Aligner routing buffer ({len(self.token_slots)})"
+                )
+            step = StepPlan(None, self.table.shape.max_tokens, self.token_slots.device, self.token_slots[:num_tokens])
+            self._graph_steps[num_tokens] = step
+        return step
 
 
 _state: WorkerState | None = None
@@ -256,24 +207,11 @@ def apply_term(out: torch.Tensor, q: torch.Tensor, layer: int) -> None:
     if st is None or layer not in st.table.adapted_layers:
         return
     t0 = time.perf_counter()
-    t = st.table
-    if st.graph_launch is not None:  # graph-safe: one fixed launch, whatever the routing (see the module doc)
-        T = q.shape[0]
-        slots = st.token_slots[:T]  # type: ignore[index]  # set with graph_launch
-        st.graph_launch(out, q, slots, t.k[layer], t.v[layer], t.mask, t.gate[layer], st.scale, t.shape.max_tokens)
-        st.op_seconds += time.perf_counter() - t0
+    # graph-safe: one fixed launch whatever the routing (see the module doc); else the forward's plan, if any
+    step = st.graph_step(q.shape[0]) if st.token_slots is not None else st.plan(q.shape[0])
+    if step is None:
         return
-    plan = st.plan(q.shape[0])
-    if plan is None:
-        return
-    if st.use_triton:
-        triton_kernel.aligner_delta_triton(
-            out, q, plan.tok_slot, t.k[layer], t.v[layer], t.mask, t.gate[layer], st.scale, plan.max_tokens
-        )
-    elif st.use_cpu_kernel:
-        st.cpu_kernel_for(plan, out, q).layer(out, q, layer)
-    else:
-        out.add_(aligner_delta(st, plan, q, layer).to(out.dtype))
+    st.impl().add(out, q, layer, step)
     st.op_seconds += time.perf_counter() - t0
 
 
@@ -286,47 +224,3 @@ def apply_(out: torch.Tensor, q: torch.Tensor, layer: int) -> None:
 @apply_.register_fake
 def _(out: torch.Tensor, q: torch.Tensor, layer: int) -> None:
     return None
-
-
-def aligner_delta(st: WorkerState, plan: StepPlan, q: torch.Tensor, layer: int) -> torch.Tensor:
-    """The term for every token of the step: [T, H*D] float32. Tokens without an adapter get exact zeros."""
-    t = st.table
-    T = q.shape[0]
-    KVH, D = t.shape.num_kv_heads, t.shape.head_dim
-    n = plan.max_tokens
-    if st.path in FAST and n == 1:
-        return delta_single_token(t.bias[layer][plan.tok_slot])
-    qg = q.view(T, KVH, -1, D).float()  # [T, KVH, G, D]
-    if st.path in FAST and plan.longest_run >= GROUPED_MIN_RUN:
-        k, v = t.k[layer, :, :, :n], t.v[layer, :, :, :n]  # [S, KVH, n, D]
-        delta = delta_grouped(qg, plan.tok_slot, k, v, t.mask[:, :n], t.gate[layer], st.scale, plan.runs())
-        return delta.reshape(T, -1)
-    if st.path in FAST and n >= CHUNKED_MIN_N and _chunks_pay(plan):
-        rows, chunk_slot, inverse = plan.chunks(CHUNK_ROWS)
-        delta = delta_chunked(qg, rows, chunk_slot, inverse, t.k[layer], t.v[layer], t.mask, t.gate[layer], st.scale, n)
-        return delta.reshape(T, -1)
-    if st.path in FAST and plan.adapted is not None:  # few adapted tokens: compute only those
-        idx = plan.adapted
-        slots = plan.tok_slot[idx]
-        part = delta_general(
-            qg[idx],
-            t.k[layer, slots, :, :n],
-            t.v[layer, slots, :, :n],
-            t.mask[slots, :n],
-            t.gate[layer, slots],
-            st.scale,
-        )
-        return torch.zeros(T, qg.shape[1] * qg.shape[2] * D, device=q.device).index_copy_(
-            0, idx, part.reshape(len(idx), -1)
-        )
-    slots = plan.tok_slot
-    delta = delta_general(
-        qg, t.k[layer, slots, :, :n], t.v[layer, slots, :, :n], t.mask[slots, :n], t.gate[layer, slots], st.scale
-    )
-    return delta.reshape(T, -1)
-
-
-def _chunks_pay(plan: StepPlan) -> bool:
-    """Chunks beat per-token gathers only when most chunk rows are real tokens: a decode step whose tokens
-    each have a different adapter would be three quarters padding."""
-    return 2 * plan.num_adapted >= len(plan.chunks(CHUNK_ROWS)[0])

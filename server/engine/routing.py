@@ -14,58 +14,26 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from server.engine.aligner_math import chunk_layout, token_runs
-
 
 class StepPlan:
-    """What the Aligner op needs to know about one forward. The C kernel reads only the host token slots
-    and N; what the torch and Triton paths use besides is made on first use, once for all layers."""
+    """What a kernel needs to know about one forward: each token's slot and the largest N among them. The
+    host slots (the C kernel's) are given; the device tensor (the torch and Triton kernels') is made on first
+    use, once for all layers, unless it is given (graph-safe mode: a view of the persistent buffer)."""
 
-    def __init__(self, tokens: np.ndarray, max_tokens: int, device: torch.device) -> None:
-        self.tok_slot_host = tokens  # [T] contiguous int64; 0 = no adapter
-        self.max_tokens = max_tokens  # largest N among the step's adapters
+    def __init__(
+        self, tokens: np.ndarray | None, max_tokens: int, device: torch.device, tok_slot: torch.Tensor | None = None
+    ) -> None:
+        self.tok_slot_host = tokens  # [T] contiguous int64; 0 = no adapter (None: only tok_slot is known)
+        self.max_tokens = max_tokens  # keys read per token
         self._device = device
-        self._chunks: dict = {}
+        if tok_slot is not None:
+            self.__dict__["tok_slot"] = tok_slot
 
     @cached_property
     def tok_slot(self) -> torch.Tensor:
         """[T] long, on the model's device."""
+        assert self.tok_slot_host is not None
         return torch.from_numpy(self.tok_slot_host).to(self._device)
-
-    @cached_property
-    def _adapted_host(self) -> np.ndarray:
-        return np.flatnonzero(self.tok_slot_host)
-
-    @property
-    def num_adapted(self) -> int:
-        return len(self._adapted_host)
-
-    @cached_property
-    def adapted(self) -> torch.Tensor | None:
-        """[T_a] indices of adapted tokens when they are a minority, else None."""
-        idx = self._adapted_host
-        return torch.from_numpy(idx).to(self._device) if 2 * len(idx) < len(self.tok_slot_host) else None
-
-    @cached_property
-    def longest_run(self) -> int:
-        """The longest contiguous run of one adapter (a prefill chunk)."""
-        tokens = self.tok_slot_host
-        bounds = np.concatenate([[0], np.flatnonzero(np.diff(tokens)) + 1, [len(tokens)]])
-        return int(np.diff(bounds).max())
-
-    def runs(self) -> list[tuple[int, int, int]]:
-        return token_runs(self.tok_slot_host.tolist())
-
-    def chunks(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`chunk_layout` of the step's tokens (rows, chunk_slot, inverse) on the model's device, made once
-        per forward for all layers."""
-        got = self._chunks.get(size)
-        if got is None:
-            dev = self._device
-            got = self._chunks[size] = tuple(
-                torch.from_numpy(x).to(dev) for x in chunk_layout(self.tok_slot_host, size)
-            )
-        return got
 
 
 class Routing:

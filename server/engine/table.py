@@ -25,7 +25,7 @@ import torch
 
 from aligner_core.adapter_format import Adapter
 from aligner_core.model_spec import ModelSpec
-from server.engine.aligner_math import delta_reference, single_token_bias
+from server.engine.aligner_math import delta_reference
 from server.engine.raw_store import RawStore
 
 
@@ -105,7 +105,6 @@ class AdapterTable:
         self.k = torch.zeros(L, S, KVH, N, D, device=device, dtype=kv_dtype)  # K_p per layer and slot
         self.v = torch.zeros(L, S, KVH, N, D, device=device, dtype=kv_dtype)  # V_p
         self.gate = torch.zeros(L, S, KVH, G, **f32)  # gate after activation, grouped like q
-        self.bias = torch.zeros(L, S, shape.num_heads * D, **f32)  # g * V_p, used when N == 1
         self.mask = torch.full((S, N), float("-inf"), **f32)  # 0 for real prefix tokens
         self.mask[:, 0] = 0.0  # slot 0 and free slots: one zero key, so softmax stays finite
         self.ntok = np.zeros(S, dtype=np.int64)  # N per slot (0 = empty)
@@ -224,7 +223,7 @@ class AdapterTable:
 
     @torch.inference_mode()
     def _project(self, slots: list[int], cs: list[int]) -> None:
-        """Fill table `slots` from raw adapters `cs`: K_p/V_p per layer, gates, bias, mask."""
+        """Fill table `slots` from raw adapters `cs`: K_p/V_p per layer, gates, mask."""
         s = self.shape
         KVH, D, G = s.num_kv_heads, s.head_dim, s.num_heads // s.num_kv_heads
         for n, (positions, prefix, gates) in self.raw.fetch(cs).items():
@@ -238,8 +237,6 @@ class AdapterTable:
                 self.k[l, idx, :, :n] = kp.reshape(U, n, KVH, D).transpose(1, 2).to(self.k.dtype)  # [U, KVH, N, D]
                 self.v[l, idx, :, :n] = vp.reshape(U, n, KVH, D).transpose(1, 2).to(self.v.dtype)
                 self.gate[l, idx] = gates[:, l].reshape(U, KVH, G).to(self.gate.device)
-                if n == 1:
-                    self.bias[l, idx] = single_token_bias(self.v[l, idx, :, :1].float(), self.gate[l, idx])  # [U, H*D]
             self.mask[idx, :n] = 0.0
             self.ntok[idx.cpu().numpy()] = n
 
@@ -247,13 +244,12 @@ class AdapterTable:
         self.k[:, slot] = 0.0
         self.v[:, slot] = 0.0
         self.gate[:, slot] = 0.0
-        self.bias[:, slot] = 0.0
         self.mask[slot] = float("-inf")
         self.mask[slot, 0] = 0.0
         self.ntok[slot.cpu().numpy() if isinstance(slot, torch.Tensor) else slot] = 0
 
     def stats(self) -> dict[str, int]:
-        hot_bytes = sum(t.numel() * t.element_size() for t in (self.k, self.v, self.gate, self.bias, self.mask))
+        hot_bytes = sum(t.numel() * t.element_size() for t in (self.k, self.v, self.gate, self.mask))
         return {
             "resident": len(self.raw),
             "hot": len(self._hot),

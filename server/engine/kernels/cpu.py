@@ -17,9 +17,14 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from server.engine.routing import StepPlan
+    from server.engine.table import AdapterTable
 
 log = logging.getLogger(__name__)
 
@@ -283,3 +288,23 @@ def aligner_apply(
 ) -> None:
     """out += the Aligner term for one layer's tensors (a one-layer `BoundKernel`)."""
     BoundKernel(k[None], v[None], gate[None], ntok, scale, lib)(out, q, tok_slot, 0, max_tokens)
+
+
+class CpuKernel:
+    """The C kernel bound to a table: a forward's layout and token slots are checked at its first layer (its
+    attention layers all give out and q the same layout), then each layer is one call."""
+
+    name = "cpu"
+    graph_safe = False  # there are no CUDA graphs on a CPU
+
+    def __init__(self, table: AdapterTable, scale: float) -> None:
+        self._bound = BoundKernel(table.k, table.v, table.gate, table.ntok, scale)
+        self._step: StepPlan | None = None  # the forward begun; held, so its token slots stay alive
+
+    def add(self, out: torch.Tensor, q: torch.Tensor, layer: int, step: StepPlan) -> None:
+        if step is not self._step:
+            if step.tok_slot_host is None:
+                raise ValueError("the CPU kernel reads the token slots on the host; this step has none")
+            self._bound.begin(out, q, step.tok_slot_host, step.max_tokens)
+            self._step = step
+        self._bound.layer(out, q, layer)
