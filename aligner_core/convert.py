@@ -54,24 +54,21 @@ _LLAMA2_COMMON: dict[str, Any] = {
     "model_type": "llama",
     "hidden_act": "silu",
 }
-LLAMA2_7B_NAME = "Llama-2-7b-hf"
-LLAMA2_7B_CONFIG: dict[str, Any] = {
-    **_LLAMA2_COMMON,
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-}
-LLAMA2_13B_NAME = "Llama-2-13b-hf"
-LLAMA2_13B_CONFIG: dict[str, Any] = {
-    **_LLAMA2_COMMON,
-    "hidden_size": 5120,
-    "intermediate_size": 13824,
-    "num_hidden_layers": 40,
-    "num_attention_heads": 40,
-    "num_key_value_heads": 40,
-}
+
+
+def _llama2_config(hidden: int, intermediate: int, layers: int, heads: int) -> dict[str, Any]:
+    return {
+        **_LLAMA2_COMMON,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,  # no GQA in LLaMA-2 7B and 13B
+    }
+
+
+LLAMA2_7B_NAME, LLAMA2_7B_CONFIG = "Llama-2-7b-hf", _llama2_config(4096, 11008, 32, 32)
+LLAMA2_13B_NAME, LLAMA2_13B_CONFIG = "Llama-2-13b-hf", _llama2_config(5120, 13824, 40, 40)
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -21,6 +21,7 @@ captured in a CUDA graph is right at replay (op.py's graph-safe mode).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -43,6 +44,22 @@ class Kernel(Protocol):
     def add(self, out: torch.Tensor, q: torch.Tensor, layer: int, step: StepPlan) -> None:
         """out: [T, H*D] attention output before o_proj, updated in place; q: [T, H*D] post-RoPE queries."""
         ...
+
+
+class LayerLaunch:
+    """A kernel that is one call per layer with the Triton kernel's signature (`launch`): the torch and
+    Triton kernels. Graph-safe: it reads only the step's device slots and fixed table slices."""
+
+    name = ""
+    graph_safe = True
+    launch: Callable[..., torch.Tensor]  # (out, q, tok_slot, k_layer, v_layer, mask, gate_layer, scale, n)
+
+    def __init__(self, table: AdapterTable, scale: float) -> None:
+        self.table, self.scale = table, scale
+
+    def add(self, out: torch.Tensor, q: torch.Tensor, layer: int, step: StepPlan) -> None:
+        t = self.table
+        self.launch(out, q, step.tok_slot, t.k[layer], t.v[layer], t.mask, t.gate[layer], self.scale, step.max_tokens)
 
 
 def make(name: str, table: AdapterTable, scale: float) -> Kernel:

@@ -6,15 +6,10 @@ signature (`add_term`), so a test can stand it in for Triton on a CPU."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from server.engine.aligner_math import delta_general
-
-if TYPE_CHECKING:
-    from server.engine.routing import StepPlan
-    from server.engine.table import AdapterTable
+from server.engine.kernels import LayerLaunch
 
 
 def add_term(
@@ -38,13 +33,6 @@ def add_term(
     return out.add_(delta.reshape(T, -1).to(out.dtype))
 
 
-class TorchKernel:
+class TorchKernel(LayerLaunch):
     name = "torch"
-    graph_safe = True
-
-    def __init__(self, table: AdapterTable, scale: float) -> None:
-        self.table, self.scale = table, scale
-
-    def add(self, out: torch.Tensor, q: torch.Tensor, layer: int, step: StepPlan) -> None:
-        t = self.table
-        add_term(out, q, step.tok_slot, t.k[layer], t.v[layer], t.mask, t.gate[layer], self.scale, step.max_tokens)
+    launch = staticmethod(add_term)

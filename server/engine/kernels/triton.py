@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from server.engine.routing import StepPlan
-    from server.engine.table import AdapterTable
+from server.engine.kernels import LayerLaunch
 
 MAX_BLOCK_N = 16  # prefix keys per online-softmax chunk; longer prefixes loop
 MAX_TILE = 8192  # BLOCK_G * BLOCK_N * BLOCK_D: the broadcast product held in registers per chunk
@@ -234,15 +231,6 @@ def aligner_delta_triton(
     return out
 
 
-class TritonKernel:
+class TritonKernel(LayerLaunch):
     name = "triton"
-    graph_safe = True
-
-    def __init__(self, table: AdapterTable, scale: float) -> None:
-        self.table, self.scale = table, scale
-
-    def add(self, out: torch.Tensor, q: torch.Tensor, layer: int, step: StepPlan) -> None:
-        t = self.table
-        aligner_delta_triton(
-            out, q, step.tok_slot, t.k[layer], t.v[layer], t.mask, t.gate[layer], self.scale, step.max_tokens
-        )
+    launch = staticmethod(aligner_delta_triton)
