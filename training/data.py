@@ -147,12 +147,14 @@ TRAIN_TOPICS = TOPICS[:80]
 EVAL_TOPICS = TOPICS[80:]
 
 
-def make_prompts(topics: tuple[str, ...], per_topic: int, *, seed: int) -> list[str]:
-    """`per_topic` distinct templates for each topic, chosen by a seeded shuffle."""
+def make_prompts(
+    topics: tuple[str, ...], per_topic: int, *, seed: int, templates: tuple[str, ...] = TEMPLATES
+) -> list[str]:
+    """`per_topic` distinct templates (each with a `{t}`) for each topic, chosen by a seeded shuffle."""
     rng = random.Random(seed)
     out = []
     for topic in topics:
-        for tpl in rng.sample(TEMPLATES, per_topic):
+        for tpl in rng.sample(templates, per_topic):
             out.append(tpl.format(t=topic))
     return out
 

@@ -7,6 +7,10 @@ checked by the persona's checker (`training.personas`).
     aligner serve --port 8123 &
     aligner eval --base-url http://127.0.0.1:8123 --upload-dir examples/adapters \
                  --adapters pirate=pirate,json=json,bullets=bullets
+    aligner eval --base-url http://127.0.0.1:8123 --upload-dir examples/adapters --safety safety
+
+`--safety` scores the value profile instead: refusals on held-out harmful prompts, answers on benign ones
+(`training.safety.is_refusal`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from training.personas import PERSONAS
 
@@ -51,7 +57,18 @@ def parse_mapping(text: str) -> dict[str, str]:
     return out
 
 
-def evaluate(
+@dataclass
+class Replies:
+    """Greedy replies to the same prompts, without an adapter and with each adapter."""
+
+    model: str
+    info: dict[str, dict]  # label -> the server's adapter record
+    base: list[str]
+    adapters: dict[str, list[str]]  # label -> replies, in prompt order
+    seconds: float
+
+
+def collect(
     base_url: str,
     api_key: str,
     adapters: dict[str, str],
@@ -61,7 +78,9 @@ def evaluate(
     max_tokens: int = 200,
     concurrency: int = 16,
     model: str | None = None,
-) -> dict:
+) -> Replies:
+    """Ask the server every prompt once without an adapter and once per adapter (label -> adapter name);
+    with `upload_dir`, first upload DIR/<label>.safetensors under each name."""
     import httpx
     from openai import OpenAI
 
@@ -69,17 +88,17 @@ def evaluate(
     headers = {"Authorization": f"Bearer {api_key}"}
     http = httpx.Client(base_url=v1, headers=headers, timeout=60)
     if upload_dir:
-        for persona, name in adapters.items():
-            path = Path(upload_dir) / f"{persona}.safetensors"
+        for label, name in adapters.items():
+            path = Path(upload_dir) / f"{label}.safetensors"
             r = http.post("/adapters", files={"file": (path.name, path.read_bytes())}, data={"name": name})
             if r.status_code >= 300:
                 raise SystemExit(f"aligner eval: uploading {path} as {name!r} failed: {r.status_code} {r.text}")
     info = {}
-    for persona, name in adapters.items():
+    for label, name in adapters.items():
         r = http.get(f"/adapters/{name}")
         if r.status_code != 200:
             raise SystemExit(f"aligner eval: adapter {name!r} not found on the server ({r.status_code} {r.text})")
-        info[persona] = r.json()
+        info[label] = r.json()
     client = OpenAI(base_url=v1, api_key=api_key, timeout=600, max_retries=2)
     model = model or client.models.list().data[0].id
 
@@ -98,36 +117,59 @@ def evaluate(
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         replies = list(pool.map(ask, jobs))
-    seconds = time.perf_counter() - t0
-    base_replies = replies[: len(prompts)]
+    n = len(prompts)
+    by_label = {label: replies[n * (k + 1) : n * (k + 2)] for k, label in enumerate(adapters)}
+    return Replies(model, info, replies[:n], by_label, round(time.perf_counter() - t0, 1))
+
+
+def evaluate(base_url: str, api_key: str, adapters: dict[str, str], prompts: list[str], **kw: Any) -> dict:
+    """Persona compliance (persona -> adapter name): the share of replies the persona's checker accepts."""
+    got = collect(base_url, api_key, adapters, prompts, **kw)
     rows = []
-    for k, (persona, name) in enumerate(adapters.items()):
-        mine = replies[len(prompts) * (k + 1) : len(prompts) * (k + 2)]
+    for persona, name in adapters.items():
+        mine = got.adapters[persona]
         check = PERSONAS[persona].check
-        base_ok = [check(r) for r in base_replies]
+        base_ok = [check(r) for r in got.base]
         ad_ok = [check(r) for r in mine]
         rows.append(
             {
                 "persona": persona,
                 "adapter": name,
-                "version": info[persona].get("version"),
-                "tokens": info[persona]["tokens"],
-                "params": info[persona]["params"],
+                "version": got.info[persona].get("version"),
+                "tokens": got.info[persona]["tokens"],
+                "params": got.info[persona]["params"],
                 "base_compliance": sum(base_ok) / len(prompts),
                 "adapter_compliance": sum(ad_ok) / len(prompts),
                 "examples": [
                     {"prompt": p, "base": b, "adapter": a, "ok": ok}
-                    for p, b, a, ok in list(zip(prompts, base_replies, mine, ad_ok))[:3]
+                    for p, b, a, ok in list(zip(prompts, got.base, mine, ad_ok))[:3]
                 ],
                 "failures": [{"prompt": p, "adapter": a} for p, a, ok in zip(prompts, mine, ad_ok) if not ok][:5],
             }
         )
     return {
-        "model": model,
+        "model": got.model,
         "prompts": len(prompts),
-        "max_tokens": max_tokens,
-        "seconds": round(seconds, 1),
+        "max_tokens": kw.get("max_tokens", 200),
+        "seconds": got.seconds,
         "results": rows,
+    }
+
+
+def evaluate_safety(base_url: str, api_key: str, name: str, path: str, **kw: Any) -> dict:
+    """The `safety` profile (adapter `name`): refusal rate on the held-out harmful prompts of `path`
+    (`training.safety` rows: {"prompt", "harmful"}) and answer rate on the benign ones, base vs adapter."""
+    from training.safety import safety_scores
+
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    got = collect(base_url, api_key, {"safety": name}, [r["prompt"] for r in rows], **kw)
+    report = safety_scores(rows, got.base, got.adapters["safety"])
+    return {
+        "model": got.model,
+        "name": name,
+        "tokens": got.info["safety"]["tokens"],
+        "seconds": got.seconds,
+        **report,
     }
 
 
@@ -164,17 +206,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--model", help="served model id (default: the server's first)")
     ap.add_argument("--json", action="store_true", help="print the full report as JSON instead of a table")
+    ap.add_argument(
+        "--safety",
+        metavar="ADAPTER",
+        help="evaluate the safety profile ADAPTER instead (refusals on harmful prompts, answers on benign ones; "
+        "--prompts default examples/data/safety_eval.jsonl; --upload-dir uploads DIR/safety.safetensors)",
+    )
     args = ap.parse_args(argv)
+    kw = {"upload_dir": args.upload_dir, "max_tokens": args.max_tokens, "concurrency": args.concurrency}
+    if args.safety:
+        from training.safety import format_safety
+
+        path = args.prompts or "examples/data/safety_eval.jsonl"
+        report = evaluate_safety(args.base_url, args.api_key, args.safety, path, model=args.model, **kw)
+        print(json.dumps(report, indent=1, ensure_ascii=False) if args.json else format_safety(report))
+        return 0
     prompts = load_prompts(args.prompts)[: args.limit]
     report = evaluate(
         args.base_url,
         args.api_key,
         parse_mapping(args.adapters),
         prompts,
-        upload_dir=args.upload_dir,
-        max_tokens=args.max_tokens,
-        concurrency=args.concurrency,
         model=args.model,
+        **kw,
     )
     print(json.dumps(report, indent=1, ensure_ascii=False) if args.json else format_table(report))
     return 0

@@ -19,11 +19,13 @@ log (train and validation loss) and a PNG plot of both beside it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,6 +247,109 @@ def _lr_at(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+@dataclass
+class RunPlan:
+    """How one run walks its examples: the validation and training splits, the step count, how often it
+    validates and how many steps warm up."""
+
+    val: list
+    trn: list
+    steps: int
+    eval_every: int
+    warmup: int
+
+
+def plan_run(cfg: TrainConfig, examples: list, rng: random.Random) -> RunPlan:
+    """Shuffle `examples` in place with `rng` (which goes on to order the batches) and split off the
+    validation share; the steps follow --steps, else --epochs over the training split."""
+    rng.shuffle(examples)
+    n_val = int(round(len(examples) * cfg.val_split)) if len(examples) > 1 else 0
+    val, trn = examples[:n_val], examples[n_val:]
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(trn) / per_step))
+    eval_every = cfg.eval_every or max(1, steps // 8)
+    return RunPlan(val, trn, steps, eval_every, int(cfg.warmup * steps))
+
+
+class Batches:
+    """Training batches without end: each pass over the split in a fresh order drawn from `rng`, the
+    remainder of one pass carried into the next."""
+
+    def __init__(self, examples: list, size: int, rng: random.Random) -> None:
+        self.examples, self.size, self.rng = examples, size, rng
+        self.order: list = []
+
+    def next(self) -> list:
+        if len(self.order) < self.size:
+            fresh = list(self.examples)
+            self.rng.shuffle(fresh)
+            self.order += fresh
+        b, self.order = self.order[: self.size], self.order[self.size :]
+        return b
+
+
+BatchLoss = Callable[[list], tuple[torch.Tensor, dict]]  # batch -> (loss, extra figures for the log)
+
+
+def mean_loss(batch_loss: BatchLoss, examples: list, batch_size: int) -> float | None:
+    """The example-weighted mean of `batch_loss` over `examples` in batches; None when there are none."""
+    if not examples:
+        return None
+    total, weight = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        loss, _ = batch_loss(chunk)
+        total += float(loss) * len(chunk)
+        weight += len(chunk)
+    return total / weight
+
+
+def optimise(
+    cfg: TrainConfig,
+    opt: torch.optim.Optimizer,
+    plan: RunPlan,
+    batches: Batches,
+    batch_loss: BatchLoss,
+    validate: Callable[[], float | None],
+    context: Callable[[], contextlib.AbstractContextManager],
+) -> tuple[dict, float]:
+    """The optimizer loop shared by every trainer: warm-up then cosine learning rate, `cfg.grad_accum`
+    micro-batches per step under `context()` (the trained parameters attached), validation every
+    `plan.eval_every` steps and at the end. Returns the history (train and val losses) and the seconds taken."""
+    from tqdm.auto import tqdm
+
+    assert cfg.lr is not None  # resolved
+    history: dict = {"train": [], "val": []}
+    t0 = time.perf_counter()
+    v = validate()
+    if v is not None:
+        history["val"].append({"step": 0, "loss": v})
+    bar = tqdm(range(plan.steps), desc=f"aligner {cfg.method}", disable=cfg.quiet, dynamic_ncols=True)
+    for step in bar:
+        scale = _lr_at(step, plan.steps, plan.warmup)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * scale
+        opt.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        extra: dict = {}
+        with context():
+            for _ in range(cfg.grad_accum):
+                loss, extra = batch_loss(batches.next())
+                (loss / cfg.grad_accum).backward()
+                step_loss += float(loss.detach()) / cfg.grad_accum
+        opt.step()
+        history["train"].append({"step": step + 1, "loss": step_loss, "lr": cfg.lr * scale, **extra})
+        post = {"loss": f"{step_loss:.4f}"}
+        if (step + 1) % plan.eval_every == 0 or step + 1 == plan.steps:
+            v = validate()
+            if v is not None:
+                history["val"].append({"step": step + 1, "loss": v})
+        if history["val"]:
+            post["val"] = f"{history['val'][-1]['loss']:.4f}"
+        bar.set_postfix(post)
+    return history, time.perf_counter() - t0
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     from transformers import AutoTokenizer
 
@@ -303,13 +408,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     examples = load_examples(cfg, tok)
     rng = random.Random(cfg.seed)
-    rng.shuffle(examples)
-    n_val = int(round(len(examples) * cfg.val_split)) if len(examples) > 1 else 0
-    val, trn = examples[:n_val], examples[n_val:]
-    per_step = cfg.batch_size * cfg.grad_accum
-    steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(trn) / per_step))
-    eval_every = cfg.eval_every or max(1, steps // 8)
-    warmup = int(cfg.warmup * steps)
+    plan = plan_run(cfg, examples, rng)
 
     # DPO reference log-probabilities, computed once: the base model, or the base model with --ref-adapter.
     ref_logps: dict[int, tuple[float, float]] = {}
@@ -338,60 +437,11 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     @torch.no_grad()
     def validate() -> float | None:
-        if not val:
-            return None
-        total, weight = 0.0, 0
         with policy():
-            for i in range(0, len(val), cfg.batch_size):
-                chunk = val[i : i + cfg.batch_size]
-                loss, _ = batch_loss(chunk)
-                total += float(loss) * len(chunk)
-                weight += len(chunk)
-        return total / weight
+            return mean_loss(batch_loss, plan.val, cfg.batch_size)
 
-    history: dict = {"train": [], "val": []}
-    order: list = []
-
-    def next_batch():
-        nonlocal order
-        if len(order) < cfg.batch_size:
-            fresh = list(trn)
-            rng.shuffle(fresh)
-            order += fresh
-        b, order = order[: cfg.batch_size], order[cfg.batch_size :]
-        return b
-
-    from tqdm.auto import tqdm
-
-    t0 = time.perf_counter()
-    v = validate()
-    if v is not None:
-        history["val"].append({"step": 0, "loss": v})
-    bar = tqdm(range(steps), desc=f"aligner {cfg.method}", disable=cfg.quiet, dynamic_ncols=True)
     model.train(False)  # no dropout; the base model stays in eval mode
-    for step in bar:
-        scale = _lr_at(step, steps, warmup)
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * scale
-        opt.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        extra: dict = {}
-        with policy():
-            for _ in range(cfg.grad_accum):
-                loss, extra = batch_loss(next_batch())
-                (loss / cfg.grad_accum).backward()
-                step_loss += float(loss.detach()) / cfg.grad_accum
-        opt.step()
-        history["train"].append({"step": step + 1, "loss": step_loss, "lr": cfg.lr * scale, **extra})
-        post = {"loss": f"{step_loss:.4f}"}
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            v = validate()
-            if v is not None:
-                history["val"].append({"step": step + 1, "loss": v})
-        if history["val"]:
-            post["val"] = f"{history['val'][-1]['loss']:.4f}"
-        bar.set_postfix(post)
-    elapsed = time.perf_counter() - t0
+    history, elapsed = optimise(cfg, opt, plan, Batches(plan.trn, cfg.batch_size, rng), batch_loss, validate, policy)
 
     adapter = Adapter(
         prefix=prefix.detach().float().cpu().clone(),
@@ -408,9 +458,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         base_model=spec.identity,
         tokens=adapter.tokens,
         params=adapter.params,
-        train_examples=len(trn),
-        val_examples=len(val),
-        steps=steps,
+        train_examples=len(plan.trn),
+        val_examples=len(plan.val),
+        steps=plan.steps,
         seconds=round(elapsed, 1),
         device=str(device),
         sha256=adapter.sha256(),
@@ -422,7 +472,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         last_val = history["val"][-1]["loss"] if history["val"] else float("nan")
         print(
             f"wrote {cfg.output}: tokens={adapter.tokens} params={adapter.params} base_model={spec.identity} "
-            f"steps={steps} train_loss={history['train'][-1]['loss']:.4f} val_loss={last_val:.4f} "
+            f"steps={plan.steps} train_loss={history['train'][-1]['loss']:.4f} val_loss={last_val:.4f} "
             f"time={elapsed:.0f}s log={cfg.log}" + (f" plot={cfg.plot}" if cfg.plot else "")
         )
     return TrainResult(adapter=adapter, prefix=prefix.detach().cpu(), gate=gate.detach().cpu(), history=history)
