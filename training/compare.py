@@ -21,23 +21,19 @@ second run only computes the cells it lacks (`--fresh` recomputes them all).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from training.data import HF_BATCH, generator
 from training.knowledge import Generate, knowledge_retention, load_knowledge
 from training.personas import PERSONAS
 
 METHODS = ("base", "aligner", "lora-qv", "lora-all")
 MAX_TOKENS = 200  # as `aligner eval`
-BATCH = 20
 RESULTS = Path("bench/results/aligner-vs-lora.json")
 QUICK_RESULTS = Path("bench/results/aligner-vs-lora-quick.json")
 ALIGNER_DIR = Path("examples/adapters")
@@ -55,37 +51,6 @@ def load_base(model: str = "smollm2-135m-instruct"):
 
     path = str(prepare(model).path)
     return load_hf_model(path), AutoTokenizer.from_pretrained(path)
-
-
-def generator(
-    model, tok, *, context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext, batch: int = BATCH
-) -> Generate:
-    """The one generation path: greedy `generate` over each prompt as a user turn, in left-padded batches of
-    prompts of similar length, every batch under `context()` (an attached Aligner adapter, say)."""
-
-    def generate(prompts: Sequence[str], max_tokens: int) -> list[str]:
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        replies = [""] * len(prompts)
-        for start in range(0, len(order), batch):
-            rows = order[start : start + batch]
-            texts = [
-                tok.apply_chat_template(
-                    [{"role": "user", "content": prompts[i]}], tokenize=False, add_generation_prompt=True
-                )
-                for i in rows
-            ]
-            # left padding: every row continues from its own last token; [B, T]
-            enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-            with torch.no_grad(), context():
-                out = model.generate(
-                    **enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad
-                )  # [B, T + new]
-            for i, text in zip(rows, tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)):
-                replies[i] = text
-        return replies
-
-    return generate
 
 
 def base_generator() -> Generate:
@@ -196,7 +161,7 @@ def run(
         prompts, knowledge, max_tokens = prompts[:4], knowledge[:4], 32
     report = json.loads(results.read_text()) if results.exists() and not fresh else {"rows": []}
     report |= {"model": "SmolLM2-135M-Instruct", "prompts": len(prompts), "knowledge_questions": len(knowledge)}
-    report |= {"max_tokens": max_tokens, "decoding": f"greedy, HF transformers float32, batches of {BATCH}"}
+    report |= {"max_tokens": max_tokens, "decoding": f"greedy, HF transformers float32, batches of {HF_BATCH}"}
     done = {(r["method"], r["persona"]) for r in report["rows"]}
     model, tok = load_base()
     for method, persona in cells(personas, methods, extras):

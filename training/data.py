@@ -15,11 +15,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import re
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -198,26 +200,54 @@ def base_answers_vllm(model_path: str, prompts: list[str], max_tokens: int) -> l
     return [o.outputs[0].text for o in outs]
 
 
+HF_BATCH = 20  # prompts per `generate` call
+
+
+def generator(
+    model,
+    tok,
+    *,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    batch: int = HF_BATCH,
+) -> Callable[[Sequence[str], int], list[str]]:
+    """The one generation path: greedy `generate` over each prompt as a user turn, in left-padded batches of
+    prompts of similar length, every batch under `context()` (an attached Aligner adapter, say)."""
+
+    def generate(prompts: Sequence[str], max_tokens: int) -> list[str]:
+        import torch
+
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        replies = [""] * len(prompts)
+        for start in range(0, len(order), batch):
+            rows = order[start : start + batch]
+            texts = [
+                tok.apply_chat_template(
+                    [{"role": "user", "content": prompts[i]}], tokenize=False, add_generation_prompt=True
+                )
+                for i in rows
+            ]
+            # left padding: every row continues from its own last token; [B, T]
+            enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+            with torch.no_grad(), context():
+                out = model.generate(
+                    **enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad
+                )  # [B, T + new]
+            for i, text in zip(rows, tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)):
+                replies[i] = text
+        return replies
+
+    return generate
+
+
 def base_answers_hf(model_path: str, prompts: list[str], max_tokens: int, batch_size: int = 16) -> list[str]:
-    """Greedy answers with Hugging Face `generate` in left-padded batches."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Greedy answers with Hugging Face `generate` (the float32 model, `generator`'s batches)."""
+    from transformers import AutoTokenizer
+
+    from aligner_core.reference import load_hf_model
 
     tok = AutoTokenizer.from_pretrained(model_path)
-    tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    out: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        texts = [
-            tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts[i : i + batch_size]
-        ]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        out.extend(tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
-        print(f"generated {len(out)}/{len(prompts)}", file=sys.stderr)
-    return out
+    return generator(load_hf_model(model_path), tok, batch=batch_size)(prompts, max_tokens)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
