@@ -41,7 +41,7 @@ if TYPE_CHECKING:
         q_norm: nn.Module
         k_norm: nn.Module
         forward: Callable[..., Any]
-        _aligner: dict[str, Any] | None
+        _aligner: list[dict[str, Any]] | None
 
 
 def _attention_modules(model: nn.Module) -> list[HFAttention]:
@@ -117,10 +117,13 @@ def _forward_with_aligner(
         k, v = past_key_values.update(k, v, self.layer_idx)
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
     out, weights = attention(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)  # [B, T, H, D]
-    ad = self._aligner
-    if ad is not None and self.layer_idx >= ad["start_layer"]:
+    for ad in self._aligner or ():  # a stack: each adapter's own softmax, the terms summed in order
+        if self.layer_idx < ad["start_layer"]:
+            continue
         gate = ad["gate"][self.layer_idx - ad["start_layer"]]
         gate = torch.tanh(gate) if ad["gate_activation"] == "tanh" else gate
+        if ad["scale"] != 1.0:
+            gate = gate * ad["scale"]  # the term is linear in the gate: scale_i * gate_i * softmax(q K_i^T) V_i
         out = out + layer_term(q, ad["prefix"], gate, self)
     out = self.o_proj(out.reshape(*input_shape, -1).contiguous())
     return out, weights
@@ -136,10 +139,16 @@ def attached(
     gate_activation: str = "identity",
 ) -> Iterator[nn.Module]:
     """Run `model` with an Aligner adapter inside the block; the tensors are used by reference."""
-    mods = _attention_modules(model)
     state = {"prefix": prefix, "gate": gate, "start_layer": start_layer, "gate_activation": gate_activation}
+    with _attached_states(model, [state | {"scale": 1.0}]):
+        yield model
+
+
+@contextlib.contextmanager
+def _attached_states(model: nn.Module, states: list[dict[str, Any]]) -> Iterator[nn.Module]:
+    mods = _attention_modules(model)
     for m in mods:
-        m._aligner = state
+        m._aligner = states
         m.forward = types.MethodType(_forward_with_aligner, m)
     try:
         yield model
@@ -161,16 +170,40 @@ def attached_adapter(model: nn.Module, adapter: Adapter | None) -> contextlib.Ab
     )
 
 
+def attached_stack(model: nn.Module, stack: list[tuple[Adapter, float]]) -> contextlib.AbstractContextManager:
+    """Run `model` with a stack of adapters, each at its scale: at every layer the sum over the stack of
+    scale_i * gate_i * softmax(q K_i^T / sqrt(D)) V_i, each adapter with its own softmax over its own prefix
+    and from its own start layer. An empty stack is the base model."""
+    if not stack:
+        return contextlib.nullcontext(model)
+    states = [
+        {
+            "prefix": a.prefix.float(),
+            "gate": a.gate.float(),
+            "start_layer": a.start_layer,
+            "gate_activation": a.gate_activation,
+            "scale": float(scale),
+        }
+        for a, scale in stack
+    ]
+    return _attached_states(model, states)
+
+
 @torch.no_grad()
 def teacher_forced(
-    model: nn.Module, adapter: Adapter | None, prompt_ids: list[int], completion_ids: list[int]
+    model: nn.Module,
+    adapter: Adapter | list[tuple[Adapter, float]] | None,
+    prompt_ids: list[int],
+    completion_ids: list[int],
 ) -> tuple[list[int], list[float]]:
     """One forward over prompt + completion: the greedy token and the completion token's logprob at each step.
+    `adapter` is one adapter, a stack of (adapter, scale) (`attached_stack`) or None (the base model).
 
     If the greedy tokens equal `completion_ids`, greedy decoding would have produced exactly that completion.
     """
     ids = torch.tensor([prompt_ids + completion_ids])
-    with attached_adapter(model, adapter):
+    ctx = attached_stack(model, adapter) if isinstance(adapter, list) else attached_adapter(model, adapter)
+    with ctx:
         logits = model(input_ids=ids).logits[0].float()  # [P + C, V]
     steps = logits[len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(completion_ids)]
     logprobs = torch.log_softmax(steps, dim=-1)

@@ -50,6 +50,7 @@ def engine_options(settings: Settings, model_path: str, identity: str) -> Engine
             max_slots=settings.max_resident_adapters,
             max_tokens=settings.max_adapter_tokens,
             cold_slots=settings.cold_resident_adapters,
+            max_stack=settings.max_adapters_per_request,
             path=settings.kernel_path,
         ),
         extra_args=tuple(shlex.split(settings.engine_args)),

@@ -45,7 +45,7 @@ class Demand:
 
     sequences: int  # n x prompts
     tokens: int  # upper bound of prompt + completion tokens over all its sequences
-    adapter: str | None  # the adapter's engine key, None for the base model
+    adapters: tuple[str, ...] = ()  # the engine keys it holds (a stack's each; none: the base model)
 
 
 @dataclass
@@ -123,8 +123,12 @@ class FairShare:
                 f"({load.tokens} held, this request needs up to {demand.tokens}); retry when a request "
                 "finishes.",
             )
-        new_adapter = demand.adapter is not None and demand.adapter not in load.adapters
-        if new_adapter and q.max_active_adapters is not None and len(load.adapters) >= q.max_active_adapters:
+        new_adapters = set(demand.adapters) - set(load.adapters)
+        if (
+            new_adapters
+            and q.max_active_adapters is not None
+            and len(load.adapters) + len(new_adapters) > q.max_active_adapters
+        ):
             raise _over(
                 "max_active_adapters",
                 f"Limit of {q.max_active_adapters} distinct adapters in flight at "
@@ -135,8 +139,8 @@ class FairShare:
         load.requests += 1
         load.sequences += demand.sequences
         load.tokens += demand.tokens
-        if demand.adapter is not None:
-            load.adapters[demand.adapter] += 1
+        for key in demand.adapters:
+            load.adapters[key] += 1
         ticket = Ticket(self, tenant.id, demand, api_key)
         self._tickets.add(ticket)
         return ticket
@@ -157,10 +161,10 @@ class FairShare:
         load.requests -= 1
         load.sequences -= ticket.demand.sequences
         load.tokens -= ticket.demand.tokens
-        if ticket.demand.adapter is not None:
-            load.adapters[ticket.demand.adapter] -= 1
-            if load.adapters[ticket.demand.adapter] == 0:
-                del load.adapters[ticket.demand.adapter]
+        for key in ticket.demand.adapters:
+            load.adapters[key] -= 1
+            if load.adapters[key] == 0:
+                del load.adapters[key]
         if load.requests == 0:
             del self._load[ticket.tenant_id]
 

@@ -19,31 +19,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from adapters_store import Tenant
 from server.deps import resolve_adapter
-from server.engine.facade import AdapterUse, EngineError, Generation
-from server.errors import InvalidRequest, RateLimited, Unauthorized, error_event
+from server.engine.facade import EngineError, Generation
+from server.errors import RateLimited, Unauthorized, error_event
 from server.fair_share import Demand, Ticket
-from server.schemas import AdapterRef
 from server.services import Services
+from server.stacking import request_stack, target
 
 _background: set[asyncio.Task] = set()
 REVOKED = "The API key of this request was revoked."
 
 
-def _target(svc: Services, adapter: str | None, model: str | None) -> tuple[AdapterRef | None, str]:
-    """Which adapter the request names (via `adapter`, or via `model` for tools that only set a model)."""
-    base_names = (None, "", svc.spec.identity, svc.spec.name)
-    if adapter:
-        if model not in base_names and model != adapter:
-            raise InvalidRequest(
-                f"model {model!r} and adapter {adapter!r} disagree; name the base model or omit it", param="model"
-            )
-        return AdapterRef.parse(adapter, param="adapter"), "adapter"
-    if model in base_names:
-        return None, "model"
-    return AdapterRef.parse(model, param="model"), "model"
-
-
-def demand_of(body: Any, endpoint: str, max_model_len: int, adapter: str | None) -> Demand:
+def demand_of(body: Any, endpoint: str, max_model_len: int, adapters: tuple[str, ...]) -> Demand:
     """What the request may occupy: n x prompts sequences, each charged an upper bound of its tokens.
 
     The prompt is charged its UTF-8 bytes (a byte-level BPE token is at least one byte; the JSON syntax
@@ -65,34 +51,32 @@ def demand_of(body: Any, endpoint: str, max_model_len: int, adapter: str | None)
         many = isinstance(p, list) and p and not isinstance(p[0], int)
         prompts = [len(x) if isinstance(x, list) else len(str(x).encode()) for x in (p if many else [p or ""])]
     tokens = sum(n * min(max_model_len, size + out) for size in prompts)
-    return Demand(sequences=n * len(prompts), tokens=tokens, adapter=adapter)
+    return Demand(sequences=n * len(prompts), tokens=tokens, adapters=adapters)
 
 
 async def generate(svc: Services, tenant: Tenant, body: Any, raw: Request, *, endpoint: str) -> Response:
-    ref, via = _target(svc, getattr(body, "adapter", None), body.model)
-    record = await resolve_adapter(svc, tenant, ref, via=via) if ref is not None else None
-    key = record.sha256 if record else None
+    stack = await request_stack(svc, tenant, body)
     priority = svc.fair.priority(tenant.id) if svc.multi_tenant else 0  # the tenant's load before this request
     try:
         ticket = svc.fair.admit(
             tenant,
-            demand_of(body, endpoint, svc.settings.max_model_len, key),
+            demand_of(body, endpoint, svc.settings.max_model_len, stack.keys),
             api_key=getattr(raw.state, "api_key", None),
         )
     except RateLimited as e:
         svc.metrics.refused.labels(tenant.name, e.limit).inc()
         raise
-    labels = (tenant.name, "adapter" if record else "base")
+    labels = (tenant.name, "adapter" if stack.uses else "base")
     svc.metrics.requests.labels(*labels, endpoint).inc()
-    adapter = AdapterUse(record.sha256, lambda: svc.store.get_blob(record.id)) if record else None
-    shared = record is None and svc.settings.share_base_prefix_cache
+    svc.metrics.stacked.labels(str(stack.named)).inc()
+    shared = not stack.uses and svc.settings.share_base_prefix_cache
     try:
         gen = await _started(
             svc.engine.generate(
                 endpoint,
                 body,
                 raw,
-                adapter=adapter,
+                adapter=stack.uses,
                 priority=priority,
                 salt_scope=None if shared else tenant.id,
                 shown_model=getattr(body, "adapter", None) or body.model or None,  # the model the client named
@@ -114,7 +98,7 @@ async def generate(svc: Services, tenant: Tenant, body: Any, raw: Request, *, en
 async def tokenization(svc: Services, tenant: Tenant, body: Any, raw: Request, *, endpoint: str) -> Response:
     """/tokenize and /detokenize: the base model's tokenizer (an adapter changes no token), once the adapter
     the body names is one the tenant may use (else the same 404 as generation)."""
-    ref, via = _target(svc, getattr(body, "adapter", None), body.model)
+    ref, via = target(svc, getattr(body, "adapter", None), body.model)
     if ref is not None:
         await resolve_adapter(svc, tenant, ref, via=via)
     return JSONResponse(await svc.engine.tokenization(endpoint, body, raw))

@@ -38,6 +38,12 @@ class Metrics(EngineHooks):
             "Batch rows whose adapter key the worker did not hold (ran as base: must stay 0)",
             registry=r,
         )
+        self.stacked = Counter(
+            "aligner_requests_by_adapters",
+            "Generation requests by how many adapters they named (0: the base model; 2 or more: a stack)",
+            ["adapters"],
+            registry=r,
+        )
         self.refused = Counter(
             "aligner_requests_refused", "Requests refused by a tenant limit", ["tenant", "limit"], registry=r
         )

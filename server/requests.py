@@ -4,14 +4,15 @@ vLLM's models accept any extra field and drop it (logged at debug level), so a t
 answered by the base model. OpenAI's API refuses an unrecognized request argument with a 400, and so do
 these: a top-level key is known when the model reads it (a field's name or alias: vLLM's OpenAI fields, its
 extensions such as `top_k`, `structured_outputs`, `chat_template_kwargs`, and our `adapter`), or is one of
-the few OpenAI fields vLLM lacks that do not change the answer (`OPENAI_IGNORED`)."""
+the few OpenAI fields vLLM lacks that do not change the answer (`OPENAI_IGNORED`). `adapters` (a stack of
+adapters, each at a scale) is ours too."""
 
 from __future__ import annotations
 
 from functools import cache
 from typing import Any
 
-from pydantic import AliasChoices, AliasPath, BaseModel, ModelWrapValidatorHandler, model_validator
+from pydantic import AliasChoices, AliasPath, BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, model_validator
 from pydantic_core import PydanticCustomError
 
 from server.engine.facade import is_vllm_client_error
@@ -89,16 +90,30 @@ class _MalformedIsInvalid(BaseModel):
             raise
 
 
+class StackEntry(BaseModel):
+    """One entry of a request's `adapters`: an adapter by `name` ("name" or "name@version") or `inline` (the
+    base64 of an aligner/v1 file, used once and never stored), at `scale` (finite; bounds: `stacking`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    inline: str | None = None
+    scale: float = Field(1.0, allow_inf_nan=False)
+
+
 class ChatRequest(_MalformedIsInvalid, ChatCompletionRequest):
     adapter: str | None = None  # "name" or "name@version"; absent: the base model
+    adapters: list[StackEntry] | None = None  # a stack, each at its scale (server/stacking.py)
 
 
 class CompletionsRequest(_MalformedIsInvalid, CompletionRequest):
     adapter: str | None = None
+    adapters: list[StackEntry] | None = None
 
 
 class ResponsesBody(_MalformedIsInvalid, ResponsesRequest):
     adapter: str | None = None
+    adapters: list[StackEntry] | None = None
 
 
 class TokenizeCompletion(_MalformedIsInvalid, TokenizeCompletionRequest):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import math
 import os
 import shlex
 from collections.abc import Callable
@@ -49,6 +50,10 @@ class Settings(BaseSettings):
     max_resident_adapters: int = 64  # hot tier: per-layer K_p/V_p precomputed in the engine
     cold_resident_adapters: int = 1024  # cold tier: raw P and gates only (~3.4 KB each), projected on the fly
     max_request_bytes: int = 4 << 20  # any request body; adapter uploads also obey max_adapter_bytes
+    # a request's `adapters` (a stack): how many, and the bounds of each entry's `scale`
+    max_adapters_per_request: int = 4
+    adapter_scale_min: float = -2.0
+    adapter_scale_max: float = 4.0
 
     # tenancy (multi-tenant mode)
     # Base-model prefix-cache blocks are salted per tenant; true lets tenants share them (faster repeats
@@ -111,6 +116,14 @@ class Settings(BaseSettings):
             raise ValueError("cold_resident_adapters must be 0 or more")
         if self.max_adapter_tokens < 1 or self.max_resident_adapters < 1:
             raise ValueError("max_adapter_tokens and max_resident_adapters must be at least 1")
+        if not 1 <= self.max_adapters_per_request <= 16:
+            raise ValueError("ALIGNER_MAX_ADAPTERS_PER_REQUEST must be from 1 to 16 (each is a kernel call per layer)")
+        if not (math.isfinite(self.adapter_scale_min) and math.isfinite(self.adapter_scale_max)) or not (
+            self.adapter_scale_min <= 0 <= 1 <= self.adapter_scale_max
+        ):
+            raise ValueError(
+                "ALIGNER_ADAPTER_SCALE_MIN and ALIGNER_ADAPTER_SCALE_MAX must be finite, with MIN <= 0 and MAX >= 1"
+            )
         return self
 
 

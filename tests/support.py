@@ -184,8 +184,9 @@ class Parity:
     max_logprob_diff: float
 
 
-def parity(hf_model, adapter: Adapter | None, gen: Generation) -> Parity:
-    """Teacher-forced comparison with the HF reference: all greedy tokens must agree."""
+def parity(hf_model, adapter: Adapter | list[tuple[Adapter, float]] | None, gen: Generation) -> Parity:
+    """Teacher-forced comparison with the HF reference (one adapter, a stack of (adapter, scale), or the base
+    model): all greedy tokens must agree."""
     from aligner_core.reference import teacher_forced
 
     greedy, ref = teacher_forced(hf_model, adapter, gen.prompt_ids, gen.tokens)

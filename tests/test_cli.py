@@ -305,6 +305,39 @@ def test_a_config_without_a_length_keeps_the_setting() -> None:
     assert fit_max_model_len(Settings(), {"hidden_size": 64}) == DEFAULT_MAX_MODEL_LEN
 
 
+# ---- `aligner chat`: the client's command line, --adapter repeatable with a strength ----
+
+
+def test_aligner_chat_stacks_adapters_through_the_client(monkeypatch, capsys) -> None:
+    """`aligner chat` is the client's `main`: `--adapter NAME:SCALE` repeated sends `adapters`, one plain
+    `--adapter NAME` the old `adapter` field, and a bad scale exits 2 naming the value, sending nothing."""
+    from aligner_client import Client
+    from aligner_client import cli as client_cli
+
+    bodies: list[dict] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return httpx.Response(200, json={"choices": [{"index": 0, "message": {"content": "Ahoy"}}]})
+
+    monkeypatch.setattr(
+        client_cli, "Client", lambda **kw: Client(kw["base_url"], transport=httpx.MockTransport(answer))
+    )
+    assert cli.main(["chat", "--adapter", "pirate:0.5", "--adapter", "json", "Hi"]) == 0
+    assert cli.main(["chat", "--adapter", "pirate", "Hi"]) == 0
+    assert capsys.readouterr().out == "Ahoy\nAhoy\n"
+    assert [{k: v for k, v in b.items() if k.startswith("adapter")} for b in bodies] == [
+        {"adapters": [{"name": "pirate", "scale": 0.5}, {"name": "json"}]},
+        {"adapter": "pirate"},
+    ]
+    assert cli.main(["chat", "--adapter", "pirate:lots", "Hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "aligner chat: error: argument --adapter: 'pirate:lots': the scale after the ':' is not a finite number"
+    )
+    assert len(bodies) == 2
+
+
 # ---- end to end: one real server, a vLLM flag of each kind on its command line ----
 
 

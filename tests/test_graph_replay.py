@@ -201,13 +201,13 @@ def test_the_harness_refuses_a_host_sync() -> None:
 def test_routing_buffer_keeps_its_address_and_zeroes_the_tail() -> None:
     st, _ = make_state(graph_safe=True)
     st.table.put("a", ADAPTERS["a"])
-    buf = st.token_slots
-    assert buf is not None
-    address = buf.data_ptr()
+    assert st.token_slots is not None
+    buf = st.token_slots[0]  # lane 0: the only lane of this routing
+    address = st.token_slots.data_ptr()
     route(st, ["a"] * 20)
     assert buf[:20].tolist() == [1] * 20
     route(st, ["a", None, "a"])
-    assert buf.tolist() == [1, 0, 1] + [0] * 29 and buf.data_ptr() == address
+    assert buf.tolist() == [1, 0, 1] + [0] * 29 and st.token_slots.data_ptr() == address
     route(st, [None, None])
     assert not buf.any()
     with pytest.raises(RuntimeError, match="routing buffer"):
@@ -229,7 +229,7 @@ def test_cold_adapters_are_staged_into_the_buffer() -> None:
         ids.append(table.lookup(n, set(ids) - {0}) if n else 0)
     assert max(ids) >= table.cold_base  # cold ids reach the routing
     st.set_tokens(np.array(ids, dtype=np.int64))
-    staged = st.token_slots[:4].tolist()
+    staged = st.token_slots[0, :4].tolist()
     assert max(staged) < table.cold_base and staged[3] == 0  # the op sees hot or scratch slots only
     torch.manual_seed(3)
     q, base = torch.randn(4, H * D), torch.randn(SPEC.num_layers, 4, H * D)

@@ -8,6 +8,7 @@ server process: one open-mode server and one multi-tenant server with an admin k
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import subprocess
@@ -25,6 +26,7 @@ except ImportError:  # not installed into the venv: use the source tree
 
 from aligner_client import (
     AdapterNotFoundError,
+    AdapterSpec,
     APIConnectionError,
     APIError,
     APITimeoutError,
@@ -296,6 +298,115 @@ def test_stream_error_before_and_during() -> None:
     assert got == ["a"]
 
 
+# --------------------------------------------------------------------------------------- adapter stacks
+
+
+def _ok_chat(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(200, json={"id": "c1", "object": "chat.completion", "choices": []})
+
+
+def test_adapters_entries_reach_the_wire_sync_and_async(tmp_path) -> None:
+    """Every form of entry becomes the server's `{"name" | "inline", "scale"?}`; chat and completions, sync and
+    async, build the same body."""
+    f = tmp_path / "draft.safetensors"
+    f.write_bytes(b"\x00adapter bytes\xff")
+    b64 = base64.b64encode(f.read_bytes()).decode()
+    entries = [
+        "pirate",
+        "pirate@2",
+        "pirate:0.5",
+        "json@3:-1.25",
+        {"name": "tone", "scale": 2},
+        {"inline": f.read_bytes()},
+        {"inline": b64, "scale": 0},
+        AdapterSpec("tone", scale=0),
+        AdapterSpec.from_file(f, scale=0.3),
+        AdapterSpec(inline=f.read_bytes()),
+    ]
+    wire = [
+        {"name": "pirate"},
+        {"name": "pirate@2"},
+        {"name": "pirate", "scale": 0.5},
+        {"name": "json@3", "scale": -1.25},
+        {"name": "tone", "scale": 2},
+        {"inline": b64},
+        {"inline": b64, "scale": 0},
+        {"name": "tone", "scale": 0.0},
+        {"inline": b64, "scale": 0.3},
+        {"inline": b64},
+    ]
+    rec = Recorder(httpx.Response(200, json={"id": "c1", "object": "chat.completion", "choices": []}))
+    mock_client(rec).chat.create("hi", adapters=entries, max_tokens=3)
+    mock_client(rec).completions.create("The sky is", adapters=entries[:3], temperature=0)
+    sent = [json.loads(r.content) for r in rec.requests]
+    assert sent[0] == {"messages": [{"role": "user", "content": "hi"}], "adapters": wire, "max_tokens": 3}
+    assert sent[1] == {"prompt": "The sky is", "adapters": wire[:3], "temperature": 0}
+    assert "adapter" not in sent[0] and rec.requests[1].url.path == "/v1/completions"
+    assert "inline" not in repr(AdapterSpec.from_file(f))  # an adapter file's bytes stay out of reprs and logs
+
+    bodies: list[dict] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return _ok_chat(request)
+
+    async def go():
+        async with AsyncClient("http://srv", transport=httpx.MockTransport(record)) as c:
+            await c.chat.create("hi", adapters=entries, max_tokens=3)
+            await c.completions.create("The sky is", adapters=entries[:3], temperature=0)
+
+    asyncio.run(go())
+    assert bodies == sent
+
+
+def test_one_adapter_field_or_the_other_and_bad_entries_fail_before_sending() -> None:
+    rec = Recorder(httpx.Response(200, json={"choices": []}))
+    c = mock_client(rec)
+    with pytest.raises(ValueError, match="adapter= or adapters=, not both"):
+        c.chat.create("hi", adapter="pirate", adapters=["json"])
+    with pytest.raises(ValueError, match="not both"):
+        asyncio.run(
+            AsyncClient("http://srv", transport=httpx.MockTransport(rec)).completions.create(
+                "x", adapter="pirate", adapters=[]
+            )
+        )
+    for text, says in [
+        ("pirate:abc", "'pirate:abc': the scale after the ':' is not a finite number"),
+        ("pirate:", "'pirate:': the scale"),
+        ("pirate:inf", "not a finite number"),
+        ("pirate:nan", "not a finite number"),
+        (":0.5", "no adapter name before the ':'"),
+    ]:
+        with pytest.raises(ValueError) as e:
+            c.chat.create("hi", adapters=["json", text])
+        assert says in str(e.value)
+    for bad in [
+        lambda: AdapterSpec(),
+        lambda: AdapterSpec("pirate", inline=b"x"),
+        lambda: AdapterSpec("pirate", scale=float("inf")),
+        lambda: AdapterSpec("pirate", scale=True),
+        lambda: AdapterSpec("pirate", scale="0.5"),
+    ]:
+        with pytest.raises(ValueError):
+            bad()
+    with pytest.raises(TypeError, match="a list of entries"):
+        c.chat.create("hi", adapters="pirate:0.5")
+    with pytest.raises(TypeError, match="not int"):
+        c.chat.create("hi", adapters=["pirate", 3])
+    assert rec.requests == []
+    # an empty stack is sent as it is: the server decides what it means
+    c.chat.create("hi", adapters=[])
+    assert json.loads(rec.requests[0].content)["adapters"] == []
+
+
+def test_the_servers_400_names_the_entry() -> None:
+    body = err_body("adapters[1].scale must be between -2 and 4", None, param="adapters[1].scale")
+    c = mock_client(Recorder(httpx.Response(400, json=body)))
+    with pytest.raises(BadRequestError) as e:
+        c.chat.create("hi", adapters=["pirate", "json:9"])
+    assert e.value.param == "adapters[1].scale" and e.value.status == 400
+
+
 # --------------------------------------------------------------------------------------- pagination
 
 
@@ -438,6 +549,46 @@ def test_cli_table_and_error_exit(capsys) -> None:
     captured = capsys.readouterr()
     assert "adapter_not_found" in captured.err and "does not exist" in captured.err and captured.out == ""
     assert cli_main(["adapters", "frobnicate"]) == 2
+
+
+def test_cli_adapter_flags_build_adapter_or_adapters(tmp_path, capsys) -> None:
+    """One plain `--adapter NAME` keeps the old `adapter` field; several, a `:SCALE` or an `@FILE` send
+    `adapters`; a bad value is a usage error (2) naming it, and nothing is sent."""
+    f = tmp_path / "draft.safetensors"
+    f.write_bytes(b"aligner bytes")
+    b64 = base64.b64encode(b"aligner bytes").decode()
+    rec = Recorder(httpx.Response(200, json={"choices": [{"index": 0, "message": {"content": "Arr"}}]}))
+
+    def sent(*flags: str) -> dict:
+        assert cli_main(["chat", *flags, "--max-tokens", "5", "hi"], client=mock_client(rec)) == 0
+        assert capsys.readouterr().out == "Arr\n"
+        body = json.loads(rec.requests[-1].content)
+        assert body.pop("messages") == [{"role": "user", "content": "hi"}] and body.pop("max_tokens") == 5
+        return body
+
+    assert sent() == {}
+    assert sent("--adapter", "pirate@2") == {"adapter": "pirate@2"}
+    assert sent("--adapter", "pirate:0.5") == {"adapters": [{"name": "pirate", "scale": 0.5}]}
+    assert sent("--adapter", "pirate:0.5", "--adapter", "json") == {
+        "adapters": [{"name": "pirate", "scale": 0.5}, {"name": "json"}]
+    }
+    assert sent("--adapter", "pirate", "--adapter", "json@2:-1") == {
+        "adapters": [{"name": "pirate"}, {"name": "json@2", "scale": -1.0}]
+    }
+    assert sent("--adapter", f"@{f}") == {"adapters": [{"inline": b64}]}
+    assert sent("--adapter", f"@{f}:0.25", "--adapter", "json") == {
+        "adapters": [{"inline": b64, "scale": 0.25}, {"name": "json"}]
+    }
+    n = len(rec.requests)
+    for value, says in [
+        ("pirate:abc", "argument --adapter: 'pirate:abc': the scale after the ':' is not a finite number"),
+        ("pirate:inf", "'pirate:inf': the scale after the ':' is not a finite number"),
+        (":1", "':1': no adapter name"),
+        (f"@{tmp_path}/missing.safetensors:0.5", f"'@{tmp_path}/missing.safetensors:0.5': cannot read the file"),
+    ]:
+        assert cli_main(["chat", "--adapter", "json", "--adapter", value, "hi"], client=mock_client(rec)) == 2
+        assert says in capsys.readouterr().err
+    assert len(rec.requests) == n
 
 
 def test_cli_connection_error_exits_1(capsys) -> None:
@@ -629,6 +780,56 @@ def test_cli_json_against_the_server(open_server, spec, tmp_path, capsys) -> Non
     assert cli_main([*base, "adapters", "show", "cli-tone"]) == 1
     err = capsys.readouterr().err
     assert "404" in err and "adapter_not_found" in err
+
+
+@pytest.mark.server
+def test_sdk_and_cli_adapter_stacks_against_the_server(open_server, sdk, spec, tmp_path, capsys) -> None:
+    """`adapters=` through the real server: one entry at scale 1 is the plain adapter, scale 0 the base model,
+    an inline file the stored one; a stack of two reads the same streamed, async, and from the CLI."""
+    a_bytes, b_bytes = _adapter_bytes(spec, seed=11)[0], _adapter_bytes(spec, seed=12)[0]
+    sdk.adapters.upload("sdk-stack-a", a_bytes)
+    sdk.adapters.upload("sdk-stack-b", b_bytes)
+    base, plain = _chat(sdk), _chat(sdk, "sdk-stack-a")
+
+    def stacked(adapters: list, **kw) -> object:
+        return sdk.chat.create(QUESTION, adapters=adapters, max_tokens=12, temperature=0, **kw)
+
+    assert stacked(["sdk-stack-a"]).text == plain
+    assert stacked([{"name": "sdk-stack-a", "scale": 1.0}]).text == plain
+    assert stacked(["sdk-stack-a:0"]).text == base
+    assert stacked([AdapterSpec.from_file(a_bytes)]).text == plain
+    two = stacked(["sdk-stack-a:0.5", "sdk-stack-b"])
+    assert two.text and two.model == spec.identity
+    with stacked(["sdk-stack-a:0.5", "sdk-stack-b"], stream=True) as stream:
+        assert "".join(c.text for c in stream) == two.text
+    prompt = "The three primary colours are"
+    comp_base = sdk.completions.create(prompt, max_tokens=6, temperature=0).text
+    assert sdk.completions.create(prompt, adapters=["sdk-stack-b:0"], max_tokens=6, temperature=0).text == comp_base
+
+    async def go() -> tuple[str, str]:
+        async with AsyncClient(open_server.base, max_retries=0) as ac:
+            kw = {"adapters": ["sdk-stack-a:0.5", "sdk-stack-b"], "max_tokens": 12, "temperature": 0}
+            reply = await ac.chat.create(QUESTION, **kw)
+            stream = await ac.chat.create(QUESTION, stream=True, **kw)
+            return reply.text, "".join([c.text async for c in stream])
+
+    assert asyncio.run(go()) == (two.text, two.text)
+
+    with pytest.raises(BadRequestError) as e:
+        stacked(["sdk-stack-a", "sdk-stack-b:9"])
+    assert e.value.status == 400 and e.value.param == "adapters[1].scale"
+    with pytest.raises(ValueError):
+        sdk.chat.create(QUESTION, adapter="sdk-stack-a", adapters=["sdk-stack-b"])
+
+    f = tmp_path / "b.safetensors"
+    f.write_bytes(b_bytes)
+    flags = ["--max-tokens", "12", "--temperature", "0", "--base-url", open_server.base]
+    assert cli_main(["chat", "--adapter", "sdk-stack-a:0.5", "--adapter", f"@{f}", *flags, QUESTION]) == 0
+    assert capsys.readouterr().out == two.text + "\n"
+    assert cli_main(["chat", "--adapter", "sdk-stack-a:0", "--stream", *flags, QUESTION]) == 0
+    assert capsys.readouterr().out == base + "\n"
+    assert cli_main(["chat", "--adapter", "sdk-stack-a", "--adapter", "sdk-stack-b:9", *flags, QUESTION]) == 1
+    assert "400" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------- multi-tenant server

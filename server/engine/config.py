@@ -9,6 +9,21 @@ from typing import Any, NoReturn
 
 # The key of SamplingParams.extra_args that carries a request's adapter (its content hash) to the worker.
 EXTRA_ARGS_KEY = "aligner"
+STACK_SEP = "+"  # joins the engine keys of a stack into one routing key (keys are hex digests and scales)
+SCALE_SEP = "*"  # between an adapter's content hash and its scale in a scaled adapter's engine key
+
+
+def scaled_key(key: str, scale: float) -> str:
+    """The engine key of adapter `key` at `scale` (1.0: `key` itself, the plain adapter): its own table
+    entry, loaded with its gates times the scale."""
+    return key if scale == 1.0 else f"{key}{SCALE_SEP}{scale!r}"
+
+
+def stack_key(keys: list[str]) -> str:
+    """The routing key of a stack of engine keys, in lane order (`op.WorkerState.assign` splits it)."""
+    if any(STACK_SEP in k for k in keys):
+        raise ValueError(f"an engine key may not contain {STACK_SEP!r}")
+    return STACK_SEP.join(keys)
 
 
 @dataclass(frozen=True)
@@ -16,6 +31,7 @@ class AlignerEngineConfig:
     max_slots: int = 64  # hot adapters: per-layer K_p/V_p precomputed
     cold_slots: int = 0  # further resident adapters kept as raw P and gates, projected on the fly
     max_tokens: int = 16  # largest N (prefix tokens) an adapter may have
+    max_stack: int = 4  # most adapters one request may stack: the routing's lanes (one kernel call each in use)
     path: str = "auto"  # "auto", "torch", "triton" or "cpu": see server/engine/kernels PATHS
     routing: str = "v1"  # the runner's routing tracker, "v1" or "v2" (set by the engine options, not a user setting)
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.engine import placement
-from server.engine.config import EXTRA_ARGS_KEY, AlignerEngineConfig
+from server.engine.config import EXTRA_ARGS_KEY, SCALE_SEP, AlignerEngineConfig, scaled_key, stack_key
 from server.engine.plugin import aligner_architecture
 
 log = logging.getLogger(__name__)
@@ -268,13 +268,13 @@ class AlignerEngine:
         request: Any,
         raw_request: Any,
         *,
-        adapter: AdapterUse | None,
+        adapter: AdapterUse | list[AdapterUse] | None,
         salt_scope: str | None,
         priority: int = 0,
         shown_model: str | None = None,
     ) -> Generation:
         """Run one chat ("chat"), completion ("completions") or Responses API ("responses") request, on
-        `adapter` (None: the base model),
+        `adapter` (None: the base model; a list: a stack, each at its scale, those at scale 0 left out),
         in the prefix cache of `salt_scope` (a tenant id; None: shared by every tenant), at `priority` (used
         under vLLM's priority policy only). The answer's `model` is `shown_model` (what the client named;
         None: the base model's name), and its JSON is OpenAI's (`openai_shape`).
@@ -286,7 +286,8 @@ class AlignerEngine:
         answer's, and a refused request's, is released before this returns."""
         from server.engine.vllm_glue import ErrorResponse, StreamOptions
 
-        lease = await self.lease(adapter.key, adapter.load) if adapter is not None else None
+        uses = [u for u in (adapter if isinstance(adapter, list) else [adapter] if adapter else []) if u.scale != 0]
+        lease = await self.lease_stack(uses) if uses else None
         try:
             key = lease.key if lease is not None else None
             xargs = {k: v for k, v in (request.vllm_xargs or {}).items() if k != EXTRA_ARGS_KEY}
@@ -352,42 +353,58 @@ class AlignerEngine:
         return result, first
 
     # ---- adapters ----
-    async def lease(self, key: str, load: Callable[[], Awaitable[bytes]]) -> Lease:
-        """Pin `key` and make sure it is resident; the caller must `release()` the lease."""
+    async def lease(self, key: str, load: Callable[[], Awaitable[bytes]], scale: float = 1.0) -> Lease:
+        """Pin `key` at `scale` and make sure it is resident; the caller must `release()` the lease."""
+        return await self.lease_stack([AdapterUse(key, load, scale)])
+
+    async def lease_stack(self, uses: list[AdapterUse]) -> Lease:
+        """Pin each adapter of a stack at its scale, in order, loading those not resident; the caller must
+        `release()` the lease. If one cannot be had, the others are unpinned before this raises."""
+        keys: list[str] = []
+        try:
+            for use in uses:
+                keys.append(await self._pin(use.engine_key, use.load, use.scale))
+        except BaseException:
+            for key in keys:
+                await self._unpin(key)
+            raise
+        self.leases += 1
+        self.hooks.leases_changed(self.leases)
+        return Lease(self, keys)
+
+    async def _pin(self, key: str, load: Callable[[], Awaitable[bytes]], scale: float) -> str:
         async with self._lock:
             entry = self._resident.get(key)
             if entry is not None:
                 self._resident.move_to_end(key)
                 entry.pins += 1
                 entry.retired = False
-                return self._new_lease(key)
+                return key
             data = await load()
             await self._make_room()
             started = time.perf_counter()
-            await self._rpc("aligner_load", key, data)
+            await self._rpc("aligner_load", key, data, scale)
             self.hooks.adapter_loaded(time.perf_counter() - started)
             self._resident[key] = _Resident(pins=1)
             self.hooks.resident_changed(len(self._resident))
-            return self._new_lease(key)
-
-    def _new_lease(self, key: str) -> Lease:
-        self.leases += 1
-        self.hooks.leases_changed(self.leases)
-        return Lease(self, key)
+            return key
 
     async def retire(self, key: str) -> None:
-        """The adapter was deleted: unload it once no running request holds it."""
+        """The adapter was deleted: unload it, and each scale of it, once no running request holds it."""
         async with self._lock:
-            entry = self._resident.get(key)
-            if entry is None:
-                return
-            entry.retired = True
-            if entry.pins == 0:
-                await self._try_unload(key)
+            for k in [k for k in self._resident if k == key or k.startswith(key + SCALE_SEP)]:
+                entry = self._resident[k]
+                entry.retired = True
+                if entry.pins == 0:
+                    await self._try_unload(k)
 
-    async def _release(self, key: str) -> None:
+    async def _release(self, keys: list[str]) -> None:
         self.leases -= 1
         self.hooks.leases_changed(self.leases)
+        for key in keys:
+            await self._unpin(key)
+
+    async def _unpin(self, key: str) -> None:
         async with self._lock:
             entry = self._resident.get(key)
             if entry is None:
@@ -455,23 +472,35 @@ class AlignerEngine:
 
 
 class Lease:
-    """A pin on one resident adapter; release exactly once (idempotent)."""
+    """Pins on resident adapters (one, or a stack's in lane order); release exactly once (idempotent)."""
 
-    def __init__(self, engine: AlignerEngine, key: str) -> None:
-        self.engine, self.key, self._released = engine, key, False
+    def __init__(self, engine: AlignerEngine, keys: list[str]) -> None:
+        self.engine, self.keys, self._released = engine, keys, False
+
+    @property
+    def key(self) -> str:
+        """The routing key: the adapter's engine key, or the stack's (`config.stack_key`)."""
+        return stack_key(self.keys)
 
     async def release(self) -> None:
         if not self._released:
             self._released = True
-            await self.engine._release(self.key)
+            await self.engine._release(self.keys)
 
 
 @dataclass(frozen=True)
 class AdapterUse:
-    """The adapter a request runs on: its engine key (the content hash) and how to read it if not resident."""
+    """An adapter a request runs on: its content hash, how to read it if not resident, and its scale (a
+    stack's entry; 1.0: the adapter as trained)."""
 
     key: str
     load: Callable[[], Awaitable[bytes]]
+    scale: float = 1.0
+
+    @property
+    def engine_key(self) -> str:
+        """The key the engine holds it under: each scale its own entry (`config.scaled_key`)."""
+        return scaled_key(self.key, self.scale)
 
 
 class Generation:

@@ -86,7 +86,8 @@ def install(model: torch.nn.Module, vllm_config: VllmConfig) -> WorkerState:
         max_slots=cfg.max_slots,
         max_tokens=cfg.max_tokens,
         cold_slots=cfg.cold_slots,
-        scratch=vllm_config.scheduler_config.max_num_seqs if cfg.cold_slots else 0,  # one per batch row
+        # one per batch row and lane (a row's stack stages each of its cold adapters)
+        scratch=vllm_config.scheduler_config.max_num_seqs * cfg.max_stack if cfg.cold_slots else 0,
     )
     dtype = cast(torch.dtype, vllm_config.model_config.dtype)  # resolved to a torch.dtype by ModelConfig
     kernel = kernels.choose(cfg.path, param.device, dtype, attn0.head_size, cfg.max_tokens)
@@ -94,7 +95,7 @@ def install(model: torch.nn.Module, vllm_config: VllmConfig) -> WorkerState:
     # torch and Triton kernels read float32.
     kv_dtype = dtype if kernel == "cpu" and dtype == torch.bfloat16 else torch.float32
     table = AdapterTable(shape, handles, device=param.device, dtype=dtype, kv_dtype=kv_dtype)
-    routing = Routing(vllm_config.scheduler_config.max_num_seqs)
+    routing = Routing(vllm_config.scheduler_config.max_num_seqs, lanes=cfg.max_stack)
     state = WorkerState(table=table, routing=routing, scale=1.0 / math.sqrt(attn0.head_size), kernel=kernel)
     if kernel == "triton" and cfg.routing == "v2":  # vLLM may capture the op in CUDA graphs: see op.py
         state.enable_graphs(max(vllm_config.scheduler_config.max_num_batched_tokens, _largest_capture(vllm_config)))

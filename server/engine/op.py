@@ -7,15 +7,20 @@ routing reads just the two views of the table it is built with (N per slot, the 
 the table never sees the routing:
 
     V1 logits processor, V2 model state -- assign / release / move / set_batch --> WorkerState
-        assign: AdapterTable.lookup(key, Routing.slots_in_use()) -> slot -> Routing row (or counted unknown)
+        assign: AdapterTable.lookup(key, Routing.slots_in_use()) per stacked key -> slots -> Routing row
+                (or counted unknown)
     worker extension -- load / load_many / evict / counters / stats --> WorkerState -> AdapterTable
-    apply_term, once per layer -- plan --> WorkerState -> Routing.plan (once per forward) -> StepPlan
+    apply_term, once per layer -- plan --> WorkerState -> Routing.tokens (once per forward) -> StepPlans
+
+A request's routing key is one engine key, or several joined by "+" (`config.STACK_SEP`): a stack, each adapter in
+its own routing lane, one kernel call per lane in use (its own softmax), the terms summed in lane order.
+A scaled adapter is its own engine key (`config.scaled_key`), its gates multiplied by the scale when loaded.
 
 Graph-safe mode (`WorkerState.graph_safe`: the V2 runner with the Triton kernel, where vLLM captures CUDA
 graphs): the token -> slot routing of each forward is written, before the forward and outside any graph, into
-one persistent buffer (`token_slots`, fixed address), and every forward launches the kernel on every adapted
-layer with a geometry fixed by the token count and the table's maximum N, whether or not a token has an
-adapter (slot 0 adds nothing). No Python decision depends on the routing, so a captured launch is right at
+one persistent buffer (`token_slots`, fixed address, one row per lane), and every forward launches the kernel
+once per lane on every adapted layer with a geometry fixed by the token count and the table's maximum N,
+whether or not a token has an adapter (slot 0 adds nothing). No Python decision depends on the routing, so a captured launch is right at
 replay for any routing and any table contents. Everywhere else vLLM captures no graph around the op (CPU,
 --enforce-eager, or the op is a splitting op: `facade.EngineOptions.cuda_graphs`).
 """
@@ -33,7 +38,8 @@ import torch
 
 from server.engine import kernels
 from server.engine import routing as _routing
-from server.engine.routing import Routing, StepPlan, step_plan
+from server.engine.config import STACK_SEP
+from server.engine.routing import Routing, StepPlan, step_plan, step_plans
 from server.engine.table import AdapterTable
 
 if TYPE_CHECKING:
@@ -49,11 +55,11 @@ class WorkerState:
     scale: float  # 1 / sqrt(D), the attention's own scale
     kernel: str = "torch"  # "torch", "triton" or "cpu": chosen once at start (`kernels.choose`)
     op_seconds: float = 0.0  # host time spent computing the term (on CUDA: launching it), for benchmarks
-    _cached: tuple[object, int, int, StepPlan | None] | None = None  # (forward context, T, routing version, plan)
+    _cached: tuple[object, int, int, list[StepPlan]] | None = None  # (forward context, T, routing version, plans)
     _impl: kernels.Kernel | None = None
-    # graph-safe mode (`enable_graphs`): the persistent routing and each captured size's step
-    token_slots: torch.Tensor | None = None  # [most tokens a forward has] long on the model's device; 0 = none
-    _graph_steps: dict[int, StepPlan] = field(default_factory=dict)
+    # graph-safe mode (`enable_graphs`): the persistent routing and each captured size's steps
+    token_slots: torch.Tensor | None = None  # [lanes, most tokens a forward has] long on the model's device
+    _graph_steps: dict[int, list[StepPlan]] = field(default_factory=dict)
 
     @property
     def graph_safe(self) -> bool:
@@ -75,19 +81,30 @@ class WorkerState:
         and every forward launches the kernel. Only a graph-safe kernel can run so."""
         if not self.impl().graph_safe:
             raise RuntimeError(f"the {self.kernel} kernel is not graph-safe; it cannot run inside CUDA graphs")
-        self.token_slots = torch.zeros(max_tokens_per_forward, dtype=torch.long, device=self.table.k.device)
+        lanes = self.routing.lanes
+        self.token_slots = torch.zeros(lanes, max_tokens_per_forward, dtype=torch.long, device=self.table.k.device)
 
     # ---- rows: the routers' verbs ----
     def assign(self, row: int, key: str | None) -> int:
-        """Route batch row `row` (V2: the request's persistent index) to `key`'s adapter; returns its routing
-        id. A cold adapter is promoted into a hot slot no row uses, where one can be freed. A key the table
-        does not hold gets 0: the row runs as the base model, and is counted (`counters`)."""
-        slot = self.table.lookup(key, self.routing.slots_in_use()) if key else 0
-        if key and slot == 0:
+        """Route batch row `row` (V2: the request's persistent index) to `key`'s adapter, or to each adapter of a
+        stack (`stack_key`), lane by lane; returns lane 0's routing id. A cold adapter is promoted into a hot
+        slot no row uses, where one can be freed. A key the table does not hold (any of a stack's), or a stack
+        deeper than the lanes, gets 0 on every lane: the row runs as the base model, and is counted
+        (`counters`): never a part of its stack."""
+        parts = key.split(STACK_SEP) if key else []
+        slots: list[int] = []
+        if len(parts) <= self.routing.lanes:
+            in_use = self.routing.slots_in_use()
+            for part in parts:
+                slot = self.table.lookup(part, in_use | set(slots))  # a stack's own slots stay hot
+                if slot == 0:
+                    break
+                slots.append(slot)
+        if len(slots) < len(parts):
             self.routing.set_unknown(row)
-        else:
-            self.routing.set_row(row, slot)
-        return slot
+            return 0
+        self.routing.set_row(row, slots or 0)
+        return slots[0] if slots else 0
 
     def release(self, row: int) -> None:
         self.routing.set_row(row, 0)
@@ -106,8 +123,8 @@ class WorkerState:
         self._fill_token_slots()
 
     def _fill_token_slots(self) -> None:
-        """Graph-safe mode: write the coming forward's token slots (cold adapters staged) into the persistent
-        buffer, zeros past them; outside any graph, before the forward."""
+        """Graph-safe mode: write the coming forward's token slots (cold adapters staged), lane by lane, into
+        the persistent buffer, zeros past them; outside any graph, before the forward."""
         buf = self.token_slots
         if buf is None:
             return
@@ -115,35 +132,40 @@ class WorkerState:
         if tokens is None or not tokens.any():
             buf.zero_()
             return
-        if len(tokens) > len(buf):
-            raise RuntimeError(f"a forward of {len(tokens)} tokens exceeds the Aligner routing buffer ({len(buf)})")
+        if tokens.shape[1] > buf.shape[1]:
+            raise RuntimeError(
+                f"a forward of {tokens.shape[1]} tokens exceeds the Aligner routing buffer ({buf.shape[1]})"
+            )
         t = self.table
-        slots = t.stage(tokens) if t.shape.cold_slots else tokens
-        buf[len(slots) :].zero_()
-        buf[: len(slots)].copy_(torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64)), non_blocking=False)
+        slots = t.stage(tokens) if t.shape.cold_slots else tokens  # [lanes used, T]
+        buf.zero_()
+        buf[: slots.shape[0], : slots.shape[1]].copy_(torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64)))
 
-    def plan(self, num_tokens: int) -> StepPlan | None:
-        """The op's plan for the forward now running, or None: no token is adapted. Made at the forward's
-        first attention layer and reused by the others (the op runs once per layer)."""
+    def plan(self, num_tokens: int) -> list[StepPlan]:
+        """The op's plans for the forward now running, one per lane in use (none: no token is adapted). Made
+        at the forward's first attention layer and reused by the others (the op runs once per layer)."""
         ctx = _routing._current_forward_context()
         c = self._cached
         if c is not None and ctx is not None and c[0] is ctx and c[1] == num_tokens and c[2] == self.routing.version:
             return c[3]
         tokens = self.routing.tokens(ctx)
-        plan = self.plan_tokens(tokens, num_tokens) if tokens is not None else None
+        t = self.table
+        stage = t.stage if t.shape.cold_slots else None
+        plans = step_plans(tokens, num_tokens, t.ntok, t.k.device, stage) if tokens is not None else []
         # Holding the context object keeps its id from being reused by a later forward.
-        self._cached = (ctx, num_tokens, self.routing.version, plan)
-        return plan
+        self._cached = (ctx, num_tokens, self.routing.version, plans)
+        return plans
 
     def plan_tokens(self, tokens: np.ndarray, num_tokens: int) -> StepPlan | None:
-        """The plan for a given token -> routing id layout (tests, benchmarks), cold adapters staged."""
+        """The plan for a given token -> routing id layout of one lane (tests, benchmarks), cold adapters staged."""
         t = self.table
         return step_plan(tokens, num_tokens, t.ntok, t.k.device, t.stage if t.shape.cold_slots else None)
 
     # ---- residency: the worker extension's verbs ----
-    def load(self, key: str, adapter: Adapter) -> int:
-        """Make `key` resident (idempotent); returns its routing id. Raises TableFull or ValueError."""
-        return self.table.put(key, adapter)
+    def load(self, key: str, adapter: Adapter, scale: float = 1.0) -> int:
+        """Make `key` resident (idempotent), its gates times `scale`; returns its routing id. Raises TableFull
+        or ValueError."""
+        return self.table.put(key, adapter, scale=scale)
 
     def load_many(self, items: Iterable[tuple[str, Adapter]]) -> int:
         """`load` each; returns how many adapters are resident afterwards."""
@@ -171,19 +193,21 @@ class WorkerState:
         }
 
     # ---- the op's ----
-    def graph_step(self, num_tokens: int) -> StepPlan:
-        """Graph-safe mode: the step of a forward of `num_tokens` tokens, the same for any routing (the
-        persistent buffer's first tokens, every key of the table)."""
-        step = self._graph_steps.get(num_tokens)
-        if step is None:
-            assert self.token_slots is not None
-            if num_tokens > len(self.token_slots):
+    def graph_steps(self, num_tokens: int) -> list[StepPlan]:
+        """Graph-safe mode: the steps of a forward of `num_tokens` tokens, one per lane, the same for any
+        routing (each lane's first tokens of the persistent buffer, every key of the table)."""
+        steps = self._graph_steps.get(num_tokens)
+        if steps is None:
+            buf = self.token_slots
+            assert buf is not None
+            if num_tokens > buf.shape[1]:
                 raise RuntimeError(
-                    f"a forward of {num_tokens} tokens exceeds the Aligner routing buffer ({len(self.token_slots)})"
+                    f"a forward of {num_tokens} tokens exceeds the Aligner routing buffer ({buf.shape[1]})"
                 )
-            step = StepPlan(None, self.table.shape.max_tokens, self.token_slots.device, self.token_slots[:num_tokens])
-            self._graph_steps[num_tokens] = step
-        return step
+            N = self.table.shape.max_tokens
+            steps = [StepPlan(None, N, buf.device, buf[lane, :num_tokens]) for lane in range(len(buf))]
+            self._graph_steps[num_tokens] = steps
+        return steps
 
 
 _state: WorkerState | None = None
@@ -207,11 +231,13 @@ def apply_term(out: torch.Tensor, q: torch.Tensor, layer: int) -> None:
     if st is None or layer not in st.table.adapted_layers:
         return
     t0 = time.perf_counter()
-    # graph-safe: one fixed launch whatever the routing (see the module doc); else the forward's plan, if any
-    step = st.graph_step(q.shape[0]) if st.token_slots is not None else st.plan(q.shape[0])
-    if step is None:
+    # graph-safe: fixed launches whatever the routing (see the module doc); else the forward's plans, if any
+    steps = st.graph_steps(q.shape[0]) if st.token_slots is not None else st.plan(q.shape[0])
+    if not steps:
         return
-    st.impl().add(out, q, layer, step)
+    impl = st.impl()
+    for step in steps:  # one per lane: a stack's terms, each with its own softmax, added in lane order
+        impl.add(out, q, layer, step)
     st.op_seconds += time.perf_counter() - t0
 
 

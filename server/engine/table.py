@@ -141,9 +141,10 @@ class AdapterTable:
         return list(self.raw._index)
 
     @torch.inference_mode()
-    def put(self, key: str, adapter: Adapter) -> int:
-        """Make an adapter resident under `key` (idempotent); returns its routing id. Raises TableFull or
-        ValueError. It goes hot when a slot is free, cold otherwise."""
+    def put(self, key: str, adapter: Adapter, *, scale: float = 1.0) -> int:
+        """Make an adapter resident under `key` (idempotent), its gates (after activation) times `scale`: the
+        term is linear in the gate, so this is the adapter at that strength. Returns its routing id. Raises
+        TableFull or ValueError. It goes hot when a slot is free, cold otherwise."""
         if key in self.raw:
             c = self.raw.index(key)
             assert c is not None  # key in self.raw
@@ -155,12 +156,16 @@ class AdapterTable:
             raise ValueError(
                 f"adapter has {adapter.gate.shape[1]} heads; this rank needs {s.head_offset + s.num_heads}"
             )
+        if not math.isfinite(scale):
+            raise ValueError(f"an adapter's scale must be finite, not {scale}")
         if self.raw.full():
             raise TableFull(f"all {self.raw.capacity} adapter slots are in use")
         gates = torch.zeros(s.num_layers, s.num_heads)  # [L, H], zero below start_layer
         gates[adapter.start_layer :] = adapter.gate_values()[
             : s.num_layers - adapter.start_layer, s.head_offset : s.head_offset + s.num_heads
         ]
+        if scale != 1.0:
+            gates = gates * scale
         c = self.raw.add(key, adapter.prefix, gates)
         self.loads += 1
         if not self._free:

@@ -10,9 +10,10 @@ from server.engine.op import worker_state
 
 
 class AlignerWorkerExtension:
-    def aligner_load(self, key: str, data: bytes) -> int:
-        """Make `key` resident (idempotent); returns its slot. Raises TableFull when no slot is free."""
-        return _state().load(key, decode(data))
+    def aligner_load(self, key: str, data: bytes, scale: float = 1.0) -> int:
+        """Make `key` resident (idempotent), at `scale` (op.scaled_key names it); returns its slot. Raises
+        TableFull when no slot is free."""
+        return _state().load(key, decode(data), scale)
 
     def aligner_load_many(self, items: list[tuple[str, bytes]]) -> int:
         """Bulk `aligner_load` (warming a replica, benchmarks); returns how many are resident afterwards."""

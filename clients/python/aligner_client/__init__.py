@@ -1,6 +1,6 @@
-"""Python SDK for aligner-serve: adapters, chat and completions with `adapter=`, and the admin API.
+"""Python SDK for aligner-serve: adapters, chat and completions with `adapter=` or `adapters=`, and the admin API.
 
-    from aligner_client import Client, AdapterNotFoundError
+    from aligner_client import Client, AdapterSpec, AdapterNotFoundError
 
     client = Client("http://127.0.0.1:8000", api_key="ak-…")       # or ALIGNER_BASE_URL / ALIGNER_API_KEY
     client.adapters.upload("tone", "tone.safetensors")             # path, bytes or file object
@@ -8,8 +8,17 @@
     print(reply.text)
     for chunk in client.chat.create("Hello!", adapter="tone@1", stream=True):
         print(chunk.text, end="")
+    # a stack of adapters, each at a strength (scale 0: the base model; default 1)
+    client.chat.create("Hello!", adapters=["tone:0.5", "json"])
+    client.chat.create("Hello!", adapters=[AdapterSpec("tone", scale=0.5), AdapterSpec.from_file("x.safetensors")])
     for a in client.adapters.list_all():
         print(a.id, a.bytes)
+
+`adapters=` entries: `"name"`, `"name@version"`, `"name:scale"` (split on the last ':'; names hold none),
+`{"name" | "inline": ..., "scale": ...}` (sent as written, `inline` bytes base64-encoded) or `AdapterSpec`
+(`AdapterSpec.from_file` reads a file to send inline). Passing `adapter=` and `adapters=` together raises
+ValueError before anything is sent; a bad scale in a string or spec too. The server checks the rest (scale
+bounds, how many entries) and answers 400 naming the entry (`param` "adapters[1].scale").
 
 `AsyncClient` has the same namespaces, awaited (`async for` over streams and `list_all()`). Both share
 one I/O-free core (`aligner_client._core`): request building, error mapping, retries, SSE, pagination.
@@ -39,7 +48,7 @@ with exponential backoff; a Retry-After header sets the wait.
 from __future__ import annotations
 
 from aligner_client._client import AsyncClient, AsyncStream, Client, Stream
-from aligner_client._core import DEFAULT_BASE_URL, RetryPolicy
+from aligner_client._core import DEFAULT_BASE_URL, AdapterSpec, RetryPolicy
 from aligner_client.errors import *  # noqa: F403  (the exceptions, named in errors.__all__)
 from aligner_client.errors import __all__ as __all__  # mypy reads a star import's exports from this form
 from aligner_client.models import (
@@ -67,6 +76,7 @@ __all__ = [
     "Stream",
     "AsyncStream",
     "RetryPolicy",
+    "AdapterSpec",
     "DEFAULT_BASE_URL",
     *__all__,  # the exceptions
     "Adapter",

@@ -8,12 +8,14 @@ a `Call` into an httpx request, and feed answers back. Multi-step operations are
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import json
+import math
 import os
 import random
 import time
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -191,6 +193,83 @@ class Paginator:
         return page.data
 
 
+# adapter stacks: the `adapters` field of a generation request
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One entry of `adapters=`: a stored adapter (`name`: "name" or "name@version") or an inline one (`inline`:
+    an aligner/v1 file's bytes, or their base64), at `scale` (None: the server's default, 1.0).
+
+    Scale 0 gives the base model's tokens, one entry at scale 1 the plain adapter's; the bounds (default -2..4)
+    and the most entries (default 4) are the server's to check.
+    """
+
+    name: str | None = None
+    scale: float | None = None
+    inline: bytes | str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if (self.name is None) == (self.inline is None):
+            raise ValueError("an adapter entry has exactly one of name= and inline=")
+        s = self.scale
+        if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s)):
+            raise ValueError(f"an adapter's scale is a finite number, not {s!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> AdapterSpec:
+        """ "pirate", "pirate@2", or with a scale after the last ':' "pirate:0.5" (names never hold a ':')."""
+        name, sep, scale = text.rpartition(":")
+        if not sep:
+            return cls(name=text)
+        if not name:
+            raise ValueError(f"{text!r}: no adapter name before the ':'")
+        try:
+            value = float(scale)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise ValueError(f"{text!r}: the scale after the ':' is not a finite number")
+        return cls(name=name, scale=value)
+
+    @classmethod
+    def from_file(cls, file: FileInput, *, scale: float | None = None) -> AdapterSpec:
+        """An inline adapter: an aligner/v1 file (path, bytes or binary file object), sent in the request itself."""
+        return cls(inline=read_file_input(file)[1], scale=scale)
+
+    def to_json(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"name": self.name} if self.name is not None else {"inline": _base64(self.inline)}
+        if self.scale is not None:
+            entry["scale"] = float(self.scale)
+        return entry
+
+
+AdapterEntry = AdapterSpec | str | Mapping[str, Any]
+
+
+def _base64(data: Any) -> Any:
+    """Bytes as base64 text; text (already base64) as it is."""
+    return base64.b64encode(bytes(data)).decode("ascii") if isinstance(data, (bytes, bytearray, memoryview)) else data
+
+
+def adapters_field(adapters: Sequence[AdapterEntry]) -> list[dict[str, Any]]:
+    """The wire form of `adapters=`. Strings go through `AdapterSpec.parse` and specs are checked here; a dict
+    goes as it is (its `inline` bytes base64-encoded), for the server to judge."""
+    if isinstance(adapters, (str, bytes, Mapping, AdapterSpec)):
+        raise TypeError("adapters= takes a list of entries, e.g. adapters=['pirate:0.5', 'json']")
+    wire = []
+    for entry in adapters:
+        if isinstance(entry, str):
+            entry = AdapterSpec.parse(entry)
+        if isinstance(entry, AdapterSpec):
+            wire.append(entry.to_json())
+        elif isinstance(entry, Mapping):
+            wire.append({k: _base64(v) if k == "inline" else v for k, v in entry.items()})
+        else:
+            raise TypeError(f"an adapters= entry is a str, a dict or an AdapterSpec, not {type(entry).__name__}")
+    return wire
+
+
 # models and generation
 
 
@@ -214,9 +293,14 @@ def _generation(
     answer: type[m.ChatCompletion],
     *,
     stream: bool = False,
+    adapters: Sequence[AdapterEntry] | None = None,
     extra: dict[str, Any] | None = None,
     **fields: Any,
 ) -> Call:
+    if adapters is not None:
+        if fields.get("adapter") is not None:
+            raise ValueError("pass adapter= or adapters=, not both (one adapter is adapters=[name])")
+        fields["adapters"] = adapters_field(adapters)
     body = {k: v for k, v in fields.items() if v is not None}
     if stream:
         body["stream"] = stream

@@ -15,7 +15,7 @@ from aligner_client import _core as core
 from aligner_client import models as m
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
 
 
 class _Resource:
@@ -92,6 +92,7 @@ class Chat(_Resource):
         messages: list[dict[str, Any]] | str,
         *,
         adapter: str | None = None,
+        adapters: Sequence[core.AdapterEntry] | None = None,
         model: str | None = None,
         stream: bool = False,
         max_tokens: int | None = None,
@@ -99,11 +100,15 @@ class Chat(_Resource):
         **extra: Any,
     ) -> Any:
         """`POST /v1/chat/completions`. `messages` may be a plain string (one user message); `adapter` is
-        `"name"` or `"name@version"`; other OpenAI fields go in `extra`. Returns a `ChatCompletion`, or with
-        `stream=True` a `Stream` of `ChatCompletionChunk` (async client: `AsyncStream`)."""
+        `"name"` or `"name@version"`; `adapters` a stack of them, each with a strength: entries `"name"`,
+        `"name@2"`, `"name:0.5"` (scale 0.5), `{"name": ..., "scale": ...}`, `{"inline": base64, ...}` or
+        `AdapterSpec`s; `adapter` and `adapters` together raise ValueError. Other OpenAI fields go in `extra`.
+        Returns a `ChatCompletion`, or with `stream=True` a `Stream` of `ChatCompletionChunk` (async client:
+        `AsyncStream`)."""
         call = core.chat(
             messages,
             adapter=adapter,
+            adapters=adapters,
             model=model,
             stream=stream,
             max_tokens=max_tokens,
@@ -119,16 +124,18 @@ class Completions(_Resource):
         prompt: str | list[Any],
         *,
         adapter: str | None = None,
+        adapters: Sequence[core.AdapterEntry] | None = None,
         model: str | None = None,
         stream: bool = False,
         max_tokens: int | None = None,
         temperature: float | None = None,
         **extra: Any,
     ) -> Any:
-        """`POST /v1/completions`, like `Chat.create` with a prompt."""
+        """`POST /v1/completions`, like `Chat.create` with a prompt (`adapter` or `adapters` the same)."""
         call = core.completion(
             prompt,
             adapter=adapter,
+            adapters=adapters,
             model=model,
             stream=stream,
             max_tokens=max_tokens,

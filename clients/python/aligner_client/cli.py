@@ -2,7 +2,7 @@
 
     aligner-client adapters upload NAME FILE | list | show NAME[@N] | versions NAME | delete NAME[@N]
     aligner-client models
-    aligner-client chat [--adapter X] [--stream] [--max-tokens N] "prompt"
+    aligner-client chat [--adapter X[:SCALE]]... [--stream] [--max-tokens N] "prompt"
     aligner-client admin tenants create NAME [--max-adapters N] [--requests-per-minute N] [--max-n N] [...]
     aligner-client admin tenants list | tenants set-quotas TENANT_ID [...]
     aligner-client admin keys create TENANT_ID | keys list TENANT_ID | keys revoke KEY_ID
@@ -10,6 +10,9 @@
 
 `--base-url` / `--api-key` (anywhere on the line) or ALIGNER_BASE_URL / ALIGNER_API_KEY; admin commands use
 `--api-key`, else ALIGNER_ADMIN_KEY, else ALIGNER_API_KEY. Tables by default, `--json` for scripts.
+`chat --adapter` is NAME, NAME@VERSION or @FILE (an aligner/v1 file sent inline), each with an optional
+`:SCALE` (split on the last ':'); repeated, it stacks adapters. One `--adapter NAME` sends `adapter` as before;
+several, a scale or a file send `adapters`.
 Exit status: 0 ok, 1 the server refused (its message on stderr) or could not be reached, 2 bad usage.
 `main(argv)` is also what the server's `aligner adapters|chat|admin|models ...` dispatches to.
 """
@@ -25,6 +28,7 @@ from typing import Any, TextIO
 from aligner_client import _core as core
 from aligner_client import models as m
 from aligner_client._client import Client
+from aligner_client._core import AdapterSpec
 from aligner_client.errors import AlignerError, APIError
 
 COMMANDS = ("adapters", "models", "chat", "admin")
@@ -134,9 +138,32 @@ def _models(c: Client, a: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def adapter_flag(text: str) -> AdapterSpec:
+    """One `--adapter` value: NAME, NAME@VERSION or @FILE, each with an optional `:SCALE` after the last ':'.
+    A bad scale or an unreadable file is a usage error naming the value."""
+    try:
+        spec = AdapterSpec.parse(text)
+        if spec.name is not None and spec.name.startswith("@"):  # names start with a letter or digit
+            return AdapterSpec.from_file(spec.name[1:], scale=spec.scale)
+        return spec
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: cannot read the file: {e.strerror or e}") from e
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _adapter_kw(flags: list[AdapterSpec] | None) -> dict[str, Any]:
+    """One plain `--adapter NAME` keeps the `adapter` field; anything more is a stack."""
+    if not flags:
+        return {}
+    if len(flags) == 1 and flags[0].name is not None and flags[0].scale is None:
+        return {"adapter": flags[0].name}
+    return {"adapters": flags}
+
+
 def _chat(c: Client, a: argparse.Namespace, out: TextIO) -> int:
     messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
-    kw = dict(adapter=a.adapter, model=a.model, max_tokens=a.max_tokens, temperature=a.temperature)
+    kw = dict(model=a.model, max_tokens=a.max_tokens, temperature=a.temperature, **_adapter_kw(a.adapter))
     if not a.stream:
         reply = c.chat.create(messages, **kw)
         print_json(reply, out) if a.json else print(reply.text, file=out)
@@ -259,7 +286,14 @@ def build_parser(prog: str = "aligner-client") -> argparse.ArgumentParser:
 
     p = leaf(sub, "chat", "one chat completion")
     p.add_argument("prompt")
-    p.add_argument("--adapter", help="NAME or NAME@VERSION (default: the base model)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        type=adapter_flag,
+        metavar="X[:SCALE]",
+        help="NAME, NAME@VERSION or @FILE (sent inline), with an optional strength :SCALE (default 1; 0 is the "
+        "base model); repeat it to stack adapters (default: the base model)",
+    )
     p.add_argument("--model", help="model id (default: the server's base model)")
     p.add_argument("--system", help="a system message")
     p.add_argument("--stream", action="store_true", help="print tokens as they arrive")
