@@ -17,7 +17,7 @@ from support import LOGPROB_TOLERANCE, PROMPTS, EngineRunner, adapter_set, chat_
 from aligner_core.adapter_format import encode
 from aligner_core.reference import load_hf_model
 from server.engine.config import AlignerEngineConfig
-from server.engine.facade import EngineOptions
+from server.engine.facade import AdapterUse, EngineOptions
 
 pytestmark = pytest.mark.engine
 
@@ -75,28 +75,69 @@ def long_prompt(tokenizer) -> list[int]:
     return chat_ids(tokenizer, text + " Summarise the pattern.")
 
 
+# Scaled and stacked requests (issue 18), by adapter_set's names: (adapter, scale) in lane order. Their start
+# layers, N and gate activations differ, so each lane's own softmax and start layer are exercised.
+STACKS: dict[str, list[tuple[str, float]]] = {
+    "n4_tanh*0.5": [("n4_tanh", 0.5)],
+    "n1_s0_tanh+n4_tanh*-0.7": [("n1_s0_tanh", 1.0), ("n4_tanh", -0.7)],
+    "n16*1.5+n1+n4_s0*0.25": [("n16", 1.5), ("n1", 1.0), ("n4_s0", 0.25)],
+    "n16+n4_s0+n1_s0_tanh*2+n4_tanh": [("n16", 1.0), ("n4_s0", 1.0), ("n1_s0_tanh", 2.0), ("n4_tanh", 1.0)],
+    "n1*0": [("n1", 0.0)],  # scale 0: the base model
+}
+
+
 def mixed_requests(tokenizer) -> list[tuple[list[int], str | None, float]]:
-    """(prompt, adapter key, start delay): later ones join while earlier ones decode."""
-    keys = [None, "n1", "n4_tanh", "n4_s0", "n1_s0_tanh", "n16", "n1", None, "n4_s0", "n4_tanh"]
+    """(prompt, adapter key or STACKS entry, start delay): later ones join while earlier ones decode."""
+    keys = [None, "n1", "n4_tanh", "n4_s0", "n1_s0_tanh", "n16", "n1", None, "n4_s0", "n4_tanh", *STACKS]
     reqs = [(chat_ids(tokenizer, PROMPTS[i % len(PROMPTS)]), k, 0.0) for i, k in enumerate(keys)]
     reqs[3] = (reqs[3][0], reqs[3][1], 0.4)
     reqs[7] = (reqs[7][0], reqs[7][1], 0.8)
+    reqs[12] = (reqs[12][0], reqs[12][1], 0.5)
     reqs.append((long_prompt(tokenizer), "n4_tanh", 0.6))  # > 64 tokens: chunked prefill mixed with decodes
     reqs.append((long_prompt(tokenizer), None, 1.0))
+    reqs.append((long_prompt(tokenizer), "n1_s0_tanh+n4_tanh*-0.7", 0.7))  # a stack through chunked prefill
     return reqs
 
 
-def run_batch(runner: EngineRunner, reqs, *, max_tokens: int = 24):
+async def _routed(runner: EngineRunner, adapters, key: str | None):
+    """(routing key, lease): a STACKS entry leased as the facade's `generate` leases it (scale 0 left out)."""
+    if key not in STACKS:
+        return key, None
+    uses = [AdapterUse(name, _loader(adapters[name]), scale) for name, scale in STACKS[key] if scale != 0]
+    if not uses:
+        return None, None
+    lease = await runner.engine.lease_stack(uses)
+    return lease.key, lease
+
+
+def run_batch(runner: EngineRunner, reqs, *, max_tokens: int = 24, adapters=None):
+    adapters = adapters or adapter_set(real_model().spec)
+
+    async def one(prompt, key, delay):
+        routed, lease = await _routed(runner, adapters, key)
+        try:
+            return await runner.generate(prompt, routed, delay=delay, max_tokens=max_tokens)
+        finally:
+            if lease is not None:
+                await lease.release()
+
     async def all_():
-        return await asyncio.gather(*(runner.generate(p, k, delay=d, max_tokens=max_tokens) for p, k, d in reqs))
+        return await asyncio.gather(*(one(p, k, d) for p, k, d in reqs))
 
     return runner.run(all_())
+
+
+def reference_of(adapters, key: str | None):
+    """What the HF reference runs for a request's key: a STACKS entry's (adapter, scale) list, else the adapter."""
+    if key in STACKS:
+        return [(adapters[name], scale) for name, scale in STACKS[key]]
+    return adapters.get(key) if key else None
 
 
 def check(hf, adapters, reqs, gens, label: str) -> None:
     rows = []
     for (_, key, _), gen in zip(reqs, gens):
-        p = parity(hf, adapters.get(key) if key else None, gen)
+        p = parity(hf, reference_of(adapters, key), gen)
         rows.append(
             {
                 "adapter": key,
