@@ -26,7 +26,7 @@ RESULTS: dict[str, object] = {}  # parity figures, written to the test log at th
 
 def options(**kw) -> EngineOptions:
     pm = real_model()
-    aligner = AlignerEngineConfig(max_slots=8, max_tokens=16)
+    aligner = AlignerEngineConfig(max_slots=16, max_tokens=16)  # 5 adapters, 5 scaled entries
     flags = ("--max-num-batched-tokens", "64", "--block-size", "32", "--enable-prefix-caching")
     base = dict(max_model_len=1024, max_num_seqs=16, aligner=aligner, extra_args=flags)
     return engine_options(pm.path, pm.spec.identity, **(base | kw))
@@ -243,7 +243,7 @@ def test_two_tier_table_matches_reference(hf, adapters, tokenizer) -> None:
 
 def test_torch_paths_match_reference(hf, adapters, tokenizer) -> None:
     """The torch fast paths (the fallback where no C compiler exists) in the real engine."""
-    runner = EngineRunner(options(aligner=AlignerEngineConfig(max_slots=8, max_tokens=16, path="torch")))
+    runner = EngineRunner(options(aligner=AlignerEngineConfig(max_slots=16, max_tokens=16, path="torch")))
     try:
         for key, a in adapters.items():
             runner.run(runner.engine.lease(key, _loader(a)))

@@ -82,12 +82,12 @@ def _tensors(x: Any) -> list[torch.Tensor]:
     return []
 
 
-def make_state(*, graph_safe: bool) -> tuple[op.WorkerState, list]:
+def make_state(*, graph_safe: bool, lanes: int = 1) -> tuple[op.WorkerState, list]:
     torch.manual_seed(0)
     layers = linear_layers(SPEC)
-    shape = TableShape.unsharded(SPEC, max_slots=4, max_tokens=4)
+    shape = TableShape.unsharded(SPEC, max_slots=8, max_tokens=4)
     table = AdapterTable(shape, layers, device=torch.device("cpu"), dtype=torch.float32)
-    st = op.WorkerState(table=table, routing=Routing(8), scale=1 / math.sqrt(D))
+    st = op.WorkerState(table=table, routing=Routing(8, lanes=lanes), scale=1 / math.sqrt(D))
     if graph_safe:
         st.enable_graphs(32)
     return st, layers
@@ -155,6 +155,51 @@ def test_the_graph_safe_op_replays_right_for_any_routing_and_table(captured_with
     finally:
         op.set_worker_state(None)
         ADAPTERS.pop("d", None)
+
+
+STACKED: list[list[list[tuple[str, float]]]] = [  # per token: its stack of (adapter, scale), lane order
+    [[("a", 1.0)], [("a", 0.5), ("b", 1.0)], [], [("c", -1.0), ("b", 2.0), ("a", 1.0)]] * 3,
+    [[]] * 12,
+    [[("b", 1.5), ("c", 1.0)]] * 6 + [[("a", 1.0)]] * 6,
+]
+
+
+def test_the_graph_safe_op_replays_stacks_right() -> None:
+    """Three lanes, captured with no adapter: every lane's launch is in the graph, and each replay (plain,
+    scaled and stacked tokens; none at all) equals the sum of the scaled reference terms."""
+    from server.engine.config import scaled_key
+
+    st, layers = make_state(graph_safe=True, lanes=3)
+    ids = {}
+    for stacks in STACKED:
+        for stack in stacks:
+            for name, scale in stack:
+                ids[(name, scale)] = st.load(scaled_key(name, scale), ADAPTERS[name], scale)
+    torch.manual_seed(1)
+    q, base = torch.randn(T, H * D), torch.randn(SPEC.num_layers, T, H * D)
+    out = base.clone()
+    op.set_worker_state(st)
+    try:
+        st.set_tokens(None)
+        with GraphRecord() as graph:
+            forward(layers_of(out), q)
+        for i, stacks in enumerate(STACKED):
+            lanes = np.array([[ids[s[k]] if k < len(s) else 0 for s in stacks] for k in range(3)], dtype=np.int64)
+            st.set_tokens(lanes if lanes.any() else None)
+            torch.manual_seed(20 + i)
+            q.copy_(torch.randn(T, H * D))
+            out.copy_(base)
+            graph.replay()
+            want = base.clone()
+            for k in range(3):
+                entries = [s[k] if k < len(s) else None for s in stacks]
+                scales = torch.tensor([e[1] if e else 0.0 for e in entries])[:, None]
+                for l in range(SPEC.num_layers):
+                    plain = reference_term(layers[l], q, [ADAPTERS[e[0]] if e else None for e in entries], D)
+                    want[l] += plain * scales
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=2e-5, msg=f"routing {i}")
+    finally:
+        op.set_worker_state(None)
 
 
 def test_the_eager_op_is_not_replayable() -> None:

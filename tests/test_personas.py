@@ -183,3 +183,68 @@ def test_eval_helpers():
         }
     )
     assert "json" in table and "828" in table and "95%" in table and "0%" in table
+
+
+def test_eval_sweep_and_stack_reports(monkeypatch):
+    """`--scales` and `--stack` (no server: `collect` answers from a table): each scale and the stack become
+    one `adapters` variant, and the reports count each checker, all checkers, and replies equal to the base's
+    and the plain adapter's."""
+    from training import evaluate as ev
+
+    assert ev.parse_scales("0, 0.5,1,1.5") == [0.0, 0.5, 1.0, 1.5]
+    with pytest.raises(SystemExit):
+        ev.parse_scales("half")
+    pirate = "Arr, matey, the sea be wide and the ship be fast."
+    bullets = "- one point\n- another point\n- a third point"
+    asked: dict = {}
+
+    def collect(base_url, api_key, adapters, prompts, *, variants=None, **kw):
+        asked.update(adapters=adapters, variants=variants)
+        by_variant = {
+            "pirate@0": ["plain.", "plain."],
+            "pirate@0.5": [pirate, "plain."],
+            "pirate@1": [pirate, pirate],
+            "json+bullets": ['{"answer": "x"}', bullets],
+        }
+        return ev.Replies(
+            "m",
+            {p: {"tokens": 1, "params": 8} for p in adapters},
+            ["plain.", "plain."],
+            {"pirate": [pirate, pirate], "json": ['{"answer": "x"}'] * 2, "bullets": [bullets, "no"]},
+            0.1,
+            {label: by_variant[label] for label in variants},
+        )
+
+    monkeypatch.setattr(ev, "collect", collect)
+    report = ev.evaluate("u", "k", {"pirate": "pirate"}, ["q1", "q2"], scales=[0, 0.5, 1], stack=["json", "bullets"])
+    assert asked["adapters"] == {"pirate": "pirate", "json": "json", "bullets": "bullets"}  # each alone too
+    assert asked["variants"] == {
+        "pirate@0": [{"name": "pirate", "scale": 0}],
+        "pirate@0.5": [{"name": "pirate", "scale": 0.5}],
+        "pirate@1": [{"name": "pirate", "scale": 1}],
+        "json+bullets": [{"name": "json"}, {"name": "bullets"}],
+    }  # only the named persona is swept, not the stack's
+    sweep = {r["scale"]: r for r in report["sweep"]}
+    assert [sweep[s]["compliance"] for s in (0, 0.5, 1)] == [0.0, 0.5, 1.0]
+    assert sweep[0]["same_as_base"] == 1.0 and sweep[1]["same_as_adapter"] == 1.0
+    rows = {r["replies"]: r for r in report["stack"]["rows"]}
+    assert rows["json + bullets"]["each"] == {"json": 0.5, "bullets": 0.5} and rows["json + bullets"]["all"] == 0.0
+    assert rows["json alone"]["each"]["json"] == 1.0 and rows["bullets alone"]["each"]["bullets"] == 0.5
+    text = ev.format_report(report)
+    assert "| pirate | pirate | 0.5 | 50% | 50% | 50% |" in text
+    assert "| json + bullets | 50% | 50% | 0% |" in text and "| base | 0% | 0% | 0% |" in text
+
+
+def test_eval_without_the_new_flags_asks_what_it_asked(monkeypatch):
+    from training import evaluate as ev
+
+    seen: dict = {}
+
+    def collect(base_url, api_key, adapters, prompts, **kw):
+        seen.update(kw)
+        return ev.Replies("m", {"json": {"tokens": 1, "params": 8}}, ["x"], {"json": ['{"answer": "y"}']}, 0.1)
+
+    monkeypatch.setattr(ev, "collect", collect)
+    report = ev.evaluate("u", "k", {"json": "json"}, ["q"], max_tokens=5)
+    assert "variants" not in seen and "sweep" not in report and "stack" not in report
+    assert ev.format_report(report) == ev.format_table(report)

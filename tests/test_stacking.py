@@ -384,3 +384,32 @@ def test_the_metrics_count_requests_by_stack_depth_without_names(server, served)
 
     assert count(after) == count(before) + 1
     assert not any('"p"' in ln or "name=" in ln for ln in after.splitlines() if "by_adapters" in ln)
+
+
+def test_an_inline_adapter_is_keyed_by_its_content_and_the_tenant() -> None:
+    from server.stacking import inline_key
+
+    sha = "ab" * 32
+    assert inline_key("t1", sha) == inline_key("t1", sha)
+    assert inline_key("t1", sha) != inline_key("t2", sha)  # never another tenant's entry (nor its load time)
+    assert inline_key("t1", sha) not in (sha, inline_key("t1", "cd" * 32))
+    assert set(inline_key("t1", sha)) <= set("0123456789abcdef")  # no stack or scale separator
+
+
+@pytest.mark.server
+def test_the_prefix_cache_is_salted_by_the_whole_composition(server, served, hf, tokenizer) -> None:
+    """One long prompt under compositions that share their first adapter: each fills the cache first, and each
+    next one still equals its own reference (a salt of the first adapter alone would reuse its KV blocks)."""
+    text = " ".join(f"Item {i} is the number {i} written as {i * 7}." for i in range(60))
+    prompt = tokenizer(text)["input_ids"][:600]
+    order: list[tuple[dict, list[tuple[str, float]]]] = [
+        ({"adapter": "p"}, [("p", 1.0)]),
+        ({"adapters": [{"name": "p"}, {"name": "q"}]}, [("p", 1.0), ("q", 1.0)]),
+        ({"adapters": [{"name": "p", "scale": 0.5}]}, [("p", 0.5)]),
+        ({"adapters": [{"name": "p"}, {"name": "q", "scale": 2}]}, [("p", 1.0), ("q", 2.0)]),
+        ({"adapters": [{"name": "p"}, {"name": "q"}]}, [("p", 1.0), ("q", 1.0)]),  # its own blocks: a hit
+    ]
+    for body, stack in order:
+        gen = _complete(server, prompt, **body)
+        p = parity(hf, [(served[n], s) for n, s in stack], gen)
+        assert p.matched == p.total, f"{body}: diverged at {p.matched} after another composition filled the cache"

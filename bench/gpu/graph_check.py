@@ -44,6 +44,9 @@ DRY = "--dry-run" in sys.argv
 DEV = torch.device("cpu" if DRY else "cuda")
 
 
+LANES = 4  # the server's default ALIGNER_MAX_ADAPTERS_PER_REQUEST: in graph-safe mode every lane launches
+
+
 def build() -> tuple[op.WorkerState, list[LayerHandle], dict[str, Adapter]]:
     torch.manual_seed(0)
     layers = [
@@ -53,7 +56,9 @@ def build() -> tuple[op.WorkerState, list[LayerHandle], dict[str, Adapter]]:
     table = AdapterTable(
         TableShape.unsharded(SPEC, max_slots=8, max_tokens=16), layers, device=DEV, dtype=torch.float32
     )
-    st = op.WorkerState(table=table, routing=Routing(64), scale=1 / math.sqrt(D), kernel="torch" if DRY else "triton")
+    st = op.WorkerState(
+        table=table, routing=Routing(64, lanes=LANES), scale=1 / math.sqrt(D), kernel="torch" if DRY else "triton"
+    )
     st.enable_graphs(512)
     adapters = {
         "a": Adapter.random(SPEC, tokens=1, start_layer=2, seed=1, gate_scale=0.5),
