@@ -91,8 +91,8 @@ async def request_stack(svc: Services, tenant: Tenant, body: Any) -> Stack:
         if ref is not None:
             try:
                 record = await resolve_adapter(svc, tenant, ref)
-            except AdapterNotFound as e:  # the same 404 as `adapter`, naming the entry
-                e.param = f"adapters[{i}].name"
+            except AdapterNotFound as missing:  # the same 404 as `adapter`, naming the entry
+                missing.param = f"adapters[{i}].name"
                 raise
             use = AdapterUse(record.sha256, _blob(svc, record.id), e.scale)
         else:

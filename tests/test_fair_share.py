@@ -310,20 +310,23 @@ def _stream_tokens(
                 r.read()
                 results.append(r.status_code)
                 return
-            last = ""
+            last, finished = "", []
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     last = line
-                if progress is not None and line.startswith("data: {") and '"choices"' in line:
                     chunk = json.loads(line[len("data: ") :])
-                    for choice in chunk["choices"]:
-                        progress.append(
-                            (time.perf_counter(), id(r), choice["index"], chunk["usage"]["completion_tokens"])
-                        )
+                    for choice in chunk.get("choices", ()):
+                        if choice.get("finish_reason"):
+                            finished.append(choice["finish_reason"])
+                        if progress is not None:
+                            progress.append(
+                                (time.perf_counter(), id(r), choice["index"], chunk["usage"]["completion_tokens"])
+                            )
                 if stop.is_set():
                     results.append(200)
                     return
-            results.append(f"ended on its own, last event: {last[:400]}")
+            # ran to its end: "length" x n when every choice made max_tokens, else what cut it (and its last event)
+            results.append(f"ended on its own: {','.join(finished) or 'no finish_reason'}; last event {last[:300]}")
     except httpx.HTTPError as e:
         results.append(repr(e))
 
@@ -362,48 +365,59 @@ def test_a_flood_does_not_starve_another_tenant(server) -> None:
         return time.perf_counter() - started
 
     idle = statistics.median(b_ttft() for _ in range(5))
+    refusals = 0  # A's refused by max_concurrent_requests, over every attempt
     big = call(server, "POST", "/v1/chat/completions", a, json=quick | {"n": 256, "max_tokens": 1500})
     assert (
         big.status_code == 429 and big.headers["retry-after"] and big.json()["error"]["type"] == "rate_limit_error"
     ), big.text
-    results: list = []
-    progress: list[tuple[float, int, int, int]] = []
-    stop = threading.Event()
-    flood = [
-        threading.Thread(target=_stream_tokens, args=(server, a, 4, 300, results, stop, progress)) for _ in range(12)
-    ]
-    for t in flood:
-        t.start()
-    time.sleep(4)  # the flood is running: A holds its limits
-    over = call(server, "POST", "/v1/chat/completions", a, json=quick)
-    t0 = time.perf_counter()
-    under = [b_ttft() for _ in range(5)]
-    t1 = time.perf_counter()
-    a_done_during_b = sum(str(r).startswith("ended") for r in results)  # A's streams that ended before B was through
-    stop.set()
-    for t in flood:
-        t.join(300)
-    a_step = _step_seconds(progress, t0, t1)
-    bound = max(10 * idle, 30 * a_step)
-    figures = {
-        "b_idle_ms": round(idle * 1000),
-        "b_under_flood_ms": [round(x * 1000) for x in under],
-        "a_step_ms": round(a_step * 1000),
-        "bound_ms": round(bound * 1000),
-        "a_done_during_b": a_done_during_b,
-        "a_outcomes": sorted(map(str, results)),
-        "a_extra": over.status_code,
-    }
+    for attempt in range(3):
+        results: list = []
+        progress: list[tuple[float, int, int, int]] = []
+        stop = threading.Event()
+        flood = [
+            threading.Thread(target=_stream_tokens, args=(server, a, 4, 300, results, stop, progress))
+            for _ in range(12)
+        ]
+        for t in flood:
+            t.start()
+        time.sleep(4)  # the flood is running: A holds its limits
+        over = call(server, "POST", "/v1/chat/completions", a, json=quick)
+        t0 = time.perf_counter()
+        under = [b_ttft() for _ in range(5)]
+        t1 = time.perf_counter()
+        ended = [r for r in results if str(r).startswith("ended")]  # A's streams that ended before B was through
+        stop.set()
+        for t in flood:
+            t.join(300)
+        refusals += results.count(429) + (over.status_code == 429)
+        a_step = _step_seconds(progress, t0, t1)
+        bound = max(10 * idle, 30 * a_step)
+        figures = {
+            "attempt": attempt,
+            "b_idle_ms": round(idle * 1000),
+            "b_under_flood_ms": [round(x * 1000) for x in under],
+            "a_step_ms": round(a_step * 1000),
+            "bound_ms": round(bound * 1000),
+            "a_done_during_b": len(ended),
+            "a_outcomes": sorted(map(str, results)),
+            "a_extra": over.status_code,
+        }
+        # A's streams all ran to their full length before B's window: this test's own process fell behind (a
+        # stall of the test process lets the server finish into the socket buffers), not the server; again.
+        if not (ended and all(str(r).startswith("ended on its own: length,length,length,length;") for r in ended)):
+            break
+        record("test_a_flood_does_not_starve_another_tenant:retried", **figures)
+        time.sleep(3)  # the closed streams' releases reach the fair share before the next flood
     record("test_a_flood_does_not_starve_another_tenant", **figures)
     assert over.status_code == 429, figures
     assert results.count(429) >= 1 and results.count(200) >= 1, figures
-    assert a_done_during_b == 0, f"A's streams ended before B was through, so B's wait proves nothing: {figures}"
+    assert not ended, f"A's streams ended before B was through, so B's wait proves nothing: {figures}"
     assert max(under) < bound, figures
     refused = {
         lim: metric(server, "aligner_requests_refused_total", tenant="flood-a", limit=lim)
         for lim in ("max_n", "max_concurrent_requests")
     }
-    assert refused == {"max_n": 1, "max_concurrent_requests": results.count(429) + 1}, refused
+    assert refused == {"max_n": 1, "max_concurrent_requests": refusals}, refused
 
 
 @pytest.mark.server
@@ -435,8 +449,10 @@ def test_one_tenant_cannot_take_every_hot_slot(server, model, house, hf, tokeniz
     threads = [threading.Thread(target=hold, args=(f"a{i}",)) for i in range(4)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 120
-    while len(held) < 4 and time.monotonic() < deadline:  # not the global gauge: another test's leases may linger
+    # Not the global gauge: another test's leases may linger. Generous: a stall of this process (as CI has seen)
+    # must not pass for a request that admission kept waiting, which would wait for ever.
+    deadline = time.monotonic() + 300
+    while len(held) < 4 and time.monotonic() < deadline:
         time.sleep(0.2)
     try:
         assert held == [200] * 4 and all(t.is_alive() for t in threads), held

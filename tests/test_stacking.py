@@ -413,3 +413,23 @@ def test_the_prefix_cache_is_salted_by_the_whole_composition(server, served, hf,
         gen = _complete(server, prompt, **body)
         p = parity(hf, [(served[n], s) for n, s in stack], gen)
         assert p.matched == p.total, f"{body}: diverged at {p.matched} after another composition filled the cache"
+
+
+@pytest.mark.server
+def test_the_responses_api_takes_a_stack_too(server, served) -> None:
+    client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0)
+
+    def text(**extra) -> str:
+        r = client.responses.create(
+            model=real_model().spec.identity,
+            input="Name a colour.",
+            max_output_tokens=12,
+            temperature=0,
+            extra_body=extra,
+        )
+        return r.output_text
+
+    base, plain = text(), text(adapter="p")
+    assert plain != base
+    assert text(adapters=[{"name": "p", "scale": 0}]) == base
+    assert text(adapters=[{"name": "p"}]) == plain

@@ -12,16 +12,16 @@ the table never sees the routing:
     worker extension -- load / load_many / evict / counters / stats --> WorkerState -> AdapterTable
     apply_term, once per layer -- plan --> WorkerState -> Routing.tokens (once per forward) -> StepPlans
 
-A request's routing key is one engine key, or several joined by "+" (`config.STACK_SEP`): a stack, each adapter in
-its own routing lane, one kernel call per lane in use (its own softmax), the terms summed in lane order.
-A scaled adapter is its own engine key (`config.scaled_key`), its gates multiplied by the scale when loaded.
+A request's routing key is one engine key, or several joined by "+" (`config.STACK_SEP`): a stack, each
+adapter in its own routing lane, one kernel call per lane in use (its own softmax), the terms summed in lane
+order. A scaled adapter is its own engine key (`config.scaled_key`), its gates times the scale when loaded.
 
 Graph-safe mode (`WorkerState.graph_safe`: the V2 runner with the Triton kernel, where vLLM captures CUDA
 graphs): the token -> slot routing of each forward is written, before the forward and outside any graph, into
 one persistent buffer (`token_slots`, fixed address, one row per lane), and every forward launches the kernel
 once per lane on every adapted layer with a geometry fixed by the token count and the table's maximum N,
-whether or not a token has an adapter (slot 0 adds nothing). No Python decision depends on the routing, so a captured launch is right at
-replay for any routing and any table contents. Everywhere else vLLM captures no graph around the op (CPU,
+whether or not a token has an adapter (slot 0 adds nothing). No Python decision depends on the routing, so a
+captured launch is right at replay for any routing and any table contents. Everywhere else vLLM captures no graph around the op (CPU,
 --enforce-eager, or the op is a splitting op: `facade.EngineOptions.cuda_graphs`).
 """
 
