@@ -79,6 +79,17 @@ def tiny_llama_config(**kw: Any):
     return LlamaConfig(**(dict(vocab_size=128, intermediate_size=128) | heads | kw))
 
 
+def tiny_llama(**kw: Any):
+    """(a random tiny LlamaForCausalLM with attention bias, eager attention, seed 0; its ModelSpec)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_llama_config(**({"attention_bias": True} | kw))
+    model = LlamaForCausalLM(config).eval()
+    model.config._attn_implementation = "eager"
+    return model, ModelSpec.from_config(config.to_dict(), name="tiny")
+
+
 def linear_layers(
     spec: ModelSpec, *, bias: bool = True, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> list[LayerHandle]:

@@ -6,24 +6,16 @@ import math
 
 import pytest
 import torch
-from support import tiny_llama_config
+from support import tiny_llama
 
 from aligner_core.adapter_format import Adapter
-from aligner_core.model_spec import ModelSpec
 from aligner_core.reference import attached, attached_adapter, layer_term
 from server.engine.aligner_math import delta_reference
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = tiny_llama_config(attention_bias=True)
-    model = LlamaForCausalLM(config).eval()
-    model.config._attn_implementation = "eager"
-    spec = ModelSpec.from_config(config.to_dict(), name="tiny")
-    return model, spec
+    return tiny_llama()
 
 
 def logits(model, ids, adapter=None):

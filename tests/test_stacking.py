@@ -16,10 +16,9 @@ import numpy as np
 import openai
 import pytest
 import torch
-from support import linear_layers, parity, real_model, serve, tiny_llama_config, tiny_spec
+from support import linear_layers, parity, real_model, serve, tiny_llama, tiny_spec
 
 from aligner_core.adapter_format import Adapter, encode
-from aligner_core.model_spec import ModelSpec
 from aligner_core.reference import attached_adapter, attached_stack
 from server.engine import op
 from server.engine.config import scaled_key, stack_key
@@ -171,13 +170,7 @@ def test_the_table_refuses_a_scale_that_is_not_finite() -> None:
 
 @pytest.fixture(scope="module")
 def tiny():
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = tiny_llama_config(attention_bias=True)
-    model = LlamaForCausalLM(config).eval()
-    model.config._attn_implementation = "eager"
-    return model, ModelSpec.from_config(config.to_dict(), name="tiny")
+    return tiny_llama()
 
 
 def _logits(model, ids, ctx):
