@@ -42,6 +42,34 @@ class RunStats:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def measured(
+        cls,
+        label: str,
+        adapters: int,
+        tokens: int,
+        requests: int,
+        counts: list[int],
+        seconds: float,
+        ttft: list[float],
+        itl: list[float],
+    ) -> RunStats:
+        """A run's figures from its output-token counts per request, wall time, and the TTFT and ITL samples."""
+        total = sum(counts)
+        return cls(
+            label,
+            adapters,
+            tokens,
+            requests,
+            total,
+            seconds,
+            total / seconds,
+            percentile(ttft, 0.5),
+            percentile(ttft, 0.99),
+            percentile(itl, 0.5),
+            percentile(itl, 0.99),
+        )
+
 
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
@@ -137,19 +165,7 @@ async def run_workload(
     await asyncio.gather(*tasks)
     seconds = time.perf_counter() - start
     distinct = len({k for k in keys if k}) + len({x.lora_int_id for x in (lora or []) if x is not None})
-    return RunStats(
-        label,
-        distinct,
-        tokens,
-        len(keys),
-        sum(counts),
-        seconds,
-        sum(counts) / seconds,
-        percentile(ttft, 0.5),
-        percentile(ttft, 0.99),
-        percentile(itl, 0.5),
-        percentile(itl, 0.99),
-    )
+    return RunStats.measured(label, distinct, tokens, len(keys), counts, seconds, ttft, itl)
 
 
 def engine_options(

@@ -43,7 +43,6 @@ from common import (  # noqa: E402
     const,
     engine_options,
     engine_runner,
-    percentile,
     prompts,
     pyplot,
     run_workload,
@@ -219,18 +218,8 @@ async def http_workload(http, model: str, cfg: Config | None, *, requests: int, 
 
     await asyncio.gather(*(one(i) for i in range(requests)))
     seconds = time.perf_counter() - start
-    return RunStats(
-        cfg.label if cfg else "base",
-        POOL if cfg else 0,
-        1 if cfg else 0,
-        requests,
-        sum(counts),
-        seconds,
-        sum(counts) / seconds,
-        percentile(ttft, 0.5),
-        percentile(ttft, 0.99),
-        percentile(itl, 0.5),
-        percentile(itl, 0.99),
+    return RunStats.measured(
+        cfg.label if cfg else "base", POOL if cfg else 0, 1 if cfg else 0, requests, counts, seconds, ttft, itl
     )
 
 
