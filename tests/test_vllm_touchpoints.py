@@ -42,7 +42,7 @@ def test_our_flags_parse_with_vllm_serve_parser() -> None:
     args = engine_args(opts.argv())
     assert args.hf_overrides == {"architectures": ["AlignerLlamaForCausalLM"]}
     assert args.additional_config == {
-        "aligner": {"max_slots": 7, "cold_slots": 0, "max_tokens": 3, "path": "auto", "routing": "v1"}
+        "aligner": {"max_slots": 7, "cold_slots": 0, "max_tokens": 3, "max_stack": 4, "path": "auto", "routing": "v1"}
     }
     assert args.worker_extension_cls == "server.engine.worker_ext.AlignerWorkerExtension"
     assert args.logits_processors == ["server.engine.routing_v1:AlignerRoutingLP"]
