@@ -21,15 +21,15 @@ graphs): the token -> slot routing of each forward is written, before the forwar
 one persistent buffer (`token_slots`, fixed address, one row per lane), and every forward launches the kernel
 once per lane on every adapted layer with a geometry fixed by the token count and the table's maximum N,
 whether or not a token has an adapter (slot 0 adds nothing). No Python decision depends on the routing, so a
-captured launch is right at replay for any routing and any table contents. Everywhere else vLLM captures no graph around the op (CPU,
---enforce-eager, or the op is a splitting op: `facade.EngineOptions.cuda_graphs`).
+captured launch is right at replay for any routing and any table contents. Everywhere else vLLM captures no
+graph around the op (CPU, --enforce-eager, or the op is a splitting op: `facade.EngineOptions.cuda_graphs`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -136,8 +136,7 @@ class WorkerState:
             raise RuntimeError(
                 f"a forward of {tokens.shape[1]} tokens exceeds the Aligner routing buffer ({buf.shape[1]})"
             )
-        t = self.table
-        slots = t.stage(tokens) if t.shape.cold_slots else tokens  # [lanes used, T]
+        slots = self._stage(tokens) if self._stage else tokens  # [lanes used, T]
         buf.zero_()
         buf[: slots.shape[0], : slots.shape[1]].copy_(torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64)))
 
@@ -150,8 +149,7 @@ class WorkerState:
             return c[3]
         tokens = self.routing.tokens(ctx)
         t = self.table
-        stage = t.stage if t.shape.cold_slots else None
-        plans = step_plans(tokens, num_tokens, t.ntok, t.k.device, stage) if tokens is not None else []
+        plans = step_plans(tokens, num_tokens, t.ntok, t.k.device, self._stage) if tokens is not None else []
         # Holding the context object keeps its id from being reused by a later forward.
         self._cached = (ctx, num_tokens, self.routing.version, plans)
         return plans
@@ -159,7 +157,12 @@ class WorkerState:
     def plan_tokens(self, tokens: np.ndarray, num_tokens: int) -> StepPlan | None:
         """The plan for a given token -> routing id layout of one lane (tests, benchmarks), cold adapters staged."""
         t = self.table
-        return step_plan(tokens, num_tokens, t.ntok, t.k.device, t.stage if t.shape.cold_slots else None)
+        return step_plan(tokens, num_tokens, t.ntok, t.k.device, self._stage)
+
+    @property
+    def _stage(self) -> Callable[[np.ndarray], np.ndarray] | None:
+        """The table's cold tier (routing ids -> slots, staging the cold adapters), None without one."""
+        return self.table.stage if self.table.shape.cold_slots else None
 
     # ---- residency: the worker extension's verbs ----
     def load(self, key: str, adapter: Adapter, scale: float = 1.0) -> int:

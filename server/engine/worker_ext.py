@@ -11,7 +11,7 @@ from server.engine.op import worker_state
 
 class AlignerWorkerExtension:
     def aligner_load(self, key: str, data: bytes, scale: float = 1.0) -> int:
-        """Make `key` resident (idempotent), at `scale` (op.scaled_key names it); returns its slot. Raises
+        """Make `key` resident (idempotent), at `scale` (`config.scaled_key` names it); returns its slot. Raises
         TableFull when no slot is free."""
         return _state().load(key, decode(data), scale)
 
