@@ -38,9 +38,27 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from types import TracebackType
 
-from .models import AdapterRecord, ApiKey, ChangeEvent, NewAdapter, Page, Quotas, Tenant
+from .models import (
+    AdapterRecord,
+    ApiKey,
+    ChangeEvent,
+    CheckpointRecord,
+    FileRecord,
+    JobEvent,
+    JobRecord,
+    ListPage,
+    NewAdapter,
+    NewCheckpoint,
+    NewFile,
+    NewJob,
+    NewJobEvent,
+    Page,
+    Quotas,
+    Tenant,
+)
 
 ChangeCallback = Callable[[ChangeEvent], Awaitable[None] | None]
 
@@ -170,6 +188,118 @@ class Store(ABC):
     @abstractmethod
     async def count_usage(self, tenant_id: str) -> tuple[int, int]:
         """Return (owned adapter versions, total blob bytes) for quota checks."""
+
+    # Fine-tuning files. A tenant sees only its own files: another tenant's id is ``NotFound``,
+    # with the same message as an absent one.
+
+    @abstractmethod
+    async def create_file(self, tenant_id: str, new: NewFile) -> FileRecord:
+        """Store a validated file; ``QuotaExceeded`` (``max_files``, ``max_file_bytes``) writes nothing."""
+
+    @abstractmethod
+    async def get_file(self, tenant_id: str, file_id: str) -> FileRecord:
+        """The tenant's file; ``NotFound`` if absent or another tenant's."""
+
+    @abstractmethod
+    async def get_file_content(self, tenant_id: str, file_id: str) -> bytes:
+        """The file's bytes; ``NotFound`` as ``get_file``."""
+
+    @abstractmethod
+    async def list_files(
+        self, tenant_id: str, *, limit: int = 100, after: str | None = None, purpose: str | None = None
+    ) -> ListPage[FileRecord]:
+        """The tenant's files, newest first, after the file id ``after``."""
+
+    @abstractmethod
+    async def delete_file(self, tenant_id: str, file_id: str) -> FileRecord:
+        """Delete the tenant's file; ``Conflict`` while a queued or running job uses it."""
+
+    # Fine-tuning jobs: a queue shared by every worker on the database.
+
+    @abstractmethod
+    async def create_job(self, tenant_id: str, new: NewJob, events: list[NewJobEvent]) -> JobRecord:
+        """Queue a job (status ``queued``) with its first events.
+
+        ``NotFound`` if a file it names is not the tenant's; ``QuotaExceeded`` for
+        ``max_queued_jobs`` (queued and running jobs, the new one included) or
+        ``max_training_tokens``, checked under the tenant's lock as ``create_adapter``.
+        """
+
+    @abstractmethod
+    async def get_job(self, tenant_id: str, job_id: str) -> JobRecord:
+        """The tenant's job; ``NotFound`` if absent or another tenant's."""
+
+    @abstractmethod
+    async def list_jobs(self, tenant_id: str, *, limit: int = 20, after: str | None = None) -> ListPage[JobRecord]:
+        """The tenant's jobs, newest first, after the job id ``after``."""
+
+    @abstractmethod
+    async def list_job_events(
+        self, tenant_id: str, job_id: str, *, limit: int = 20, after: str | None = None
+    ) -> ListPage[JobEvent]:
+        """The job's events, newest first, after the event id ``after``; ``NotFound`` as ``get_job``."""
+
+    @abstractmethod
+    async def list_checkpoints(
+        self, tenant_id: str, job_id: str, *, limit: int = 10, after: str | None = None
+    ) -> ListPage[CheckpointRecord]:
+        """The job's checkpoints, newest first; ``NotFound`` as ``get_job``."""
+
+    @abstractmethod
+    async def cancel_job(self, tenant_id: str, job_id: str) -> JobRecord:
+        """Cancel a job: a queued one at once (``cancelled``), a running one by setting
+        ``cancel_requested`` (its worker stops at its next heartbeat). ``Conflict`` if finished."""
+
+    @abstractmethod
+    async def claim_job(self, worker_id: str, *, lease_s: float, max_attempts: int) -> JobRecord | None:
+        """Take the oldest queued job for ``worker_id`` (``running``, attempts + 1), or None.
+
+        First every running job whose heartbeat is older than ``lease_s`` is queued again with an
+        event, or failed (code ``worker_lost``) once it has had ``max_attempts`` claims. Two
+        workers never get the same job (PostgreSQL: ``FOR UPDATE SKIP LOCKED``).
+        """
+
+    @abstractmethod
+    async def heartbeat(
+        self, job_id: str, worker_id: str, events: list[NewJobEvent], *, trained_tokens: int | None = None
+    ) -> JobRecord:
+        """Renew the worker's lease and append its events; returns the job (its ``cancel_requested``).
+
+        ``LeaseLost`` if the job is no longer running under ``worker_id`` (requeued after a lost
+        lease, or finished): the worker must stop and write nothing more.
+        """
+
+    @abstractmethod
+    async def finish_job(
+        self,
+        job_id: str,
+        worker_id: str,
+        *,
+        status: str,
+        events: list[NewJobEvent],
+        adapter: NewAdapter | None = None,
+        checkpoint: NewCheckpoint | None = None,
+        error: dict | None = None,
+        trained_tokens: int | None = None,
+    ) -> JobRecord:
+        """End a running job of ``worker_id`` in one transaction: ``succeeded`` stores ``adapter``
+        for the job's tenant (``create_adapter``, quotas included) and names it in
+        ``fine_tuned_model``, with ``checkpoint``; ``failed`` records ``error``; ``cancelled``.
+        ``LeaseLost`` as ``heartbeat``; ``QuotaExceeded`` from the adapter writes nothing.
+        """
+
+    @abstractmethod
+    async def release_job(self, job_id: str, worker_id: str, event: NewJobEvent) -> None:
+        """A stopping worker hands its running job back: ``queued`` again, its claim not counted
+        against ``max_attempts``. Nothing happens if the job is no longer the worker's."""
+
+    @abstractmethod
+    async def job_counts(self) -> dict[str, int]:
+        """Jobs per status over every tenant (for the metrics)."""
+
+    async def training_steps_since(self, since: datetime) -> int:
+        """Training steps reported (``metrics`` events) by every worker since ``since`` (for the metrics)."""
+        raise NotImplementedError(f"{type(self).__name__} counts no training steps")
 
     # Change feed (optional: a backend without one raises NotImplementedError)
 

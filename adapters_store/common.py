@@ -11,7 +11,13 @@ from dataclasses import fields
 from datetime import UTC, datetime
 
 from .errors import QuotaExceeded
-from .models import PUBLIC_TENANT_NAME, NewAdapter, Quotas
+from .models import PUBLIC_TENANT_NAME, NewAdapter, NewCheckpoint, NewFile, NewJob, NewJobEvent, Quotas
+
+#: Id prefixes of the fine-tuning records (OpenAI's, so ids read the same on the wire).
+FILE_PREFIX = "file-"
+JOB_PREFIX = "ftjob-"
+EVENT_PREFIX = "ftevent-"
+CHECKPOINT_PREFIX = "ftckpt-"
 
 
 def now() -> datetime:
@@ -27,6 +33,16 @@ def adapter_not_found(name: str, version: int | None) -> str:
     if version is None:
         return f"adapter {name!r} not found"
     return f"adapter {name!r} version {version} not found"
+
+
+def file_not_found(file_id: str) -> str:
+    """The one message for absent files and other tenants' files alike."""
+    return f"file {file_id!r} not found"
+
+
+def job_not_found(job_id: str) -> str:
+    """The one message for absent jobs and other tenants' jobs alike."""
+    return f"fine-tuning job {job_id!r} not found"
 
 
 def validate_new_adapter(new: NewAdapter) -> None:
@@ -78,6 +94,80 @@ def validate_api_key(key_hash: str, prefix: str) -> None:
 
 API_KEY_NOT_FOUND = "api key not found"
 
+FILE_FORMATS = ("chat", "preference")
+EVENT_LEVELS = ("info", "warn", "error")
+EVENT_TYPES = ("message", "metrics")
+#: The statuses ``finish_job`` ends a job in.
+FINISH_STATUSES = ("succeeded", "failed", "cancelled")
+
+
+def validate_limit(limit: int) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit!r}")
+
+
+def validate_new_file(new: NewFile) -> None:
+    if not new.filename:
+        raise ValueError("file name must not be empty")
+    if not new.purpose:
+        raise ValueError("file purpose must not be empty")
+    if new.format not in FILE_FORMATS:
+        raise ValueError(f"file format must be one of {FILE_FORMATS}, got {new.format!r}")
+    if new.lines < 0:
+        raise ValueError("file lines must not be negative")
+    if not isinstance(new.blob, bytes):
+        raise TypeError(f"file blob must be bytes, got {type(new.blob).__name__}")
+
+
+def validate_new_job(new: NewJob) -> None:
+    if not new.model:
+        raise ValueError("job model must not be empty")
+    if not new.training_file:
+        raise ValueError("job training_file must not be empty")
+    if not isinstance(new.spec, dict):
+        raise TypeError(f"job spec must be a dict, got {type(new.spec).__name__}")
+    if isinstance(new.training_tokens, bool) or not isinstance(new.training_tokens, int) or new.training_tokens < 0:
+        raise ValueError(f"job training_tokens must be a non-negative int, got {new.training_tokens!r}")
+
+
+def validate_events(events: list[NewJobEvent]) -> None:
+    for event in events:
+        if event.level not in EVENT_LEVELS:
+            raise ValueError(f"event level must be one of {EVENT_LEVELS}, got {event.level!r}")
+        if event.type not in EVENT_TYPES:
+            raise ValueError(f"event type must be one of {EVENT_TYPES}, got {event.type!r}")
+        if event.data is not None and not isinstance(event.data, dict):
+            raise TypeError(f"event data must be a dict or None, got {type(event.data).__name__}")
+
+
+def validate_worker(worker_id: str) -> None:
+    if not isinstance(worker_id, str) or not worker_id:
+        raise ValueError("worker_id must be a non-empty string")
+
+
+def validate_trained_tokens(trained_tokens: int | None) -> None:
+    if trained_tokens is not None and (isinstance(trained_tokens, bool) or trained_tokens < 0):
+        raise ValueError(f"trained_tokens must be a non-negative int or None, got {trained_tokens!r}")
+
+
+def validate_finish(
+    status: str, adapter: NewAdapter | None, checkpoint: NewCheckpoint | None, error: dict | None
+) -> None:
+    """A succeeded job names the adapter it stored (and its checkpoint is that adapter); a failed
+    one says why. Refused here, before any write, so a worker's bug cannot half-finish a job."""
+    if status not in FINISH_STATUSES:
+        raise ValueError(f"a job finishes as one of {FINISH_STATUSES}, got {status!r}")
+    if status == "succeeded":
+        if adapter is None:
+            raise ValueError("a succeeded job needs its adapter")
+        validate_new_adapter(adapter)
+    elif adapter is not None or checkpoint is not None:
+        raise ValueError(f"only a succeeded job stores an adapter or a checkpoint, not a {status} one")
+    if status == "failed" and not isinstance(error, dict):
+        raise ValueError("a failed job needs its error ({'code', 'message', 'param'})")
+    if error is not None and not isinstance(error, dict):
+        raise TypeError(f"job error must be a dict or None, got {type(error).__name__}")
+
 
 def check_quotas(quotas: Quotas, count: int, total_bytes: int, new_bytes: int) -> None:
     """Raise ``QuotaExceeded`` if one more adapter of ``new_bytes`` breaks a limit.
@@ -100,4 +190,48 @@ def check_quotas(quotas: Quotas, count: int, total_bytes: int, new_bytes: int) -
             total_bytes,
             f"quota max_adapter_bytes exceeded: the tenant stores {total_bytes} bytes,"
             f" {new_bytes} more would pass the limit of {quotas.max_adapter_bytes}",
+        )
+
+
+def check_file_quotas(quotas: Quotas, count: int, total_bytes: int, new_bytes: int) -> None:
+    """Raise ``QuotaExceeded`` if one more file of ``new_bytes`` breaks a limit (as ``check_quotas``)."""
+    if quotas.max_files is not None and count + 1 > quotas.max_files:
+        raise QuotaExceeded(
+            "max_files",
+            quotas.max_files,
+            count,
+            f"quota max_files exceeded: the tenant has {count} files and the limit is {quotas.max_files}",
+        )
+    if quotas.max_file_bytes is not None and total_bytes + new_bytes > quotas.max_file_bytes:
+        raise QuotaExceeded(
+            "max_file_bytes",
+            quotas.max_file_bytes,
+            total_bytes,
+            f"quota max_file_bytes exceeded: the tenant stores {total_bytes} bytes of files,"
+            f" {new_bytes} more would pass the limit of {quotas.max_file_bytes}",
+        )
+
+
+def check_job_quotas(quotas: Quotas, active: int, tokens: int, new_tokens: int) -> None:
+    """Raise ``QuotaExceeded`` if one more job training on ``new_tokens`` breaks a limit.
+
+    ``active`` counts the tenant's jobs on the queue (queued, running, validating files) and
+    ``tokens`` the training tokens of its jobs that did not fail or get cancelled; the caller holds
+    the tenant's lock, as for ``check_quotas``.
+    """
+    if quotas.max_queued_jobs is not None and active + 1 > quotas.max_queued_jobs:
+        raise QuotaExceeded(
+            "max_queued_jobs",
+            quotas.max_queued_jobs,
+            active,
+            f"quota max_queued_jobs exceeded: the tenant has {active} jobs queued or running"
+            f" and the limit is {quotas.max_queued_jobs}",
+        )
+    if quotas.max_training_tokens is not None and tokens + new_tokens > quotas.max_training_tokens:
+        raise QuotaExceeded(
+            "max_training_tokens",
+            quotas.max_training_tokens,
+            tokens,
+            f"quota max_training_tokens exceeded: the tenant's jobs train on {tokens} tokens,"
+            f" {new_tokens} more would pass the limit of {quotas.max_training_tokens}",
         )

@@ -7,6 +7,7 @@ Callers catch one root and map each branch to a transport-level answer
     ├── NotFound            the tenant or adapter does not exist, or is not visible
     ├── Conflict            a write collided with existing data (uniqueness)
     ├── QuotaExceeded       the write would take a tenant past one of its quotas
+    ├── LeaseLost           a worker wrote to a fine-tuning job it no longer holds
     ├── StoreUnavailable    the database could not be opened or a query failed
     └── StoreConfigError    the store URL or on-disk schema cannot be used
 """
@@ -46,6 +47,11 @@ class QuotaExceeded(StoreError):
 
     def __reduce__(self):  # keep it picklable despite the keyword-less signature
         return (type(self), (self.limit_name, self.limit, self.current, str(self)))
+
+
+class LeaseLost(StoreError):
+    """A worker reported on a job that is no longer running under it (its lease expired and the
+    job was queued again, or it was finished): the worker must stop the job and write nothing."""
 
 
 class StoreUnavailable(StoreError):

@@ -17,19 +17,61 @@ a write correct under concurrency are the dialect's (see ``create_adapter``).
 from __future__ import annotations
 
 from collections.abc import Coroutine, Sequence
+from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
-from .common import API_KEY_NOT_FOUND, adapter_not_found, check_quotas, new_id, now
-from .errors import Conflict, NotFound
+from .common import (
+    API_KEY_NOT_FOUND,
+    CHECKPOINT_PREFIX,
+    EVENT_PREFIX,
+    FILE_PREFIX,
+    JOB_PREFIX,
+    adapter_not_found,
+    check_file_quotas,
+    check_job_quotas,
+    check_quotas,
+    file_not_found,
+    job_not_found,
+    new_id,
+    now,
+)
+from .errors import Conflict, LeaseLost, NotFound
 from .migrations import Migration, pending
-from .models import PUBLIC_TENANT_NAME, AdapterRecord, ApiKey, ChangeEvent, NewAdapter, Quotas, Tenant
+from .models import (
+    FINISHED_STATUSES,
+    JOB_STATUSES,
+    PUBLIC_TENANT_NAME,
+    AdapterRecord,
+    ApiKey,
+    ChangeEvent,
+    CheckpointRecord,
+    FileRecord,
+    JobEvent,
+    JobRecord,
+    NewAdapter,
+    NewCheckpoint,
+    NewFile,
+    NewJob,
+    NewJobEvent,
+    Quotas,
+    Tenant,
+)
 from .sql import (
     Row,
     Statements,
     adapter_from_row,
     adapter_values,
     api_key_from_row,
+    checkpoint_from_row,
+    checkpoint_values,
+    dumps_or_none,
+    event_from_row,
+    event_values,
+    file_from_row,
+    file_values,
     found_api_key_from_row,
+    job_from_row,
+    job_values,
     quota_values,
     tenant_from_row,
 )
@@ -238,3 +280,288 @@ async def set_public(db: Connection, tenant_id: str, name: str, public: bool) ->
 async def count_usage(db: Connection, tenant_id: str) -> tuple[int, int]:
     (row,) = await db.fetch(db.sql.usage, tenant_id)
     return int(row["count"]), int(row["bytes"])
+
+
+# Fine-tuning files.
+
+
+async def create_file(db: Connection, tenant_id: str, new: NewFile) -> FileRecord:
+    """A new file within the tenant's file quotas, under the tenant lock (as ``create_adapter``)."""
+    tenant_row = await db.fetchrow(db.sql.tenant_for_create, tenant_id)
+    if tenant_row is None:
+        raise _no_tenant(tenant_id)
+    (usage,) = await db.fetch(db.sql.file_usage, tenant_id)
+    quotas = tenant_from_row(tenant_row, db.sql.dialect).quotas
+    check_file_quotas(quotas, int(usage["count"]), int(usage["bytes"]), len(new.blob))
+    record = FileRecord(
+        id=new_id(FILE_PREFIX),
+        tenant_id=tenant_id,
+        filename=new.filename,
+        purpose=new.purpose,
+        format=new.format,
+        lines=new.lines,
+        bytes=len(new.blob),
+        created_at=now(),
+    )
+    await db.execute(db.sql.insert_file, *file_values(record))
+    await db.execute(db.sql.insert_file_blob, record.id, new.blob)
+    return record
+
+
+async def get_file(db: Connection, tenant_id: str, file_id: str) -> FileRecord:
+    row = await db.fetchrow(db.sql.file_by_id, file_id, tenant_id)
+    if row is None:
+        raise NotFound(file_not_found(file_id))
+    return file_from_row(row, db.sql.dialect)
+
+
+async def get_file_content(db: Connection, tenant_id: str, file_id: str) -> bytes:
+    row = await db.fetchrow(db.sql.file_content, file_id, tenant_id)
+    if row is None:
+        raise NotFound(file_not_found(file_id))
+    return bytes(row["blob"])
+
+
+async def list_files(
+    db: Connection, tenant_id: str, after: str | None, purpose: str | None, limit: int
+) -> list[FileRecord]:
+    rows = await db.fetch(db.sql.list_files, tenant_id, after, purpose, limit)
+    return [file_from_row(row, db.sql.dialect) for row in rows]
+
+
+async def delete_file(db: Connection, tenant_id: str, file_id: str) -> FileRecord:
+    # The tenant lock serialises this with create_job, which checks under it that its files
+    # exist: a job can never be queued on a file deleted meanwhile.
+    if (await db.fetchrow(db.sql.tenant_for_create, tenant_id)) is None:
+        raise NotFound(file_not_found(file_id))
+    user = await db.fetchrow(db.sql.file_in_use, tenant_id, file_id)
+    if user is not None:  # the job was created with the file, so the file exists
+        raise Conflict(f"file {file_id!r} is used by fine-tuning job {user['id']!r} ({user['status']})")
+    row = await db.fetchrow(db.sql.delete_file, file_id, tenant_id)
+    if row is None:
+        raise NotFound(file_not_found(file_id))
+    return file_from_row(row, db.sql.dialect)
+
+
+# Fine-tuning jobs. Every write to an existing job first holds its row (``job_for_update``,
+# ``job_of_worker``, or an UPDATE), which keeps its status true until commit and numbers its
+# events without gaps or collisions (``append_events``).
+
+
+async def append_events(db: Connection, job_id: str, events: Sequence[NewJobEvent]) -> list[JobEvent]:
+    """Write ``events`` after the job's last one; the caller holds the job's row."""
+    if not events:
+        return []
+    (last,) = await db.fetch(db.sql.last_seq, job_id)
+    moment = now()
+    written = [
+        JobEvent(
+            id=new_id(EVENT_PREFIX),
+            job_id=job_id,
+            seq=int(last["seq"]) + n,
+            message=event.message,
+            level=event.level,
+            type=event.type,
+            data=event.data,
+            created_at=moment,
+        )
+        for n, event in enumerate(events, 1)
+    ]
+    for event in written:
+        await db.execute(db.sql.insert_event, *event_values(event))
+    return written
+
+
+async def _end(
+    db: Connection,
+    job_id: str,
+    status: str,
+    *,
+    error: dict | None = None,
+    fine_tuned_model: str | None = None,
+    trained_tokens: int | None = None,
+) -> JobRecord:
+    """Finish a job whose row the caller holds."""
+    (row,) = await db.fetch(
+        db.sql.end_job, status, now(), dumps_or_none(error), fine_tuned_model, trained_tokens, job_id
+    )
+    return job_from_row(row, db.sql.dialect)
+
+
+async def create_job(db: Connection, tenant_id: str, new: NewJob, events: list[NewJobEvent]) -> JobRecord:
+    """Queue a job within the tenant's job quotas, under the tenant lock (as ``create_adapter``)."""
+    tenant_row = await db.fetchrow(db.sql.tenant_for_create, tenant_id)
+    if tenant_row is None:
+        raise _no_tenant(tenant_id)
+    for file_id in (new.training_file, new.validation_file):
+        if file_id is not None and (await db.fetchrow(db.sql.file_by_id, file_id, tenant_id)) is None:
+            raise NotFound(file_not_found(file_id))
+    (usage,) = await db.fetch(db.sql.job_usage, tenant_id)
+    quotas = tenant_from_row(tenant_row, db.sql.dialect).quotas
+    check_job_quotas(quotas, int(usage["active"]), int(usage["tokens"]), new.training_tokens)
+    record = JobRecord(
+        id=new_id(JOB_PREFIX),
+        tenant_id=tenant_id,
+        status="queued",
+        model=new.model,
+        training_file=new.training_file,
+        validation_file=new.validation_file,
+        spec=new.spec,
+        training_tokens=new.training_tokens,
+        trained_tokens=None,
+        fine_tuned_model=None,
+        error=None,
+        attempts=0,
+        cancel_requested=False,
+        worker_id=None,
+        created_at=now(),
+        started_at=None,
+        heartbeat_at=None,
+        finished_at=None,
+    )
+    await db.execute(db.sql.insert_job, *job_values(record))
+    await append_events(db, record.id, events)
+    return record
+
+
+async def get_job(db: Connection, tenant_id: str, job_id: str) -> JobRecord:
+    row = await db.fetchrow(db.sql.job_by_id, job_id, tenant_id)
+    if row is None:
+        raise NotFound(job_not_found(job_id))
+    return job_from_row(row, db.sql.dialect)
+
+
+async def list_jobs(db: Connection, tenant_id: str, after: str | None, limit: int) -> list[JobRecord]:
+    rows = await db.fetch(db.sql.list_jobs, tenant_id, after, limit)
+    return [job_from_row(row, db.sql.dialect) for row in rows]
+
+
+async def list_job_events(db: Connection, tenant_id: str, job_id: str, after: str | None, limit: int) -> list[JobEvent]:
+    await get_job(db, tenant_id, job_id)
+    rows = await db.fetch(db.sql.list_events, job_id, after, limit)
+    return [event_from_row(row, db.sql.dialect) for row in rows]
+
+
+async def list_checkpoints(
+    db: Connection, tenant_id: str, job_id: str, after: str | None, limit: int
+) -> list[CheckpointRecord]:
+    await get_job(db, tenant_id, job_id)
+    rows = await db.fetch(db.sql.list_checkpoints, job_id, after, limit)
+    return [checkpoint_from_row(row, db.sql.dialect) for row in rows]
+
+
+async def cancel_job(db: Connection, tenant_id: str, job_id: str) -> JobRecord:
+    row = await db.fetchrow(db.sql.job_for_update, job_id, tenant_id)
+    if row is None:
+        raise NotFound(job_not_found(job_id))
+    job = job_from_row(row, db.sql.dialect)
+    if job.status in FINISHED_STATUSES:
+        raise Conflict(f"fine-tuning job {job_id!r} is already {job.status}")
+    if job.status != "running":  # queued (or validating its files): no worker to tell
+        await append_events(db, job_id, [NewJobEvent("Job was cancelled")])
+        return await _end(db, job_id, "cancelled")
+    if job.cancel_requested:
+        return job  # asked already: one event is enough
+    (row,) = await db.fetch(db.sql.request_cancel, job_id)
+    await append_events(db, job_id, [NewJobEvent("Cancellation requested")])
+    return job_from_row(row, db.sql.dialect)
+
+
+WORKER_LOST_EVENT = "The worker running the job stopped; queued again"
+
+
+async def claim_job(db: Connection, worker_id: str, lease_s: float, max_attempts: int) -> JobRecord | None:
+    """Requeue (or fail) the jobs of lost workers, then take the oldest queued job."""
+    moment = now()
+    # The sweep locks what it changes; on PostgreSQL a job another claimer is sweeping (or a worker
+    # is heartbeating) right now is skipped: it is theirs to settle.
+    for row in await db.fetch(db.sql.expired_jobs, moment - timedelta(seconds=lease_s)):
+        job = job_from_row(row, db.sql.dialect)
+        if job.cancel_requested:
+            await append_events(db, job.id, [NewJobEvent("Job was cancelled")])
+            await _end(db, job.id, "cancelled")
+        elif job.attempts >= max_attempts:
+            message = f"The worker running the job stopped {job.attempts} times; the job failed"
+            await append_events(db, job.id, [NewJobEvent(message, level="error")])
+            await _end(db, job.id, "failed", error={"code": "worker_lost", "message": message, "param": None})
+        else:
+            await db.execute(db.sql.requeue_job, 0, job.id)
+            await append_events(db, job.id, [NewJobEvent(WORKER_LOST_EVENT, level="warn")])
+    claimed = await db.fetchrow(db.sql.claim_next, worker_id, moment)
+    if claimed is None:
+        return None
+    job = job_from_row(claimed, db.sql.dialect)
+    await append_events(db, job.id, [NewJobEvent("Fine-tuning job started")])
+    return job
+
+
+async def heartbeat(
+    db: Connection, job_id: str, worker_id: str, events: list[NewJobEvent], trained_tokens: int | None
+) -> JobRecord:
+    row = await db.fetchrow(db.sql.heartbeat, now(), trained_tokens, job_id, worker_id)
+    if row is None:
+        raise LeaseLost(f"fine-tuning job {job_id!r} is no longer running under worker {worker_id!r}")
+    await append_events(db, job_id, events)
+    return job_from_row(row, db.sql.dialect)
+
+
+async def finish_job(
+    db: Connection,
+    job_id: str,
+    worker_id: str,
+    status: str,
+    events: list[NewJobEvent],
+    adapter: NewAdapter | None,
+    checkpoint: NewCheckpoint | None,
+    error: dict | None,
+    trained_tokens: int | None,
+) -> JobRecord:
+    row = await db.fetchrow(db.sql.job_of_worker, job_id, worker_id)
+    if row is None:
+        raise LeaseLost(f"fine-tuning job {job_id!r} is no longer running under worker {worker_id!r}")
+    job = job_from_row(row, db.sql.dialect)
+    fine_tuned_model = None
+    if status == "succeeded":
+        if adapter is None:
+            raise ValueError("a succeeded job needs its adapter")
+        # The job's adapter is one more adapter of its tenant: the same job, lock and quotas as the
+        # API's create; a QuotaExceeded rolls the whole finish back, and the job stays running.
+        await create_adapter(db, job.tenant_id, adapter)
+        fine_tuned_model = adapter.name
+        if checkpoint is not None:
+            record = CheckpointRecord(
+                id=new_id(CHECKPOINT_PREFIX),
+                job_id=job_id,
+                step=checkpoint.step,
+                metrics=checkpoint.metrics,
+                fine_tuned_model_checkpoint=adapter.name,
+                created_at=now(),
+            )
+            await db.execute(db.sql.insert_checkpoint, *checkpoint_values(record))
+    await append_events(db, job_id, events)
+    return await _end(db, job_id, status, error=error, fine_tuned_model=fine_tuned_model, trained_tokens=trained_tokens)
+
+
+async def release_job(db: Connection, job_id: str, worker_id: str, event: NewJobEvent) -> None:
+    row = await db.fetchrow(db.sql.job_of_worker, job_id, worker_id)
+    if row is None:
+        return
+    await append_events(db, job_id, [event])
+    if job_from_row(row, db.sql.dialect).cancel_requested:
+        # Queued again, it would be cancelled at once (cancel_job): do it here.
+        await append_events(db, job_id, [NewJobEvent("Job was cancelled")])
+        await _end(db, job_id, "cancelled")
+    else:
+        await db.execute(db.sql.requeue_job, -1, job_id)  # the claim does not count
+
+
+async def job_counts(db: Connection) -> dict[str, int]:
+    counts = dict.fromkeys(JOB_STATUSES, 0)
+    for row in await db.fetch(db.sql.job_counts):
+        counts[row["status"]] = int(row["count"])
+    return counts
+
+
+async def training_steps_since(db: Connection, since: datetime) -> int:
+    (row,) = await db.fetch(db.sql.steps_since, since)
+    return int(row["count"])

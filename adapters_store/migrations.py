@@ -21,6 +21,7 @@ STEPS: tuple[str, ...] = (
     "tenants, adapters and adapter blobs",
     "tenant quotas and hashed api keys",
     "tenant quotas on generation requests",
+    "fine-tuning files, jobs, events and checkpoints; tenant quotas on them",
 )
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Generic, Literal, TypeVar
+
+T = TypeVar("T")
 
 #: Name of the reserved tenant whose adapters every tenant sees (see
 #: ``Store.ensure_public_tenant``). ``list_tenants`` leaves it out, and
@@ -33,6 +35,14 @@ class Quotas:
     * ``max_active_adapters``: distinct adapters the tenant's in-flight requests
       may use at once (its share of the engine's hot adapter slots).
 
+    Fine-tuning, enforced by the store under the same lock as the insert:
+
+    * ``max_files`` and ``max_file_bytes``: stored files and their total bytes
+      (``create_file``).
+    * ``max_queued_jobs``: jobs queued or running at once (``create_job``).
+    * ``max_training_tokens``: the sum of ``training_tokens`` over the tenant's
+      jobs that did not fail or get cancelled (``create_job``).
+
     Each field is a column of the same name in the backends' ``tenants`` table.
     """
 
@@ -43,6 +53,10 @@ class Quotas:
     max_n: int | None = None
     max_tokens_in_flight: int | None = None
     max_active_adapters: int | None = None
+    max_files: int | None = None
+    max_file_bytes: int | None = None
+    max_queued_jobs: int | None = None
+    max_training_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -141,3 +155,135 @@ class ChangeEvent:
     tenant_id: str
     name: str
     version: int | None = None
+
+
+# Fine-tuning: uploaded training files, jobs on a queue, their events and checkpoints.
+
+FileFormat = Literal["chat", "preference"]
+JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+JOB_STATUSES: tuple[str, ...] = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
+#: A job in one of these statuses is finished: it never changes again.
+FINISHED_STATUSES: tuple[str, ...] = ("succeeded", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class NewFile:
+    """An uploaded file the server has already validated line by line; the store assigns the id."""
+
+    filename: str
+    purpose: str  # "fine-tune"
+    format: FileFormat  # chat JSONL (supervised) or preference JSONL (dpo)
+    lines: int  # examples in the file
+    blob: bytes
+
+    @property
+    def bytes(self) -> int:
+        return len(self.blob)
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """Metadata of one stored file of a tenant (the content is fetched with ``Store.get_file_content``)."""
+
+    id: str  # "file-..."
+    tenant_id: str
+    filename: str
+    purpose: str
+    format: FileFormat
+    lines: int
+    bytes: int
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A fine-tuning job as the server validated it; the store assigns the id and queues it.
+
+    ``spec`` is the request as the server normalised it (method, hyperparameters, the aligner
+    shape, suffix, seed), kept as JSON and handed back unchanged; ``training_tokens`` is the
+    server's count of the tokens the job trains on (file tokens x epochs), for the quota.
+    """
+
+    model: str
+    training_file: str
+    validation_file: str | None
+    spec: dict
+    training_tokens: int
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One fine-tuning job.
+
+    * ``status``: ``queued`` until a worker claims it (``running``), then one of the finished
+      statuses. A running job whose worker stopped heartbeating is queued again (``attempts``
+      counts the claims) or, past the attempts allowed, failed.
+    * ``error``: ``{"code", "message", "param"}`` of a failed job, else None.
+    * ``fine_tuned_model``: the name of the adapter a succeeded job stored for its tenant.
+    """
+
+    id: str  # "ftjob-..."
+    tenant_id: str
+    status: JobStatus
+    model: str
+    training_file: str
+    validation_file: str | None
+    spec: dict
+    training_tokens: int
+    trained_tokens: int | None
+    fine_tuned_model: str | None
+    error: dict | None
+    attempts: int
+    cancel_requested: bool
+    worker_id: str | None
+    created_at: datetime
+    started_at: datetime | None
+    heartbeat_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class NewJobEvent:
+    """What a worker (or the server) reports about a job."""
+
+    message: str
+    level: Literal["info", "warn", "error"] = "info"
+    type: Literal["message", "metrics"] = "message"
+    data: dict | None = None  # metrics events: {"step", "train_loss", "valid_loss", ...}
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    id: str  # "ftevent-..."
+    job_id: str
+    seq: int  # increasing per job, in the order the events were written
+    message: str
+    level: str
+    type: str
+    data: dict | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class NewCheckpoint:
+    step: int
+    metrics: dict  # {"step", "train_loss", "valid_loss", ...}
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    id: str  # "ftckpt-..."
+    job_id: str
+    step: int
+    metrics: dict
+    fine_tuned_model_checkpoint: str  # the adapter name the checkpoint was stored as
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ListPage(Generic[T]):
+    """A page of a newest-first listing (files, jobs, events, checkpoints); ``has_more`` says
+    whether passing the last item's id as ``after`` gives another page."""
+
+    items: list[T]
+    has_more: bool

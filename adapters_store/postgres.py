@@ -14,6 +14,9 @@ SQLite needs none) and this module's pool, change feed and error mapping:
 * Quotas: ``create_adapter`` first locks the tenant row (``FOR NO KEY
   UPDATE``), which serialises one tenant's creates across replicas, so the
   usage it counts stays true until its insert commits.
+* Fine-tuning queue: ``claim_job`` takes the oldest queued job with ``FOR NO KEY
+  UPDATE SKIP LOCKED``, so claimers on every replica take distinct jobs without
+  waiting on each other; every other write to a job locks its row first.
 * Migrations: applied at ``open()`` in one transaction that first takes a
   database-wide advisory lock, so replicas starting at once apply each step
   exactly once and the others wait, then find nothing to do.
@@ -134,6 +137,92 @@ POSTGRES_MIGRATIONS = dialect_migrations(
         " ADD COLUMN max_n BIGINT CHECK (max_n >= 0),"
         " ADD COLUMN max_tokens_in_flight BIGINT CHECK (max_tokens_in_flight >= 0),"
         " ADD COLUMN max_active_adapters BIGINT CHECK (max_active_adapters >= 0)",
+    ),
+    # 4. fine-tuning files, jobs, events and checkpoints; tenant quotas on them
+    (
+        # Existing tenants get NULL everywhere: unlimited.
+        "ALTER TABLE tenants"
+        " ADD COLUMN max_files BIGINT CHECK (max_files >= 0),"
+        " ADD COLUMN max_file_bytes BIGINT CHECK (max_file_bytes >= 0),"
+        " ADD COLUMN max_queued_jobs BIGINT CHECK (max_queued_jobs >= 0),"
+        " ADD COLUMN max_training_tokens BIGINT CHECK (max_training_tokens >= 0)",
+        # Contents apart, as adapter blobs: listings never read them.
+        """
+            CREATE TABLE files (
+                id          TEXT COLLATE "C" PRIMARY KEY,
+                tenant_id   TEXT COLLATE "C" NOT NULL REFERENCES tenants(id),
+                filename    TEXT NOT NULL,
+                purpose     TEXT NOT NULL,
+                format      TEXT NOT NULL,
+                lines       BIGINT NOT NULL CHECK (lines >= 0),
+                bytes       BIGINT NOT NULL CHECK (bytes >= 0),
+                created_at  TIMESTAMPTZ NOT NULL
+            )
+            """,
+        "CREATE INDEX files_by_tenant ON files (tenant_id, created_at, id)",
+        """
+            CREATE TABLE file_blobs (
+                file_id     TEXT COLLATE "C" PRIMARY KEY REFERENCES files(id) ON DELETE CASCADE,
+                blob        BYTEA NOT NULL
+            )
+            """,
+        # JSON columns (spec, error, data, metrics) are TEXT, as in SQLite: the store only hands
+        # them back. The files a job names are not foreign keys: a file may be deleted once no
+        # active job uses it (delete_file checks), and the finished job keeps its name.
+        """
+            CREATE TABLE fine_tuning_jobs (
+                id                TEXT COLLATE "C" PRIMARY KEY,
+                tenant_id         TEXT COLLATE "C" NOT NULL REFERENCES tenants(id),
+                status            TEXT NOT NULL CHECK (status IN
+                                  ('validating_files', 'queued', 'running', 'succeeded', 'failed', 'cancelled')),
+                model             TEXT NOT NULL,
+                training_file     TEXT COLLATE "C" NOT NULL,
+                validation_file   TEXT COLLATE "C",
+                spec              TEXT NOT NULL,
+                training_tokens   BIGINT NOT NULL CHECK (training_tokens >= 0),
+                trained_tokens    BIGINT,
+                fine_tuned_model  TEXT,
+                error             TEXT,
+                attempts          INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+                cancel_requested  BOOLEAN NOT NULL DEFAULT FALSE,
+                worker_id         TEXT,
+                created_at        TIMESTAMPTZ NOT NULL,
+                started_at        TIMESTAMPTZ,
+                heartbeat_at      TIMESTAMPTZ,
+                finished_at       TIMESTAMPTZ
+            )
+            """,
+        # The queue (claim_job: oldest queued; the lease sweep: running) and the tenant's listing.
+        "CREATE INDEX fine_tuning_jobs_queue ON fine_tuning_jobs (status, created_at, id)",
+        "CREATE INDEX fine_tuning_jobs_by_tenant ON fine_tuning_jobs (tenant_id, created_at, id)",
+        """
+            CREATE TABLE fine_tuning_job_events (
+                id          TEXT COLLATE "C" PRIMARY KEY,
+                job_id      TEXT COLLATE "C" NOT NULL REFERENCES fine_tuning_jobs(id) ON DELETE CASCADE,
+                seq         INTEGER NOT NULL CHECK (seq >= 1),
+                message     TEXT NOT NULL,
+                level       TEXT NOT NULL,
+                type        TEXT NOT NULL,
+                data        TEXT,
+                created_at  TIMESTAMPTZ NOT NULL,
+                UNIQUE (job_id, seq)
+            )
+            """,
+        # The metrics' training rate (Store.training_steps_since): recent step events of every job.
+        "CREATE INDEX fine_tuning_job_events_recent ON fine_tuning_job_events (type, created_at)",
+        """
+            CREATE TABLE fine_tuning_checkpoints (
+                id                           TEXT COLLATE "C" PRIMARY KEY,
+                job_id                       TEXT COLLATE "C" NOT NULL
+                                             REFERENCES fine_tuning_jobs(id) ON DELETE CASCADE,
+                step                         BIGINT NOT NULL,
+                metrics                      TEXT NOT NULL,
+                fine_tuned_model_checkpoint  TEXT NOT NULL,
+                created_at                   TIMESTAMPTZ NOT NULL
+            )
+            """,
+        "CREATE INDEX fine_tuning_checkpoints_by_job ON fine_tuning_checkpoints (job_id, created_at, id)",
+        # Training data is text and compresses: keep the default (compressed, out of line) storage.
     ),
 )
 

@@ -13,8 +13,8 @@ sequence cannot race with another process, and the adapter row and its blob
 commit together or not at all. This write lock is why the SQLite dialect needs no row
 or advisory locks.
 
-Point reads (``get_adapter``, ``find_api_key``) of a file database run on the event loop
-itself, on a second, read-only connection: see ``SQLiteStore._point_read``.
+Point reads (``get_adapter``, ``find_api_key``, ``get_file``, ``get_job``) of a file database
+run on the event loop itself, on a second, read-only connection: see ``SQLiteStore._point_read``.
 
 Change feed: in-process only. A write job announces its ``ChangeEvent`` from
 the worker thread right after COMMIT (so a cancelled caller does not lose it),
@@ -118,6 +118,90 @@ SQLITE_MIGRATIONS = dialect_migrations(
         " CHECK (max_tokens_in_flight IS NULL OR max_tokens_in_flight >= 0)",
         "ALTER TABLE tenants ADD COLUMN max_active_adapters INTEGER"
         " CHECK (max_active_adapters IS NULL OR max_active_adapters >= 0)",
+    ),
+    # 4. fine-tuning files, jobs, events and checkpoints; tenant quotas on them
+    (
+        # Existing tenants get NULL everywhere: unlimited.
+        "ALTER TABLE tenants ADD COLUMN max_files INTEGER CHECK (max_files IS NULL OR max_files >= 0)",
+        "ALTER TABLE tenants ADD COLUMN max_file_bytes INTEGER CHECK (max_file_bytes IS NULL OR max_file_bytes >= 0)",
+        "ALTER TABLE tenants ADD COLUMN max_queued_jobs INTEGER"
+        " CHECK (max_queued_jobs IS NULL OR max_queued_jobs >= 0)",
+        "ALTER TABLE tenants ADD COLUMN max_training_tokens INTEGER"
+        " CHECK (max_training_tokens IS NULL OR max_training_tokens >= 0)",
+        # Contents apart, as adapter blobs: listings never read them.
+        """
+            CREATE TABLE files (
+                id          TEXT PRIMARY KEY,
+                tenant_id   TEXT NOT NULL REFERENCES tenants(id),
+                filename    TEXT NOT NULL,
+                purpose     TEXT NOT NULL,
+                format      TEXT NOT NULL,
+                lines       INTEGER NOT NULL CHECK (lines >= 0),
+                bytes       INTEGER NOT NULL CHECK (bytes >= 0),
+                created_at  TEXT NOT NULL
+            )
+            """,
+        "CREATE INDEX files_by_tenant ON files (tenant_id, created_at, id)",
+        """
+            CREATE TABLE file_blobs (
+                file_id     TEXT PRIMARY KEY REFERENCES files(id) ON DELETE CASCADE,
+                blob        BLOB NOT NULL
+            )
+            """,
+        # The files a job names are not foreign keys: a file may be deleted once no active job
+        # uses it (delete_file checks), and the finished job keeps its name.
+        """
+            CREATE TABLE fine_tuning_jobs (
+                id                TEXT PRIMARY KEY,
+                tenant_id         TEXT NOT NULL REFERENCES tenants(id),
+                status            TEXT NOT NULL CHECK (status IN
+                                  ('validating_files', 'queued', 'running', 'succeeded', 'failed', 'cancelled')),
+                model             TEXT NOT NULL,
+                training_file     TEXT NOT NULL,
+                validation_file   TEXT,
+                spec              TEXT NOT NULL,
+                training_tokens   INTEGER NOT NULL CHECK (training_tokens >= 0),
+                trained_tokens    INTEGER,
+                fine_tuned_model  TEXT,
+                error             TEXT,
+                attempts          INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+                cancel_requested  INTEGER NOT NULL DEFAULT 0 CHECK (cancel_requested IN (0, 1)),
+                worker_id         TEXT,
+                created_at        TEXT NOT NULL,
+                started_at        TEXT,
+                heartbeat_at      TEXT,
+                finished_at       TEXT
+            )
+            """,
+        # The queue (claim_job: oldest queued; the lease sweep: running) and the tenant's listing.
+        "CREATE INDEX fine_tuning_jobs_queue ON fine_tuning_jobs (status, created_at, id)",
+        "CREATE INDEX fine_tuning_jobs_by_tenant ON fine_tuning_jobs (tenant_id, created_at, id)",
+        """
+            CREATE TABLE fine_tuning_job_events (
+                id          TEXT PRIMARY KEY,
+                job_id      TEXT NOT NULL REFERENCES fine_tuning_jobs(id) ON DELETE CASCADE,
+                seq         INTEGER NOT NULL CHECK (seq >= 1),
+                message     TEXT NOT NULL,
+                level       TEXT NOT NULL,
+                type        TEXT NOT NULL,
+                data        TEXT,
+                created_at  TEXT NOT NULL,
+                UNIQUE (job_id, seq)
+            )
+            """,
+        # The metrics' training rate (Store.training_steps_since): recent step events of every job.
+        "CREATE INDEX fine_tuning_job_events_recent ON fine_tuning_job_events (type, created_at)",
+        """
+            CREATE TABLE fine_tuning_checkpoints (
+                id                           TEXT PRIMARY KEY,
+                job_id                       TEXT NOT NULL REFERENCES fine_tuning_jobs(id) ON DELETE CASCADE,
+                step                         INTEGER NOT NULL,
+                metrics                      TEXT NOT NULL,
+                fine_tuned_model_checkpoint  TEXT NOT NULL,
+                created_at                   TEXT NOT NULL
+            )
+            """,
+        "CREATE INDEX fine_tuning_checkpoints_by_job ON fine_tuning_checkpoints (job_id, created_at, id)",
     ),
 )
 

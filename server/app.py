@@ -9,6 +9,7 @@ import os
 import shlex
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -20,11 +21,12 @@ from aligner_core.model_spec import ModelSpec
 from server.engine.config import AlignerEngineConfig
 from server.engine.facade import AlignerEngine, EngineOptions
 from server.errors import install_error_handlers
-from server.fair_share import watch_revocations
+from server.fair_share import default_quotas, watch_revocations
+from server.finetune_worker import WorkerProcesses
 from server.limits import BodyLimitMiddleware
 from server.metrics import Metrics
 from server.resolver import AdapterResolver
-from server.routes import adapters, admin, openai, ops, tokens, ui
+from server.routes import adapters, admin, files, fine_tuning, openai, ops, tokens, ui
 from server.services import Services
 from server.settings import Settings, chat_template, fit_max_model_len, tool_call_parser
 
@@ -101,6 +103,19 @@ async def exit_when_engine_dies(engine: AlignerEngine, interval_s: float = 0.5) 
             os._exit(3)
 
 
+async def open_mode_tenant(store: Store, settings: Settings) -> Tenant:
+    """The one tenant of open mode; its fine-tuning limits that are unset get the server's defaults
+    (ALIGNER_TENANT_MAX_FILES and the rest), so that open mode has bounded training too."""
+    tenant = await store.ensure_tenant(OPEN_TENANT)
+    defaults = default_quotas(settings)
+    fill = {
+        k: getattr(defaults, k)
+        for k in ("max_files", "max_file_bytes", "max_queued_jobs", "max_training_tokens")
+        if getattr(tenant.quotas, k) is None
+    }
+    return await store.set_quotas(tenant.id, replace(tenant.quotas, **fill)) if fill else tenant
+
+
 def key_is_valid(store: Store):
     async def valid(key_hash: str) -> bool:
         try:
@@ -121,8 +136,9 @@ def create_app(settings: Settings) -> FastAPI:
         await store.open()
         engine = AlignerEngine(engine_options(settings, str(prepared.path), prepared.spec.identity), metrics)
         resolver = AdapterResolver(store, on_deleted=engine.retire)
+        trainers = WorkerProcesses(settings)
         try:
-            open_tenant = None if settings.admin_key else await store.ensure_tenant(OPEN_TENANT)
+            open_tenant = None if settings.admin_key else await open_mode_tenant(store, settings)
             public = await store.ensure_public_tenant()
             if settings.seed_adapters:
                 seeded = await seed_public_adapters(
@@ -132,8 +148,17 @@ def create_app(settings: Settings) -> FastAPI:
             await store.subscribe(resolver.on_change)
             await engine.start()
             app.state.services = Services(
-                settings, prepared.spec, store, engine, metrics, resolver, open_tenant, public
+                settings,
+                prepared.spec,
+                store,
+                engine,
+                metrics,
+                resolver,
+                open_tenant,
+                public,
+                model_path=str(prepared.path),
             )
+            await trainers.start()
             services = app.state.services
             watchers = [
                 asyncio.create_task(exit_when_engine_dies(engine)),
@@ -143,14 +168,17 @@ def create_app(settings: Settings) -> FastAPI:
             for task in watchers:
                 task.cancel()
         finally:
+            await trainers.stop()
             await engine.stop()
             await store.close()
 
     app = FastAPI(title="aligner-serve", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(
-        BodyLimitMiddleware, max_bytes=max(settings.max_request_bytes, settings.max_adapter_bytes + (64 << 10))
+        BodyLimitMiddleware,
+        max_bytes=max(settings.max_request_bytes, settings.max_adapter_bytes + (64 << 10)),
+        uploads={"/v1/files": settings.max_file_bytes + (64 << 10)},
     )
-    for module in (openai, tokens, adapters, admin, ops, ui):
+    for module in (openai, tokens, adapters, files, fine_tuning, admin, ops, ui):
         app.include_router(module.router)
     return app

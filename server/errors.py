@@ -234,6 +234,15 @@ def _routing_error(exc: StarletteHTTPException, request: Request | None) -> APIE
     return StatusError(message, status=exc.status_code, headers=headers)
 
 
+#: What to do about a store quota, and the request field it concerns (adapter quotas: the default).
+_QUOTA_HINTS = {
+    "max_files": ("delete files first", "file"),
+    "max_file_bytes": ("delete files first", "file"),
+    "max_queued_jobs": ("wait for a job to finish, or cancel one", None),
+    "max_training_tokens": ("ask the operator for more", "training_file"),
+}
+
+
 def to_api_error(exc: BaseException, request: Request | None = None) -> APIError:
     """Map any error to the API error the client sees (`request`, where known, is named in routing errors)."""
     if isinstance(exc, APIError):
@@ -247,11 +256,12 @@ def to_api_error(exc: BaseException, request: Request | None = None) -> APIError
     if isinstance(exc, Conflict):
         return ConflictError(str(exc))
     if isinstance(exc, QuotaExceeded):
+        hint, param = _QUOTA_HINTS.get(exc.limit_name, ("delete adapters first", "file"))
         return RateLimited(
-            f"Quota exceeded: {exc.limit_name} is limited to {exc.limit} (currently {exc.current}); delete adapters first.",
+            f"Quota exceeded: {exc.limit_name} is limited to {exc.limit} (currently {exc.current}); {hint}.",
             retry_after=60,
             code="quota_exceeded",
-            param="file",
+            param=param,
         )
     if isinstance(exc, StoreUnavailable):
         return ServiceUnavailable("The adapter store is unavailable; retry shortly.", code="store_unavailable")

@@ -36,6 +36,10 @@ def default_quotas(settings) -> Quotas:
         max_n=settings.tenant_max_n,
         max_tokens_in_flight=settings.tenant_max_tokens_in_flight,
         max_active_adapters=active if active is not None else max(1, settings.max_resident_adapters // 4),
+        max_files=settings.tenant_max_files,
+        max_file_bytes=settings.tenant_max_file_bytes,
+        max_queued_jobs=settings.tenant_max_queued_jobs,
+        max_training_tokens=settings.tenant_max_training_tokens,
     )
 
 

@@ -29,8 +29,15 @@ def declared_length(scope: Scope) -> int | None:
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    """Every body at most `max_bytes`, but a POST to a path of `uploads` (path -> bytes) at most that path's."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int, uploads: dict[str, int] | None = None) -> None:
+        self.app, self.max_bytes, self.uploads = app, max_bytes, uploads or {}
+
+    def limit(self, scope: Scope) -> int:
+        if scope.get("method") == "POST" and scope.get("path") in self.uploads:
+            return self.uploads[scope["path"]]
+        return self.max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -41,8 +48,9 @@ class BodyLimitMiddleware:
         except InvalidRequest as err:
             await error_response(err)(scope, receive, send)
             return
-        if declared is not None and declared > self.max_bytes:
-            await self._refuse(scope, receive, send)
+        limit = self.limit(scope)
+        if declared is not None and declared > limit:
+            await self._refuse(scope, receive, send, limit)
             return
         seen = 0
         started = refused = False
@@ -52,12 +60,12 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     # Answer now: FastAPI turns any error while it reads a body into its own 400
                     # ("There was an error parsing the body"), which tracking_send then drops.
                     if not started and not refused:
                         refused = True
-                        await self._refuse(scope, receive, send)
+                        await self._refuse(scope, receive, send, limit)
                     raise BodyTooLarge
             return message
 
@@ -72,8 +80,8 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started and not refused:
-                await self._refuse(scope, receive, send)
+                await self._refuse(scope, receive, send, limit)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        err = PayloadTooLarge(f"request body exceeds the limit of {self.max_bytes} bytes", code="request_too_large")
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        err = PayloadTooLarge(f"request body exceeds the limit of {limit} bytes", code="request_too_large")
         await error_response(err)(scope, receive, send)

@@ -6,9 +6,13 @@ Labels stay bounded: `kind` is "adapter" or "base" and `tenant` a tenant name, n
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from server.engine.facade import EngineHooks
+
+RATE_WINDOW_S = 60
 
 
 class Metrics(EngineHooks):
@@ -47,7 +51,34 @@ class Metrics(EngineHooks):
         self.refused = Counter(
             "aligner_requests_refused", "Requests refused by a tenant limit", ["tenant", "limit"], registry=r
         )
+        self.finetune_created = Counter("aligner_finetune_jobs_created", "Fine-tuning jobs created", registry=r)
+        self.finetune_jobs = Gauge(
+            "aligner_finetune_jobs",
+            "Fine-tuning jobs by status, every tenant's (from the store)",
+            ["status"],
+            registry=r,
+        )
+        self.finetune_queue = Gauge(
+            "aligner_finetune_queue_length", "Fine-tuning jobs queued for a training worker", registry=r
+        )
+        self.finetune_rate = Gauge(
+            "aligner_finetune_steps_per_second",
+            "Optimizer steps per second of every training worker on the store, over the last minute",
+            registry=r,
+        )
         self._unknown_seen = 0
+
+    async def refresh_store(self, store) -> None:
+        """Pull the fine-tuning queue's figures from the store, which every worker and replica shares."""
+        try:
+            counts = await store.job_counts()
+            steps = await store.training_steps_since(datetime.now(UTC) - timedelta(seconds=RATE_WINDOW_S))
+        except Exception:  # store down: /health says so; keep the last figures
+            return
+        for status, n in counts.items():
+            self.finetune_jobs.labels(status).set(n)
+        self.finetune_queue.set(counts.get("queued", 0))
+        self.finetune_rate.set(steps / RATE_WINDOW_S)
 
     async def refresh(self, engine) -> None:
         """Pull what only the engine's workers count (called before each scrape)."""

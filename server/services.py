@@ -30,6 +30,7 @@ class Services:
     limiter: RateLimiter = field(default_factory=RateLimiter)  # generation requests per minute
     management_limiter: RateLimiter = field(default_factory=RateLimiter)  # uploads, deletes, listings
     fair: FairShare = field(default_factory=FairShare)
+    model_path: str = ""  # the served model's folder (its tokenizer counts fine-tuning tokens)
 
     @property
     def multi_tenant(self) -> bool:

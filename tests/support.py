@@ -223,6 +223,7 @@ class Server:
         env = (
             os.environ
             | {"ALIGNER_KV_CACHE_GIB": "1", "ALIGNER_MAX_MODEL_LEN": "1024", "ALIGNER_MAX_NUM_SEQS": "32"}
+            | {"ALIGNER_FINETUNE_WORKERS": "0"}  # a test that trains asks for its worker
             | self.extra_env
         )
         cmd = [

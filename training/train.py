@@ -42,6 +42,7 @@ class TrainConfig:
     data: str
     output: str
     model: str = "smollm2-135m-instruct"
+    cache_dir: str | None = None  # where a preset's converted model lives (default: aligner-serve's cache)
     method: str = "sft"  # sft | dpo
     tokens: int = 1
     start_layer: int = 2
@@ -55,6 +56,7 @@ class TrainConfig:
     warmup: float = 0.05  # fraction of steps with a linear warm-up; then cosine decay to 10% of lr
     seed: int = 0
     val_split: float = 0.1
+    val_data: str | None = None  # a validation file of the same format: then all of `data` trains
     eval_every: int | None = None  # steps between validation passes (default: about 8 per run)
     max_length: int = 512
     beta: float = 0.1  # DPO
@@ -101,7 +103,7 @@ def sft_example(tok, messages: list[dict], max_length: int) -> tuple[list[int], 
     ids = _ids(tok, messages, generation_prompt=False)
     labels = [-100] * len(ids)
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or m.get("weight", 1) == 0:  # OpenAI's `weight: 0`: context, not trained
             continue
         start = len(_ids(tok, messages[:i], generation_prompt=True)) if i else 0
         end = len(_ids(tok, messages[: i + 1], generation_prompt=False))
@@ -150,8 +152,10 @@ def dpo_example(tok, row: dict, max_length: int) -> tuple[list[int], list[int], 
     return p_ids, out[1][:budget], out[2][:budget]
 
 
-def load_examples(cfg: TrainConfig, tok) -> list:
-    rows = [json.loads(line) for line in Path(cfg.data).read_text().splitlines() if line.strip()]
+def load_examples(cfg: TrainConfig, tok, path: str | None = None) -> list:
+    """The usable examples of `path` (default: the training data) in the method's form."""
+    path = path or cfg.data
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     exs: list[tuple | None]  # (ids, labels[, weights]) or (prompt, chosen, rejected); None where unusable
     if cfg.method == "sft":
         exs = sft = [sft_example(tok, r["messages"], cfg.max_length) for r in rows]
@@ -161,7 +165,7 @@ def load_examples(cfg: TrainConfig, tok) -> list:
         exs = [dpo_example(tok, r, cfg.max_length) for r in rows]
     exs = [e for e in exs if e is not None]
     if not exs:
-        raise SystemExit(f"aligner train: no usable {cfg.method} examples in {cfg.data}")
+        raise SystemExit(f"aligner train: no usable {cfg.method} examples in {path}")
     return exs
 
 
@@ -259,12 +263,16 @@ class RunPlan:
     warmup: int
 
 
-def plan_run(cfg: TrainConfig, examples: list, rng: random.Random) -> RunPlan:
+def plan_run(cfg: TrainConfig, examples: list, rng: random.Random, val: list | None = None) -> RunPlan:
     """Shuffle `examples` in place with `rng` (which goes on to order the batches) and split off the
-    validation share; the steps follow --steps, else --epochs over the training split."""
+    validation share, unless `val` (a validation file's examples) is given; the steps follow --steps, else
+    --epochs over the training split."""
     rng.shuffle(examples)
-    n_val = int(round(len(examples) * cfg.val_split)) if len(examples) > 1 else 0
-    val, trn = examples[:n_val], examples[n_val:]
+    if val is not None:
+        trn = examples
+    else:
+        n_val = int(round(len(examples) * cfg.val_split)) if len(examples) > 1 else 0
+        val, trn = examples[:n_val], examples[n_val:]
     per_step = cfg.batch_size * cfg.grad_accum
     steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(trn) / per_step))
     eval_every = cfg.eval_every or max(1, steps // 8)
@@ -289,6 +297,9 @@ class Batches:
 
 
 BatchLoss = Callable[[list], tuple[torch.Tensor, dict]]  # batch -> (loss, extra figures for the log)
+#: Called after every step with its record ({"step", "steps", "loss", "lr", ...}) and after every validation
+#: pass with {"step", "steps", "val_loss"}; an exception it raises (a cancel) ends the run there.
+OnStep = Callable[[dict], None]
 
 
 def mean_loss(batch_loss: BatchLoss, examples: list, batch_size: int) -> float | None:
@@ -312,6 +323,7 @@ def optimise(
     batch_loss: BatchLoss,
     validate: Callable[[], float | None],
     context: Callable[[], contextlib.AbstractContextManager],
+    on_step: OnStep | None = None,
 ) -> tuple[dict, float]:
     """The optimizer loop shared by every trainer: warm-up then cosine learning rate, `cfg.grad_accum`
     micro-batches per step under `context()` (the trained parameters attached), validation every
@@ -339,18 +351,22 @@ def optimise(
                 step_loss += float(loss.detach()) / cfg.grad_accum
         opt.step()
         history["train"].append({"step": step + 1, "loss": step_loss, "lr": cfg.lr * scale, **extra})
+        if on_step is not None:
+            on_step({**history["train"][-1], "steps": plan.steps})
         post = {"loss": f"{step_loss:.4f}"}
         if (step + 1) % plan.eval_every == 0 or step + 1 == plan.steps:
             v = validate()
             if v is not None:
                 history["val"].append({"step": step + 1, "loss": v})
+                if on_step is not None:
+                    on_step({"step": step + 1, "steps": plan.steps, "val_loss": v})
         if history["val"]:
             post["val"] = f"{history['val'][-1]['loss']:.4f}"
         bar.set_postfix(post)
     return history, time.perf_counter() - t0
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, on_step: OnStep | None = None) -> TrainResult:
     from transformers import AutoTokenizer
 
     from aligner_core.adapter_format import GATE_ACTIVATIONS, Adapter, load, save
@@ -365,7 +381,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise SystemExit(f"aligner train: --method must be sft or dpo, not {cfg.method!r}")
     if cfg.gate_activation not in GATE_ACTIVATIONS:
         raise SystemExit(f"aligner train: --gate-activation must be one of {', '.join(GATE_ACTIVATIONS)}")
-    prepared = prepare(cfg.model)
+    prepared = prepare(cfg.model, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None)
     spec = prepared.spec
     device = torch.device(cfg.device)
     random.seed(cfg.seed)
@@ -408,7 +424,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     examples = load_examples(cfg, tok)
     rng = random.Random(cfg.seed)
-    plan = plan_run(cfg, examples, rng)
+    plan = plan_run(cfg, examples, rng, load_examples(cfg, tok, cfg.val_data) if cfg.val_data else None)
 
     # DPO reference log-probabilities, computed once: the base model, or the base model with --ref-adapter.
     ref_logps: dict[int, tuple[float, float]] = {}
@@ -441,7 +457,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             return mean_loss(batch_loss, plan.val, cfg.batch_size)
 
     model.train(False)  # no dropout; the base model stays in eval mode
-    history, elapsed = optimise(cfg, opt, plan, Batches(plan.trn, cfg.batch_size, rng), batch_loss, validate, policy)
+    history, elapsed = optimise(
+        cfg, opt, plan, Batches(plan.trn, cfg.batch_size, rng), batch_loss, validate, policy, on_step
+    )
 
     adapter = Adapter(
         prefix=prefix.detach().float().cpu().clone(),
@@ -531,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--val-split", type=float, default=0.1, help="fraction held out for validation loss")
+    ap.add_argument("--val-data", help="validation JSONL of the same format (then --val-split is unused)")
     ap.add_argument("--eval-every", type=int, help="steps between validation passes (default: steps/8)")
     ap.add_argument("--max-length", type=int, default=512, help="truncate examples to this many tokens")
     ap.add_argument("--beta", type=float, default=0.1, help="DPO beta (default 0.1)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 
 from adapters_store import NewAdapter, NotFound
 from aligner_core.adapter_format import check_fits, decode, encode
@@ -89,6 +89,18 @@ async def list_adapters(
 @router.get("/{name}")
 async def get_adapter(record: AdapterDep) -> AdapterPublic:
     return AdapterPublic.of(record)
+
+
+@router.get("/{name}/content")
+async def adapter_content(svc: ServicesDep, record: AdapterDep) -> Response:
+    """The aligner/v1 file of a visible adapter (`name` or `name@n`): e.g. to keep a fine-tuned one."""
+    data = await svc.store.get_blob(record.id)
+    filename = f"{record.name}-v{record.version}.safetensors"
+    return Response(
+        data,
+        media_type="application/octet-stream",
+        headers={"content-disposition": f'attachment; filename="{filename}"'},
+    )
 
 
 @router.get("/{name}/versions")

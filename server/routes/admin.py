@@ -36,6 +36,10 @@ class QuotasBody(BaseModel):
     max_n: QuotaValue = _QUOTA
     max_tokens_in_flight: QuotaValue = _QUOTA
     max_active_adapters: QuotaValue = _QUOTA
+    max_files: QuotaValue = _QUOTA
+    max_file_bytes: QuotaValue = _QUOTA
+    max_queued_jobs: QuotaValue = _QUOTA
+    max_training_tokens: QuotaValue = _QUOTA
 
     def over(self, base: Quotas) -> Quotas:
         """`base` with the limits this body names replaced."""

@@ -29,4 +29,5 @@ async def version() -> JSONResponse:
 @router.get("/metrics", dependencies=[MetricsReaderDep])
 async def metrics(svc: ServicesDep) -> Response:
     await svc.metrics.refresh(svc.engine)  # what only the engine's workers count
+    await svc.metrics.refresh_store(svc.store)  # the fine-tuning queue, shared by every replica
     return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -8,6 +8,7 @@ import os
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -28,9 +29,13 @@ EVERY_QUOTA = Quotas(
     max_n=4,
     max_tokens_in_flight=2**63 - 1,
     max_active_adapters=2,
+    max_files=5,
+    max_file_bytes=6_000_000_000,
+    max_queued_jobs=7,
+    max_training_tokens=9_000_000_000,
 )
-#: Every quota set again, to values unlike ``EVERY_QUOTA``'s (70, 60, ..., 10 in field order).
-OTHER_QUOTAS = Quotas(*range(70, 0, -10))
+#: Every quota set again, to values unlike ``EVERY_QUOTA``'s (110, 100, ..., 10 in field order).
+OTHER_QUOTAS = Quotas(*range(10 * len(fields(Quotas)), 0, -10))
 
 
 def new_adapter(name: str, blob: bytes = b"weights", *, tokens: int = 4) -> NewAdapter:

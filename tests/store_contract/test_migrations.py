@@ -18,7 +18,7 @@ import pytest
 
 import adapters_store.postgres as postgres_backend
 import adapters_store.sqlite as sqlite_backend
-from adapters_store import NotFound, QuotaExceeded, Quotas, open_store
+from adapters_store import NewFile, NewJob, NotFound, QuotaExceeded, Quotas, open_store
 from adapters_store.migrations import Migration
 
 from .support import EVERY_QUOTA, new_adapter, postgres_url_or_skip, throwaway_database
@@ -115,6 +115,7 @@ def test_both_backends_have_the_same_steps() -> None:
     assert NEWEST >= 3
     assert SQLITE_STEPS[1].description == "tenant quotas and hashed api keys"
     assert SQLITE_STEPS[2].description == "tenant quotas on generation requests"
+    assert SQLITE_STEPS[3].description == "fine-tuning files, jobs, events and checkpoints; tenant quotas on them"
     assert all(isinstance(m, Migration) for m in SQLITE_STEPS + POSTGRES_STEPS)
 
 
@@ -274,3 +275,53 @@ def test_upgrade_from_version_2_keeps_quotas_and_adds_unlimited_generation_quota
             fresh.execute((f"UPDATE tenants SET {name} = ? WHERE id = ?", (-1, "ten_two")))
     fresh.execute(("UPDATE tenants SET max_n = ? WHERE id = ?", (0, "ten_two")))
     assert fresh.query("SELECT max_n FROM tenants WHERE id = 'ten_two'") == [(0,)]
+
+
+FINE_TUNING_QUOTAS = ("max_files", "max_file_bytes", "max_queued_jobs", "max_training_tokens")
+
+
+def test_upgrade_from_version_3_adds_fine_tuning_with_unlimited_quotas(
+    fresh: Fresh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 1. The previous release creates its schema (steps 1 to 3) and a tenant with quotas.
+    fresh.patch_steps(monkeypatch, 3)
+    fresh.open_once()
+    created = datetime(2026, 1, 2, 3, 4, tzinfo=UTC)
+    fresh.execute(
+        (
+            "INSERT INTO tenants (id, name, created_at, max_adapters, max_n) VALUES (?, ?, ?, ?, ?)",
+            ("ten_old", "acme", created, 2, 4),
+        ),
+    )
+
+    # 2. This release adds the fine-tuning tables; the tenant's new quotas are unlimited.
+    monkeypatch.undo()
+
+    async def new_release():
+        async with open_store(fresh.url) as store:
+            before = await store.get_tenant("ten_old")
+            file = await store.create_file(
+                "ten_old", NewFile(filename="t.jsonl", purpose="fine-tune", format="chat", lines=1, blob=b"{}\n")
+            )
+            job = await store.create_job(
+                "ten_old",
+                NewJob(model="m", training_file=file.id, validation_file=None, spec={}, training_tokens=1),
+                [],
+            )
+            limited = await store.set_quotas("ten_old", Quotas(max_files=1))
+            with pytest.raises(QuotaExceeded):
+                await store.create_file(
+                    "ten_old", NewFile(filename="u.jsonl", purpose="fine-tune", format="chat", lines=0, blob=b"")
+                )
+            return before, job, limited
+
+    before, job, limited = asyncio.run(new_release())
+    assert before.quotas == Quotas(max_adapters=2, max_n=4)
+    assert all(getattr(before.quotas, name) is None for name in FINE_TUNING_QUOTAS)
+    assert job.status == "queued"
+    assert limited.quotas == Quotas(max_files=1)
+    versions = [row[0] for row in fresh.query("SELECT version FROM schema_migrations ORDER BY version")]
+    assert versions == list(range(1, NEWEST + 1))
+    for name in FINE_TUNING_QUOTAS:
+        with pytest.raises(Exception, match="(?i)check constraint"):
+            fresh.execute((f"UPDATE tenants SET {name} = ? WHERE id = ?", (-1, "ten_old")))
