@@ -177,7 +177,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=max(settings.max_request_bytes, settings.max_adapter_bytes + (64 << 10)),
-        uploads={"/v1/files": settings.max_file_bytes + (64 << 10)},
+        uploads={"/v1/files": (settings.max_file_bytes + (64 << 10), "ALIGNER_MAX_FILE_BYTES")},
     )
     for module in (openai, tokens, adapters, files, fine_tuning, admin, ops, ui):
         app.include_router(module.router)

@@ -65,6 +65,7 @@ CLIENT_COMMANDS = {
     "chat": "chat with the server, optionally through an adapter",
     "models": "list the served model and the visible adapters",
     "admin": "tenants, API keys and public adapters (multi-tenant mode)",
+    "fine-tune": "fine-tuning jobs: create (upload + start, --wait), list, events, cancel, wait; worker (training)",
 }
 
 
@@ -121,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] and argv[0] in TOOL_COMMANDS:  # each tool owns its flags
         module, _ = TOOL_COMMANDS[argv[0]]
         return importlib.import_module(module).main(argv[1:])
+    if argv[:2] == ["fine-tune", "worker"]:  # the training worker is the server's; other fine-tune verbs the client's
+        from server.finetune_worker import main as worker_main
+
+        return worker_main(argv[2:])
     if argv[:1] and argv[0] in CLIENT_COMMANDS:  # the HTTP client (clients/python) owns these
         try:
             from aligner_client.cli import main as client_main

@@ -89,9 +89,11 @@ class Control:
             message = f"Step {step}/{total}: training loss={record['loss']:.4f}"
             self._events.append(NewJobEvent(message, type="metrics", data=data))
 
-    def take(self) -> list[NewJobEvent]:
+    def take(self, *, final: bool = False) -> list[NewJobEvent]:
+        """The events to send; the last step's is held back (its validation loss may follow) unless `final`."""
         with self._lock:
-            out, self._events = self._events, []
+            keep = 0 if final or not self._events else 1
+            out, self._events = self._events[: len(self._events) - keep], self._events[len(self._events) - keep :]
         return out
 
     def put_back(self, events: list[NewJobEvent]) -> None:
@@ -240,7 +242,7 @@ class Worker:
         )
         seconds = time.perf_counter() - ctl.started
         events = [
-            *ctl.take(),
+            *ctl.take(final=True),
             NewJobEvent(f"New fine-tuned model created: {name} ({adapter.params} parameters, {len(blob)} bytes)"),
             NewJobEvent(f"The job has successfully completed in {seconds:.0f} s"),
         ]
@@ -267,7 +269,7 @@ class Worker:
         self, job: JobRecord, status: str, *, error: dict | None = None, events: list[NewJobEvent] | None = None
     ) -> None:
         ctl = self.control
-        pending = ctl.take() if ctl else []
+        pending = ctl.take(final=True) if ctl else []
         if error is not None:
             pending.append(NewJobEvent(f"The job failed: {error['message']}", level="error"))
         try:

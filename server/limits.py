@@ -29,15 +29,16 @@ def declared_length(scope: Scope) -> int | None:
 
 
 class BodyLimitMiddleware:
-    """Every body at most `max_bytes`, but a POST to a path of `uploads` (path -> bytes) at most that path's."""
+    """Every body at most `max_bytes`, but a POST to a path of `uploads` (path -> (bytes, the setting that
+    sets them)) at most that path's."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, uploads: dict[str, int] | None = None) -> None:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, uploads: dict[str, tuple[int, str]] | None = None) -> None:
         self.app, self.max_bytes, self.uploads = app, max_bytes, uploads or {}
 
-    def limit(self, scope: Scope) -> int:
+    def limit(self, scope: Scope) -> tuple[int, str]:
         if scope.get("method") == "POST" and scope.get("path") in self.uploads:
             return self.uploads[scope["path"]]
-        return self.max_bytes
+        return self.max_bytes, "ALIGNER_MAX_REQUEST_BYTES"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -49,7 +50,7 @@ class BodyLimitMiddleware:
             await error_response(err)(scope, receive, send)
             return
         limit = self.limit(scope)
-        if declared is not None and declared > limit:
+        if declared is not None and declared > limit[0]:
             await self._refuse(scope, receive, send, limit)
             return
         seen = 0
@@ -60,7 +61,7 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > limit:
+                if seen > limit[0]:
                     # Answer now: FastAPI turns any error while it reads a body into its own 400
                     # ("There was an error parsing the body"), which tracking_send then drops.
                     if not started and not refused:
@@ -82,6 +83,8 @@ class BodyLimitMiddleware:
             if not started and not refused:
                 await self._refuse(scope, receive, send, limit)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
-        err = PayloadTooLarge(f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: tuple[int, str]) -> None:
+        err = PayloadTooLarge(
+            f"request body exceeds the limit of {limit[0]} bytes ({limit[1]})", code="request_too_large"
+        )
         await error_response(err)(scope, receive, send)

@@ -338,6 +338,33 @@ def test_aligner_chat_stacks_adapters_through_the_client(monkeypatch, capsys) ->
     assert len(bodies) == 2
 
 
+def test_aligner_fine_tune_worker_is_the_servers_and_the_rest_the_clients(monkeypatch, capsys) -> None:
+    """`aligner fine-tune worker ...` runs the training worker (server/finetune_worker.py) with the rest of the
+    line; every other `aligner fine-tune` verb is the client's command."""
+    from aligner_client import Client
+    from aligner_client import cli as client_cli
+
+    from server import finetune_worker
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(finetune_worker, "main", lambda argv: seen.append(argv) or 0)
+    assert cli.main(["fine-tune", "worker", "--store", "sqlite:///x.db", "--id", "w1"]) == 0
+    assert seen == [["--store", "sqlite:///x.db", "--id", "w1"]]
+
+    paths: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        return httpx.Response(200, json={"object": "list", "data": [], "has_more": False})
+
+    monkeypatch.setattr(
+        client_cli, "Client", lambda **kw: Client(kw["base_url"], transport=httpx.MockTransport(answer))
+    )
+    assert cli.main(["fine-tune", "list"]) == 0
+    assert paths == ["/v1/fine_tuning/jobs"] and capsys.readouterr().out == "(none)\n"
+    assert "fine-tune" in cli.CLIENT_COMMANDS
+
+
 # ---- end to end: one real server, a vLLM flag of each kind on its command line ----
 
 

@@ -23,6 +23,11 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
+    yield from start_chromium()
+
+
+def start_chromium():
+    """A headless Chromium WebDriver, quit at the end (a fixture's body: tests/test_fine_tune_clients.py's too)."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_path = shutil.which("chromedriver")
     if not chromium or not driver_path:

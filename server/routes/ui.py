@@ -1,6 +1,9 @@
-"""The playground page: chat with an adapter beside the base model, list and upload adapters.
+"""The playground pages: `/ui` chats with an adapter beside the base model and lists and uploads adapters;
+`/ui/fine-tune` trains one (upload a JSONL file, start a job, watch its loss) and then chats with it beside
+the base model.
 
-A static page; it talks to the public API with the key the user types, so it has no powers of its own.
+Static pages; they talk to the public API with the key the user types, so they have no powers of their own.
+Each is one self-contained file (no CDN, no external script), so it works offline.
 """
 
 from __future__ import annotations
@@ -15,10 +18,15 @@ router = APIRouter(tags=["ui"])
 
 
 @cache
-def _page() -> str:
-    return (Path(__file__).resolve().parents[1] / "static" / "playground.html").read_text()
+def _page(name: str) -> str:
+    return (Path(__file__).resolve().parents[1] / "static" / name).read_text()
 
 
 @router.get("/ui", response_class=HTMLResponse, include_in_schema=False)
 async def playground() -> HTMLResponse:
-    return HTMLResponse(_page())
+    return HTMLResponse(_page("playground.html"))
+
+
+@router.get("/ui/fine-tune", response_class=HTMLResponse, include_in_schema=False)
+async def fine_tune_playground() -> HTMLResponse:
+    return HTMLResponse(_page("fine-tune.html"))

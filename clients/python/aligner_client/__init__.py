@@ -14,6 +14,13 @@
     for a in client.adapters.list_all():
         print(a.id, a.bytes)
 
+Fine-tuning (OpenAI's API): upload JSONL, start a job, wait; the result is an adapter, usable as `model=`.
+
+    f = client.files.create("pirate.jsonl")                        # purpose "fine-tune"
+    job = client.fine_tuning.jobs.create(f.id, suffix="pirate", n_epochs=2)   # method="dpo" for pairs
+    job = client.fine_tuning.jobs.wait(job.id, on_event=lambda e: print(e.message))
+    client.chat.create("Hello!", model=job.fine_tuned_model)      # job.error says why when status is failed
+
 `adapters=` entries: `"name"`, `"name@version"`, `"name:scale"` (split on the last ':'; names hold none),
 `{"name" | "inline": ..., "scale": ...}` (sent as written, `inline` bytes base64-encoded) or `AdapterSpec`
 (`AdapterSpec.from_file` reads a file to send inline). Passing `adapter=` and `adapters=` together raises
@@ -30,7 +37,7 @@ Exceptions mirror the server's error codes (`{"error": {"message", "type", "para
     │   ├── BadRequestError          400  invalid_request_error
     │   ├── AuthenticationError      401  invalid_api_key
     │   ├── PermissionDeniedError    403  permission_denied
-    │   ├── NotFoundError            404  model_not_found, not_found (tenants, keys)
+    │   ├── NotFoundError            404  model_not_found, not_found (tenants, keys), file_not_found, job_not_found
     │   │   └── AdapterNotFoundError 404  adapter_not_found
     │   ├── ConflictError            409  conflict
     │   ├── PayloadTooLargeError     413  file_too_large
@@ -38,8 +45,9 @@ Exceptions mirror the server's error codes (`{"error": {"message", "type", "para
     │   ├── RateLimitError           429  rate_limit_exceeded, quota_exceeded (Retry-After)
     │   └── InternalServerError      5xx  internal_error
     │       └── ServiceUnavailableError 503  store_unavailable, engine_busy, engine_not_ready
-    └── APIConnectionError                no answer (refused, reset)
-        └── APITimeoutError               no answer in time
+    ├── APIConnectionError                no answer (refused, reset)
+    │   └── APITimeoutError               no answer in time
+    └── WaitTimeoutError                  fine_tuning.jobs.wait: the job had not finished in time (.job)
 
 Retries: 429 (but not quota_exceeded), 408, 5xx and connection errors, `max_retries` times (default 2)
 with exponential backoff; a Retry-After header sets the wait.
@@ -61,6 +69,16 @@ from aligner_client.models import (
     ChatCompletionChunk,
     Completion,
     CompletionChunk,
+    FileDeleted,
+    FileList,
+    FileObject,
+    FineTuningJob,
+    FineTuningJobCheckpoint,
+    FineTuningJobCheckpointList,
+    FineTuningJobEvent,
+    FineTuningJobEventList,
+    FineTuningJobList,
+    JobError,
     ModelCard,
     ModelList,
     Quotas,
@@ -93,4 +111,14 @@ __all__ = [
     "ChatCompletionChunk",
     "Completion",
     "CompletionChunk",
+    "FileObject",
+    "FileList",
+    "FileDeleted",
+    "FineTuningJob",
+    "FineTuningJobList",
+    "FineTuningJobEvent",
+    "FineTuningJobEventList",
+    "FineTuningJobCheckpoint",
+    "FineTuningJobCheckpointList",
+    "JobError",
 ]

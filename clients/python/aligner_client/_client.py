@@ -22,6 +22,8 @@ TransportT = TypeVar("TransportT", httpx.BaseTransport, httpx.AsyncBaseTransport
 
 
 def _parse(call: core.Call, resp: httpx.Response) -> Any:
+    if call.raw:
+        return call.parse(resp.content)
     try:
         body = resp.json() if resp.content else None
     except ValueError as e:
@@ -166,9 +168,12 @@ class Client(_Shell[httpx.Client, httpx.BaseTransport]):
             return _parse(op, self._send(op))
         assert isinstance(op, GeneratorType)
         try:
-            call = next(op)
+            step = next(op)
             while True:
-                call = op.send(_parse(call, self._send(call)))
+                if isinstance(step, core.Sleep):
+                    step = op.send(self._sleep(step.seconds))
+                else:
+                    step = op.send(_parse(step, self._send(step)))
         except StopIteration as done:
             return done.value
 
@@ -201,6 +206,8 @@ class AsyncClient(_Shell[httpx.AsyncClient, httpx.AsyncBaseTransport]):
     chat: Any
     completions: Any
     admin: Any
+    files: Any
+    fine_tuning: Any
 
     _http_class = httpx.AsyncClient
     _default_sleep = staticmethod(asyncio.sleep)
@@ -227,9 +234,13 @@ class AsyncClient(_Shell[httpx.AsyncClient, httpx.AsyncBaseTransport]):
             return _parse(op, await self._send(op))
         assert isinstance(op, GeneratorType)
         try:
-            call = next(op)
+            step = next(op)
             while True:
-                call = op.send(_parse(call, await self._send(call)))
+                if isinstance(step, core.Sleep):
+                    slept = self._sleep(step.seconds)
+                    step = op.send(await slept if inspect.isawaitable(slept) else None)
+                else:
+                    step = op.send(_parse(step, await self._send(step)))
         except StopIteration as done:
             return done.value
 

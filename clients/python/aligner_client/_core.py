@@ -3,13 +3,16 @@
 Everything here is pure: configuration, the description of each API call (`Call`), the status/code ->
 exception map, the retry policy, SSE decoding and pagination. The two clients only move bytes: they turn
 a `Call` into an httpx request, and feed answers back. Multi-step operations are generators that yield
-`Call`s and receive their parsed results (`drive` in each client runs them), so they too are written once.
+`Call`s and receive their parsed results (`drive` in each client runs them), so they too are written once;
+one that polls (`wait_job`) also yields `Sleep`s, which each client waits out its own way (time.sleep,
+asyncio.sleep, or the `sleep=` given to it).
 """
 
 from __future__ import annotations
 
 import base64
 import email.utils
+import itertools
 import json
 import math
 import os
@@ -29,6 +32,7 @@ from aligner_client.errors import (
     APIError,
     APITimeoutError,
     InternalServerError,
+    WaitTimeoutError,
 )
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
@@ -86,10 +90,12 @@ class Call:
     parse: Callable[[Any], Any] = lambda body: body
     admin: bool = False  # authenticate with the admin key
     stream: bool = False
+    raw: bool = False  # the answer's bytes go to `parse` as they are (file content), not its JSON
 
     def request_args(self, config: Config) -> dict[str, Any]:
         """Keyword arguments for `httpx.Client.build_request` (same for the async client)."""
-        headers = {"user-agent": USER_AGENT, "accept": "text/event-stream" if self.stream else "application/json"}
+        accept = "text/event-stream" if self.stream else "*/*" if self.raw else "application/json"
+        headers = {"user-agent": USER_AGENT, "accept": accept}
         headers.update(config.headers)
         key = config.admin_key if self.admin else config.api_key
         if key:
@@ -105,22 +111,31 @@ class Call:
         return args
 
 
-Op = Call | Generator[Call, Any, Any]
+@dataclass(frozen=True)
+class Sleep:
+    """Yielded by a polling operation: wait `seconds` before the next call (the client's sleep; the answer
+    sent back is None)."""
+
+    seconds: float
+
+
+Op = Call | Generator[Call | Sleep, Any, Any]
 
 
 def _seg(name: str) -> str:
     return quote(name, safe="@")
 
 
-def read_file_input(file: FileInput) -> tuple[str, bytes]:
-    """(filename, bytes) from a path, bytes or a binary file object. Adapter files are small (≤ 1 MiB)."""
+def read_file_input(file: FileInput, default_name: str = "adapter.safetensors") -> tuple[str, bytes]:
+    """(filename, bytes) from a path, bytes or a binary file object; bytes are named `default_name`. Adapter
+    files are small (≤ 1 MiB), training files a few MiB: read whole."""
     if isinstance(file, (bytes, bytearray, memoryview)):
-        return "adapter.safetensors", bytes(file)
+        return default_name, bytes(file)
     if isinstance(file, (str, os.PathLike)):
         p = Path(file)
         return p.name, p.read_bytes()
     data = file.read()
-    return Path(getattr(file, "name", "adapter.safetensors") or "adapter.safetensors").name, data
+    return Path(getattr(file, "name", default_name) or default_name).name, data
 
 
 # adapters
@@ -306,6 +321,170 @@ def _generation(
         body["stream"] = stream
     body.update(extra or {})
     return Call("POST", path, json=body, stream=stream, parse=answer.model_validate)
+
+
+# files and fine-tuning jobs (OpenAI's API: the server trains an adapter, named in the job's fine_tuned_model)
+
+METHODS = ("supervised", "dpo")
+
+
+def upload_file(file: FileInput, purpose: str = "fine-tune") -> Call:
+    """`POST /v1/files`: JSONL (path, bytes or binary file object), chat examples for method "supervised" or
+    preference pairs for "dpo"; the server checks every line before storing it."""
+    filename, data = read_file_input(file, "training.jsonl")
+    return Call(
+        "POST",
+        "/v1/files",
+        form={"purpose": purpose},
+        files={"file": (filename, data, "application/jsonl")},
+        parse=m.FileObject.model_validate,
+    )
+
+
+def list_files(limit: int | None = None, after: str | None = None, purpose: str | None = None) -> Call:
+    params = {"limit": limit, "after": after, "purpose": purpose}
+    return Call("GET", "/v1/files", params=params, parse=m.FileList.model_validate)
+
+
+def get_file(file_id: str) -> Call:
+    return Call("GET", f"/v1/files/{_seg(file_id)}", parse=m.FileObject.model_validate)
+
+
+def file_content(file_id: str) -> Call:
+    return Call("GET", f"/v1/files/{_seg(file_id)}/content", raw=True, parse=bytes)
+
+
+def delete_file(file_id: str) -> Call:
+    return Call("DELETE", f"/v1/files/{_seg(file_id)}", parse=m.FileDeleted.model_validate)
+
+
+def job_body(
+    training_file: str,
+    *,
+    model: str,
+    method: str | Mapping[str, Any] = "supervised",
+    hyperparameters: Mapping[str, Any] | None = None,
+    validation_file: str | None = None,
+    suffix: str | None = None,
+    seed: int | None = None,
+    aligner: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The body of `POST /v1/fine_tuning/jobs`. `method` is "supervised" or "dpo", and `hyperparameters` go
+    inside it (one left out or None: the server's "auto"); or `method` is OpenAI's whole object, sent as
+    written, and then `hyperparameters` stay empty. `aligner`: the adapter's shape (tokens, start_layer,
+    gate_activation). Bounds are the server's to check (it answers 400 naming the field)."""
+    hp = {k: v for k, v in (hyperparameters or {}).items() if v is not None}
+    if isinstance(method, str):
+        if method not in METHODS:
+            raise ValueError(f"method is one of {', '.join(METHODS)}, not {method!r}")
+        method_obj: dict[str, Any] = {"type": method, method: {"hyperparameters": hp}}
+    elif hp:
+        raise ValueError("give the hyperparameters inside method=, or method= as a name with them, not both")
+    else:
+        method_obj = dict(method)
+    shape = {k: v for k, v in (aligner or {}).items() if v is not None}
+    body = {
+        "model": model,
+        "training_file": training_file,
+        "validation_file": validation_file,
+        "suffix": suffix,
+        "seed": seed,
+        "method": method_obj,
+        "aligner": shape or None,
+    }
+    return {k: v for k, v in body.items() if v is not None} | dict(extra or {})
+
+
+def create_job(training_file: str, *, model: str | None = None, **fields: Any) -> Generator[Call, Any, m.FineTuningJob]:
+    """`fields`: `job_body`'s. Without `model`, the server's base model id is asked for first (the body is
+    checked before anything is sent)."""
+    body = job_body(training_file, model=model or "", **fields)
+    if model is None:
+        models: m.ModelList = yield list_models()
+        body["model"] = models.base.id
+    return (yield Call("POST", "/v1/fine_tuning/jobs", json=body, parse=m.FineTuningJob.model_validate))
+
+
+def _job_path(job_id: str, tail: str = "") -> str:
+    return f"/v1/fine_tuning/jobs/{_seg(job_id)}{tail}"
+
+
+def list_jobs(limit: int | None = None, after: str | None = None) -> Call:
+    params = {"limit": limit, "after": after}
+    return Call("GET", "/v1/fine_tuning/jobs", params=params, parse=m.FineTuningJobList.model_validate)
+
+
+def get_job(job_id: str) -> Call:
+    return Call("GET", _job_path(job_id), parse=m.FineTuningJob.model_validate)
+
+
+def list_events(job_id: str, limit: int | None = None, after: str | None = None) -> Call:
+    """Newest first; `after` an event id gives the ones before it."""
+    params = {"limit": limit, "after": after}
+    return Call("GET", _job_path(job_id, "/events"), params=params, parse=m.FineTuningJobEventList.model_validate)
+
+
+def list_checkpoints(job_id: str, limit: int | None = None, after: str | None = None) -> Call:
+    params = {"limit": limit, "after": after}
+    parse = m.FineTuningJobCheckpointList.model_validate
+    return Call("GET", _job_path(job_id, "/checkpoints"), params=params, parse=parse)
+
+
+def cancel_job(job_id: str) -> Call:
+    return Call("POST", _job_path(job_id, "/cancel"), parse=m.FineTuningJob.model_validate)
+
+
+@dataclass
+class EventFeed:
+    """A job's events as they appear: each `poll()` (a generator of calls) returns those not returned before,
+    oldest first. The API lists newest first, so pages are read back until an event already seen."""
+
+    job_id: str
+    page_size: int = 100
+    seen: set[str] = field(default_factory=set)
+
+    def poll(self) -> Generator[Call, Any, list[m.FineTuningJobEvent]]:
+        new: list[m.FineTuningJobEvent] = []
+        after = None
+        while True:
+            page: m.FineTuningJobEventList = yield list_events(self.job_id, self.page_size, after)
+            fresh = list(itertools.takewhile(lambda e: e.id not in self.seen, page.data))
+            new += fresh
+            if len(fresh) < len(page.data) or not page.has_more or not page.data:
+                break
+            after = page.data[-1].id
+        self.seen.update(e.id for e in new)
+        return new[::-1]
+
+
+def wait_job(
+    job_id: str,
+    *,
+    poll_s: float = 2.0,
+    timeout: float | None = None,
+    on_event: Callable[[m.FineTuningJobEvent], Any] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Generator[Call | Sleep, Any, m.FineTuningJob]:
+    """Poll the job every `poll_s` seconds until it is finished (succeeded, failed or cancelled) and return it;
+    a failed job is returned too (its `error` says why), not raised. `on_event` is called with each event, oldest
+    first, from the job's first as they appear. After `timeout` seconds (None: no limit) WaitTimeoutError,
+    holding the job as last seen; the job itself runs on."""
+    if not (poll_s > 0 and math.isfinite(poll_s)):
+        raise ValueError(f"poll_s is a number of seconds above 0, not {poll_s!r}")
+    deadline = None if timeout is None else clock() + timeout
+    feed = EventFeed(job_id) if on_event is not None else None
+    while True:
+        job: m.FineTuningJob = yield get_job(job_id)
+        if feed is not None and on_event is not None:  # the job first: once it is finished, so is its log
+            for event in (yield from feed.poll()):
+                on_event(event)
+        if job.finished:
+            return job
+        left = None if deadline is None else deadline - clock()
+        if left is not None and left <= 0:
+            raise WaitTimeoutError(f"fine-tuning job {job_id} is still {job.status} after {timeout:g} s", job=job)
+        yield Sleep(poll_s if left is None else min(poll_s, left))
 
 
 # admin

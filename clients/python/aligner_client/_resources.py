@@ -15,7 +15,7 @@ from aligner_client import _core as core
 from aligner_client import models as m
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
 
 
 class _Resource:
@@ -187,6 +187,110 @@ class Admin(_Resource):
         self.adapters = PublicAdapters(client)
 
 
+class Files(_Resource):
+    """`/v1/files`: the calling tenant's training files (OpenAI's Files API, purpose "fine-tune")."""
+
+    def create(self, file: core.FileInput, purpose: str = "fine-tune") -> m.FileObject:
+        """Upload JSONL (path, bytes or binary file object): chat examples (`{"messages": [...]}`) to train with
+        method "supervised", or preference pairs (`{"input", "preferred_output", "non_preferred_output"}`)
+        for "dpo". A bad line is refused (400) with its number."""
+        return self._c._drive(core.upload_file(file, purpose))
+
+    def list(self, limit: int | None = None, after: str | None = None, purpose: str | None = None) -> m.FileList:
+        """One page, newest first; `after=page.last_id` gives the next while `has_more`."""
+        return self._c._drive(core.list_files(limit, after, purpose))
+
+    def retrieve(self, file_id: str) -> m.FileObject:
+        return self._c._drive(core.get_file(file_id))
+
+    def content(self, file_id: str) -> bytes:
+        """The file's bytes, as uploaded."""
+        return self._c._drive(core.file_content(file_id))
+
+    def delete(self, file_id: str) -> m.FileDeleted:
+        return self._c._drive(core.delete_file(file_id))
+
+
+class Jobs(_Resource):
+    """`/v1/fine_tuning/jobs`: train an adapter on an uploaded file; a succeeded job names it in
+    `fine_tuned_model`, usable at once as `model=` or `adapter=`."""
+
+    def create(
+        self,
+        training_file: str,
+        *,
+        model: str | None = None,
+        method: str | Mapping[str, Any] = "supervised",
+        n_epochs: int | None = None,
+        batch_size: int | None = None,
+        learning_rate_multiplier: float | None = None,
+        beta: float | None = None,
+        validation_file: str | None = None,
+        suffix: str | None = None,
+        seed: int | None = None,
+        aligner: Mapping[str, Any] | None = None,
+        **extra: Any,
+    ) -> m.FineTuningJob:
+        """`POST /v1/fine_tuning/jobs`. `method` "supervised" or "dpo", with the hyperparameters given (None:
+        the server's "auto"; `beta` is dpo's), or OpenAI's whole `method` object. `model` defaults to the
+        server's base model (asked for first). `aligner`: the adapter's shape, `{"tokens": N, "start_layer": L,
+        "gate_activation": "identity" | "tanh"}`. `suffix` goes into the adapter's name. Other fields
+        (`metadata`, ...) in `extra`."""
+        hp = {"n_epochs": n_epochs, "batch_size": batch_size, "learning_rate_multiplier": learning_rate_multiplier}
+        return self._c._drive(
+            core.create_job(
+                training_file,
+                model=model,
+                method=method,
+                hyperparameters=hp | {"beta": beta},
+                validation_file=validation_file,
+                suffix=suffix,
+                seed=seed,
+                aligner=aligner,
+                extra=extra,
+            )
+        )
+
+    def list(self, limit: int | None = None, after: str | None = None) -> m.FineTuningJobList:
+        """One page, newest first; `after=page.last_id` gives the next while `has_more`."""
+        return self._c._drive(core.list_jobs(limit, after))
+
+    def retrieve(self, job_id: str) -> m.FineTuningJob:
+        return self._c._drive(core.get_job(job_id))
+
+    def list_events(self, job_id: str, limit: int | None = None, after: str | None = None) -> m.FineTuningJobEventList:
+        """One page of the job's log, newest first; `type == "metrics"` events hold each step's losses in `data`."""
+        return self._c._drive(core.list_events(job_id, limit, after))
+
+    def checkpoints(
+        self, job_id: str, limit: int | None = None, after: str | None = None
+    ) -> m.FineTuningJobCheckpointList:
+        return self._c._drive(core.list_checkpoints(job_id, limit, after))
+
+    def cancel(self, job_id: str) -> m.FineTuningJob:
+        """Cancel a queued or running job (a running one stops at its next step); a finished one is 409."""
+        return self._c._drive(core.cancel_job(job_id))
+
+    def wait(
+        self,
+        job_id: str,
+        poll_s: float = 2.0,
+        timeout: float | None = 3600.0,
+        *,
+        on_event: Callable[[m.FineTuningJobEvent], Any] | None = None,
+    ) -> m.FineTuningJob:
+        """Poll every `poll_s` seconds until the job is succeeded, failed or cancelled, and return it (a failed
+        job is returned, not raised: see `.error`). `on_event(event)` is called for each event, oldest first, as
+        they appear. WaitTimeoutError after `timeout` seconds (None: no limit); the job runs on."""
+        return self._c._drive(core.wait_job(job_id, poll_s=poll_s, timeout=timeout, on_event=on_event))
+
+
+class FineTuning(_Resource):
+    def __init__(self, client: Any) -> None:
+        super().__init__(client)
+        self.jobs = Jobs(client)
+
+
 class Namespaces:
     """Mixed into both clients."""
 
@@ -195,6 +299,8 @@ class Namespaces:
         self.models = Models(self)
         self.chat = Chat(self)
         self.completions = Completions(self)
+        self.files = Files(self)
+        self.fine_tuning = FineTuning(self)
         self.admin = Admin(self)
 
     def health(self) -> Any:

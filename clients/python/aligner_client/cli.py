@@ -7,14 +7,20 @@
     aligner-client admin tenants list | tenants set-quotas TENANT_ID [...]
     aligner-client admin keys create TENANT_ID | keys list TENANT_ID | keys revoke KEY_ID
     aligner-client admin publish NAME FILE | unpublish NAME[@N]
+    aligner-client fine-tune create --file DATA.jsonl [--method dpo] [--suffix S] [--epochs N] [--wait] [...]
+    aligner-client fine-tune list | show JOB | events JOB | cancel JOB | wait JOB
 
 `--base-url` / `--api-key` (anywhere on the line) or ALIGNER_BASE_URL / ALIGNER_API_KEY; admin commands use
 `--api-key`, else ALIGNER_ADMIN_KEY, else ALIGNER_API_KEY. Tables by default, `--json` for scripts.
 `chat --adapter` is NAME, NAME@VERSION or @FILE (an aligner/v1 file sent inline), each with an optional
 `:SCALE` (split on the last ':'); repeated, it stacks adapters. One `--adapter NAME` sends `adapter` as before;
 several, a scale or a file send `adapters`.
-Exit status: 0 ok, 1 the server refused (its message on stderr) or could not be reached, 2 bad usage.
-`main(argv)` is also what the server's `aligner adapters|chat|admin|models ...` dispatches to.
+`fine-tune create` uploads the file (or takes `--training-file FILE_ID`), starts a job and with `--wait` prints
+its events (each step's loss) until it finishes, then the fine-tuned model's name alone on the last line.
+Exit status: 0 ok, 1 the server refused (its message on stderr), could not be reached, or a waited-for job
+failed or was cancelled (its error on stderr), 2 bad usage.
+`main(argv)` is also what the server's `aligner adapters|chat|admin|models|fine-tune ...` dispatches to
+(`aligner fine-tune worker`, the training worker, is the server's own).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from aligner_client import _core as core
@@ -31,7 +38,7 @@ from aligner_client._client import Client
 from aligner_client._core import AdapterSpec
 from aligner_client.errors import AlignerError, APIError
 
-COMMANDS = ("adapters", "models", "chat", "admin")
+COMMANDS = ("adapters", "models", "chat", "admin", "fine-tune")
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -221,6 +228,100 @@ def _admin(c: Client, a: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+JOB_COLUMNS = ("id", "status", "method", "training_file", "fine_tuned_model", "created_at")
+
+
+def _job_rows(jobs: Sequence[m.FineTuningJob]) -> list[dict[str, Any]]:
+    return [j.model_dump() | {"method": j.method.get("type"), "created_at": _time(j.created_at)} for j in jobs]
+
+
+def _time(unix: int | None) -> str | None:
+    return None if unix is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(unix))  # UTC
+
+
+def _event_line(e: m.FineTuningJobEvent) -> str:
+    level = "" if e.level == "info" else f"{e.level}: "
+    return f"{_time(e.created_at)}  {level}{e.message}"
+
+
+def _job_summary(j: m.FineTuningJob) -> str:
+    hp = ", ".join(f"{k}={v}" for k, v in j.hyperparameters.items())
+    return f"{j.id} ({j.status}): {j.method.get('type', '?')} on {j.training_file}, {hp}"
+
+
+def _follow(c: Client, job_id: str, a: argparse.Namespace, out: TextIO) -> int:
+    """Print the job's events as they come until it finishes; its fine_tuned_model last, or its error."""
+
+    def show(e: m.FineTuningJobEvent) -> None:
+        print(json.dumps(e.model_dump(mode="json")) if a.json else _event_line(e), file=out, flush=True)
+
+    job = c.fine_tuning.jobs.wait(job_id, poll_s=a.poll, timeout=a.wait_timeout, on_event=show)
+    if a.json:
+        print_json(job, out)
+    elif job.status == "succeeded":
+        print(job.fine_tuned_model, file=out)
+    if job.status == "succeeded":
+        return 0
+    why = f" [{job.error.code}]: {job.error.message}" if job.error else ""
+    print(f"{a.prog}: fine-tuning job {job.id} {job.status}{why}", file=sys.stderr)
+    return 1
+
+
+def _fine_tune(c: Client, a: argparse.Namespace, out: TextIO) -> int:
+    jobs = c.fine_tuning.jobs
+    if a.action == "create":
+        training = a.training_file
+        if training is None:
+            f = c.files.create(a.file)
+            training = f.id
+            if not a.json:
+                print(f"uploaded {a.file} as {f.id} ({f.bytes} bytes)", file=out)
+        shape = {"tokens": a.tokens, "start_layer": a.start_layer, "gate_activation": a.gate_activation}
+        job = jobs.create(
+            training,
+            model=a.model,
+            method=a.method,
+            n_epochs=a.epochs,
+            batch_size=a.batch_size,
+            learning_rate_multiplier=a.lr_multiplier,
+            beta=a.beta,
+            validation_file=a.validation_file,
+            suffix=a.suffix,
+            seed=a.seed,
+            aligner=shape,
+        )
+        if a.json and not a.wait:
+            print_json(job, out)
+        elif not a.json:
+            print(f"created {_job_summary(job)}", file=out, flush=True)
+        return _follow(c, job.id, a, out) if a.wait else 0
+    if a.action == "list":
+        items = jobs.list(limit=a.limit).data
+        print_json(items, out) if a.json else table(_job_rows(items), JOB_COLUMNS, out)
+    elif a.action == "show":
+        job = jobs.retrieve(a.job_id)
+        times = {k: _time(getattr(job, k)) for k in ("created_at", "started_at", "finished_at")}
+        print_json(job, out) if a.json else fields(job.model_dump() | times, out)
+    elif a.action == "events":
+        events = jobs.list_events(a.job_id, limit=a.limit).data[::-1]  # oldest first, as a log reads
+        if a.json:
+            print_json(events, out)
+        else:
+            for e in events:
+                print(_event_line(e), file=out)
+    elif a.action == "cancel":
+        job = jobs.cancel(a.job_id)
+        if a.json:
+            print_json(job, out)
+        elif job.status == "cancelled":
+            print(f"cancelled {job.id}", file=out)
+        else:  # running: the worker stops it at its next step
+            print(f"cancelling {job.id} ({job.status}): it stops at its next step", file=out)
+    elif a.action == "wait":
+        return _follow(c, a.job_id, a, out)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ parser
 
 
@@ -261,8 +362,9 @@ def _quota_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser(prog: str = "aligner-client") -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog=prog, parents=[_common(False)], description="Client for aligner-serve.")
+    top.set_defaults(prog=prog)  # for the messages a handler prints itself
     common = [_common(True)]
-    sub = top.add_subparsers(dest="command", required=True, metavar="{adapters,models,chat,admin}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
 
     def leaf(parent: Any, name: str, help: str, **kw: Any) -> argparse.ArgumentParser:
         return parent.add_parser(name, help=help, parents=common, **kw)
@@ -319,10 +421,53 @@ def build_parser(prog: str = "aligner-client") -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("file")
     leaf(adm, "unpublish", "delete a public adapter (NAME or NAME@VERSION)").add_argument("name")
+    _fine_tune_parser(sub, leaf)
     return top
 
 
-HANDLERS = {"adapters": _adapters, "models": _models, "chat": _chat, "admin": _admin}
+def _wait_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--poll", type=float, default=2.0, metavar="S", help="seconds between polls (default 2)")
+    p.add_argument("--wait-timeout", type=float, metavar="S", help="give up waiting after S seconds (default: never)")
+
+
+def _fine_tune_parser(sub: Any, leaf: Callable[..., argparse.ArgumentParser]) -> None:
+    ft = sub.add_parser(
+        "fine-tune",
+        help="train an adapter on a JSONL file (OpenAI's fine-tuning API)",
+        description="Fine-tuning jobs on the server; the result is an adapter (use it as --model or --adapter). "
+        "The training worker itself is the server's: `aligner fine-tune worker`.",
+    ).add_subparsers(dest="action", required=True)
+    p = leaf(ft, "create", "upload a JSONL file and start a fine-tuning job on it")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--file", help="a JSONL file to upload: chat examples (supervised) or preference pairs (dpo)")
+    data.add_argument("--training-file", metavar="FILE_ID", help="an uploaded file's id instead")
+    p.add_argument("--validation-file", metavar="FILE_ID", help="an uploaded file to report a validation loss on")
+    p.add_argument("--method", choices=core.METHODS, default="supervised")
+    p.add_argument("--model", help="the base model (default: the server's)")
+    p.add_argument("--suffix", help="goes into the adapter's name: ft-SUFFIX-...")
+    p.add_argument("--epochs", type=int, help="passes over the file (default: the server's auto)")
+    p.add_argument("--batch-size", type=int, help="examples per optimizer step (default: auto)")
+    p.add_argument("--lr-multiplier", type=float, help="times the method's base learning rate (default 1)")
+    p.add_argument("--beta", type=float, help="dpo's beta (default 0.1)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--tokens", type=int, help="the adapter's prefix tokens N (default 1)")
+    p.add_argument("--start-layer", type=int, help="the first adapted layer (default 2)")
+    p.add_argument("--gate-activation", choices=("identity", "tanh"))
+    p.add_argument("--wait", action="store_true", help="print the job's events until it finishes")
+    _wait_args(p)
+    p = leaf(ft, "list", "your fine-tuning jobs, newest first")
+    p.add_argument("--limit", type=int)
+    leaf(ft, "show", "one job").add_argument("job_id")
+    p = leaf(ft, "events", "a job's events (oldest first)")
+    p.add_argument("job_id")
+    p.add_argument("--limit", type=int, default=100, help="the newest N (default 100)")
+    leaf(ft, "cancel", "cancel a queued or running job").add_argument("job_id")
+    p = leaf(ft, "wait", "print a job's events until it finishes, then its fine-tuned model")
+    p.add_argument("job_id")
+    _wait_args(p)
+
+
+HANDLERS = {"adapters": _adapters, "models": _models, "chat": _chat, "admin": _admin, "fine-tune": _fine_tune}
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "aligner-client", client: Client | None = None) -> int:

@@ -105,6 +105,15 @@ class APITimeoutError(APIConnectionError):
         super().__init__(message)
 
 
+class WaitTimeoutError(AlignerError):
+    """`fine_tuning.jobs.wait` gave up: the job had not finished in time. `job` is the job as last seen; it
+    runs on (cancel it to stop it)."""
+
+    def __init__(self, message: str, *, job: Any = None) -> None:
+        super().__init__(message)
+        self.message, self.job = message, job
+
+
 STATUS_ERRORS: dict[int, type[APIError]] = {
     400: BadRequestError,
     401: AuthenticationError,
@@ -134,4 +143,5 @@ __all__ = [
     "ServiceUnavailableError",
     "APIConnectionError",
     "APITimeoutError",
+    "WaitTimeoutError",
 ]

@@ -137,3 +137,115 @@ class ChatCompletionChunk(ChatCompletion):
 
 Completion = ChatCompletion
 CompletionChunk = ChatCompletionChunk
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning
+# OpenAI's shapes (`FileObject`, `FineTuningJob`, `FineTuningJobEvent`, `FineTuningJobCheckpoint`), times as
+# Unix seconds as the server sends them (and as OpenAI's SDK keeps them).
+
+#: a job in one of these will not change again
+FINISHED_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class _Page(_List[T], Generic[T]):
+    """OpenAI's cursor page: pass `last_id` as `after=` for the next one while `has_more`."""
+
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class FileObject(_Model):
+    id: str  # "file-..."
+    object: str = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str | None = None
+    status_details: str | None = None
+    expires_at: int | None = None
+
+
+class FileList(_Page[FileObject]):
+    pass
+
+
+class FileDeleted(_Model):
+    id: str
+    object: str = "file"
+    deleted: bool = True
+
+
+class JobError(_Model):
+    """Why a job failed: `code` (e.g. "training_failed", "worker_lost"), `message`, `param`."""
+
+    code: str | None = None
+    message: str = ""
+    param: str | None = None
+
+
+class FineTuningJob(_Model):
+    id: str  # "ftjob-..."
+    object: str = "fine_tuning.job"
+    created_at: int
+    status: str  # validating_files, queued, running, succeeded, failed, cancelled
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    fine_tuned_model: str | None = None  # the adapter a succeeded job stored: use it as `model=` or `adapter=`
+    error: JobError | None = None
+    finished_at: int | None = None
+    started_at: int | None = None
+    hyperparameters: dict[str, Any] = {}
+    method: dict[str, Any] = {}  # {"type": "supervised" | "dpo", <type>: {"hyperparameters": {...}}}
+    aligner: dict[str, Any] | None = None  # the adapter's shape: tokens, start_layer, gate_activation
+    seed: int | None = None
+    suffix: str | None = None
+    trained_tokens: int | None = None
+    organization_id: str | None = None
+    result_files: list[str] = []
+    integrations: list[Any] | None = None
+    metadata: dict[str, str] | None = None
+    estimated_finish: int | None = None
+    attempts: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        """succeeded, failed or cancelled: the status will not change again."""
+        return self.status in FINISHED_STATUSES
+
+
+class FineTuningJobList(_Page[FineTuningJob]):
+    pass
+
+
+class FineTuningJobEvent(_Model):
+    """One line of a job's log. `type` "metrics" events carry `data` {"step", "total_steps", "train_loss",
+    "learning_rate", "valid_loss"?}; the others (`type` "message") only `message`."""
+
+    id: str
+    object: str = "fine_tuning.job.event"
+    created_at: int
+    level: str = "info"  # info, warn, error
+    message: str
+    type: str = "message"
+    data: dict[str, Any] = {}
+
+
+class FineTuningJobEventList(_Page[FineTuningJobEvent]):
+    """Newest first, as OpenAI lists them."""
+
+
+class FineTuningJobCheckpoint(_Model):
+    id: str
+    object: str = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: dict[str, Any] = {}
+    step_number: int
+
+
+class FineTuningJobCheckpointList(_Page[FineTuningJobCheckpoint]):
+    pass
