@@ -340,3 +340,192 @@ def test_metrics_show_jobs_by_status_and_the_queue(server, keys) -> None:
     text = admin(server, "GET", "/metrics").text
     assert 'aligner_finetune_jobs{status="succeeded"}' in text
     assert "aligner_finetune_queue_length" in text and "aligner_finetune_steps_per_second" in text
+
+
+# ------------------------------------------------------------------------------ workers on one queue
+
+
+def _queue_jobs(url: str, count: int, *, rows: int, epochs: int) -> tuple[str, list[str]]:
+    """A tenant with `count` jobs queued straight in the store (each `rows` examples x `epochs`, batch 4)."""
+    import asyncio
+
+    from adapters_store import NewFile, NewJob, NewJobEvent, open_store
+    from server.fine_tuning import JobCreate, plan_job
+    from server.training_files import parse
+
+    spec = real_model().spec
+    data = jsonl(chat_rows(rows))
+
+    async def main() -> tuple[str, list[str]]:
+        async with open_store(url) as store:
+            tenant = await store.ensure_tenant("replicas")
+            parsed = parse(data)
+            f = await store.create_file(
+                tenant.id, NewFile("q.jsonl", "fine-tune", parsed.format, len(parsed.rows), data)
+            )
+            body = JobCreate(
+                model=spec.identity,
+                training_file=f.id,
+                method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": epochs, "batch_size": 4}}},
+            )
+            plan = plan_job(
+                body, spec=spec, served={spec.identity}, training=f, validation=None, max_tokens=16, max_steps=2000
+            )
+            ids = []
+            for _ in range(count):
+                job = await store.create_job(
+                    tenant.id, NewJob(spec.identity, f.id, None, plan, 100), [NewJobEvent("queued")]
+                )
+                ids.append(job.id)
+            return tenant.id, ids
+
+    return asyncio.run(main())
+
+
+def _jobs(url: str, tenant_id: str, ids: list[str]):
+    import asyncio
+
+    from adapters_store import open_store
+
+    async def main():
+        async with open_store(url) as store:
+            out = []
+            for i in ids:
+                events = (await store.list_job_events(tenant_id, i, limit=1000)).items
+                out.append((await store.get_job(tenant_id, i), [e.message for e in reversed(events)]))
+            return out
+
+    return asyncio.run(main())
+
+
+def _worker(url: str, name: str, log: Path, **env: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {"ALIGNER_STORE": url, "ALIGNER_FINETUNE_THREADS": "1"} | env
+    return subprocess.Popen(
+        [sys.executable, "-m", "server.finetune_worker", "--id", name],
+        env=os.environ | env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+@pytest.fixture
+def pg_url():
+    from store_contract.support import postgres_url_or_skip, throwaway_database
+
+    with throwaway_database(postgres_url_or_skip()) as url:
+        yield url
+
+
+def test_two_replicas_workers_share_one_postgres_queue_and_run_each_job_once(pg_url, tmp_path) -> None:
+    tenant, ids = _queue_jobs(pg_url, 6, rows=4, epochs=1)  # 6 one-step jobs
+    workers = [_worker(pg_url, f"replica{i}", tmp_path / f"w{i}.log") for i in range(2)]
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            jobs = _jobs(pg_url, tenant, ids)
+            if all(j.status in FINISHED for j, _ in jobs) or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+    finally:
+        for w in workers:
+            w.terminate()
+            w.wait(60)
+    logs = "".join((tmp_path / f"w{i}.log").read_text()[-2000:] for i in range(2))
+    assert [j.status for j, _ in jobs] == ["succeeded"] * 6, logs
+    for job, messages in jobs:
+        assert job.attempts == 1 and sum(m == "Fine-tuning job started" for m in messages) == 1, messages
+    by = {j.worker_id for j, _ in jobs}
+    assert by <= {"replica0", "replica1"}
+    print(f"\njobs per worker: {[sum(j.worker_id == w for j, _ in jobs) for w in sorted(by)]}")
+    assert len({j.fine_tuned_model for j, _ in jobs}) == 6
+
+
+def test_a_killed_worker_loses_its_lease_and_the_job_runs_again_elsewhere(pg_url, tmp_path) -> None:
+    """SIGKILL mid-run (no hand-back): after the lease the next worker requeues the job and runs it; the
+    dead worker's claim counts as an attempt."""
+    import signal
+
+    tenant, (job_id,) = _queue_jobs(pg_url, 1, rows=16, epochs=2)  # 8 steps
+    lease = {"ALIGNER_FINETUNE_LEASE_SECONDS": "6"}
+    first = _worker(pg_url, "doomed", tmp_path / "a.log", **lease)
+    deadline = time.monotonic() + 300
+    while not any(m.startswith("Step ") for m in _jobs(pg_url, tenant, [job_id])[0][1]):
+        assert time.monotonic() < deadline and first.poll() is None, (tmp_path / "a.log").read_text()[-2000:]
+        time.sleep(0.5)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    second = _worker(pg_url, "heir", tmp_path / "b.log", **lease)
+    try:
+        deadline = time.monotonic() + 600
+        while (job := _jobs(pg_url, tenant, [job_id])[0])[0].status not in FINISHED:
+            assert time.monotonic() < deadline, (tmp_path / "b.log").read_text()[-2000:]
+            time.sleep(1)
+    finally:
+        second.terminate()
+        second.wait(60)
+    record, messages = job
+    assert record.status == "succeeded" and record.worker_id == "heir" and record.attempts == 2, messages
+    assert any("stopped; queued again" in m for m in messages), messages
+    assert sum(m == "Fine-tuning job started" for m in messages) == 2
+
+
+def test_the_objects_validate_as_the_openai_sdks_own_types(server, keys) -> None:
+    """Every field the official SDK's types require is there with its type (pydantic validation, not the
+    SDK's lenient construct)."""
+    from openai.types import FileDeleted, FileObject
+    from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
+    from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
+
+    headers = {"authorization": f"Bearer {keys['alice']}"}
+
+    def get(path: str) -> dict:
+        r = httpx.get(server.base + path, headers=headers, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    jobs = get("/v1/fine_tuning/jobs?limit=100")
+    assert jobs["object"] == "list" and jobs["data"] and jobs["has_more"] is False
+    for j in jobs["data"]:
+        FineTuningJob.model_validate(j, strict=False)
+        assert j == get(f"/v1/fine_tuning/jobs/{j['id']}")
+        for e in get(f"/v1/fine_tuning/jobs/{j['id']}/events?limit=1000")["data"]:
+            FineTuningJobEvent.model_validate(e)
+        for c in get(f"/v1/fine_tuning/jobs/{j['id']}/checkpoints")["data"]:
+            FineTuningJobCheckpoint.model_validate(c)
+    files = get("/v1/files")["data"]
+    for f in files:
+        FileObject.model_validate(f)
+    one = client(server, keys["alice"]).files.create(file=("x.jsonl", jsonl(chat_rows(1))), purpose="fine-tune")
+    r = httpx.delete(f"{server.base}/v1/files/{one.id}", headers=headers)
+    FileDeleted.model_validate(r.json())
+    # pagination: pages of one, newest first, following `after`
+    seen, after = [], None
+    while True:
+        page = get("/v1/fine_tuning/jobs?limit=1" + (f"&after={after}" if after else ""))
+        seen += [j["id"] for j in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    assert seen == [j["id"] for j in jobs["data"]]
+
+
+def test_fine_tuning_quotas_are_the_tenants_and_refuse_with_429(server, keys) -> None:
+    tid = next(t["id"] for t in admin(server, "GET", "/admin/tenants").json()["data"] if t["name"] == "bob")
+    assert admin(server, "GET", "/admin/tenants").json()["data"][0]["quotas"]["max_queued_jobs"] == 4  # default
+    r = admin(server, "PATCH", f"/admin/tenants/{tid}", json={"max_files": 1, "max_queued_jobs": 0})
+    assert r.status_code == 200, r.text
+    c = client(server, keys["bob"])
+    for f in c.files.list().data:
+        c.files.delete(f.id)
+    f = c.files.create(file=("a.jsonl", jsonl(chat_rows(2))), purpose="fine-tune")
+    with pytest.raises(openai.RateLimitError) as e:
+        c.files.create(file=("b.jsonl", jsonl(chat_rows(2))), purpose="fine-tune")
+    assert "max_files" in e.value.message and "delete files first" in e.value.message
+    with pytest.raises(openai.RateLimitError) as e:
+        c.fine_tuning.jobs.create(training_file=f.id, model=c.models.list().data[0].id)
+    assert "max_queued_jobs" in e.value.message
+    assert c.fine_tuning.jobs.list().data == []  # nothing was queued
