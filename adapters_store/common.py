@@ -169,47 +169,36 @@ def validate_finish(
         raise TypeError(f"job error must be a dict or None, got {type(error).__name__}")
 
 
+def _count_limit(quotas: Quotas, field: str, count: int, things: str) -> None:
+    """One more of ``count`` ``things`` must stay within ``quotas.<field>``."""
+    limit = getattr(quotas, field)
+    if limit is not None and count + 1 > limit:
+        message = f"quota {field} exceeded: the tenant has {count} {things} and the limit is {limit}"
+        raise QuotaExceeded(field, limit, count, message)
+
+
+def _sum_limit(quotas: Quotas, field: str, total: int, more: int, holds: str) -> None:
+    """``total`` plus ``more`` must stay within ``quotas.<field>``; ``holds`` says what ``total`` is."""
+    limit = getattr(quotas, field)
+    if limit is not None and total + more > limit:
+        message = f"quota {field} exceeded: {holds.format(total)}, {more} more would pass the limit of {limit}"
+        raise QuotaExceeded(field, limit, total, message)
+
+
 def check_quotas(quotas: Quotas, count: int, total_bytes: int, new_bytes: int) -> None:
     """Raise ``QuotaExceeded`` if one more adapter of ``new_bytes`` breaks a limit.
 
     ``count`` and ``total_bytes`` are the tenant's usage before the write; the
     caller must hold the lock that keeps them true until its insert commits.
     """
-    if quotas.max_adapters is not None and count + 1 > quotas.max_adapters:
-        raise QuotaExceeded(
-            "max_adapters",
-            quotas.max_adapters,
-            count,
-            f"quota max_adapters exceeded: the tenant has {count} adapter versions"
-            f" and the limit is {quotas.max_adapters}",
-        )
-    if quotas.max_adapter_bytes is not None and total_bytes + new_bytes > quotas.max_adapter_bytes:
-        raise QuotaExceeded(
-            "max_adapter_bytes",
-            quotas.max_adapter_bytes,
-            total_bytes,
-            f"quota max_adapter_bytes exceeded: the tenant stores {total_bytes} bytes,"
-            f" {new_bytes} more would pass the limit of {quotas.max_adapter_bytes}",
-        )
+    _count_limit(quotas, "max_adapters", count, "adapter versions")
+    _sum_limit(quotas, "max_adapter_bytes", total_bytes, new_bytes, "the tenant stores {} bytes")
 
 
 def check_file_quotas(quotas: Quotas, count: int, total_bytes: int, new_bytes: int) -> None:
     """Raise ``QuotaExceeded`` if one more file of ``new_bytes`` breaks a limit (as ``check_quotas``)."""
-    if quotas.max_files is not None and count + 1 > quotas.max_files:
-        raise QuotaExceeded(
-            "max_files",
-            quotas.max_files,
-            count,
-            f"quota max_files exceeded: the tenant has {count} files and the limit is {quotas.max_files}",
-        )
-    if quotas.max_file_bytes is not None and total_bytes + new_bytes > quotas.max_file_bytes:
-        raise QuotaExceeded(
-            "max_file_bytes",
-            quotas.max_file_bytes,
-            total_bytes,
-            f"quota max_file_bytes exceeded: the tenant stores {total_bytes} bytes of files,"
-            f" {new_bytes} more would pass the limit of {quotas.max_file_bytes}",
-        )
+    _count_limit(quotas, "max_files", count, "files")
+    _sum_limit(quotas, "max_file_bytes", total_bytes, new_bytes, "the tenant stores {} bytes of files")
 
 
 def check_job_quotas(quotas: Quotas, active: int, tokens: int, new_tokens: int) -> None:
@@ -219,19 +208,5 @@ def check_job_quotas(quotas: Quotas, active: int, tokens: int, new_tokens: int) 
     ``tokens`` the training tokens of its jobs that did not fail or get cancelled; the caller holds
     the tenant's lock, as for ``check_quotas``.
     """
-    if quotas.max_queued_jobs is not None and active + 1 > quotas.max_queued_jobs:
-        raise QuotaExceeded(
-            "max_queued_jobs",
-            quotas.max_queued_jobs,
-            active,
-            f"quota max_queued_jobs exceeded: the tenant has {active} jobs queued or running"
-            f" and the limit is {quotas.max_queued_jobs}",
-        )
-    if quotas.max_training_tokens is not None and tokens + new_tokens > quotas.max_training_tokens:
-        raise QuotaExceeded(
-            "max_training_tokens",
-            quotas.max_training_tokens,
-            tokens,
-            f"quota max_training_tokens exceeded: the tenant's jobs train on {tokens} tokens,"
-            f" {new_tokens} more would pass the limit of {quotas.max_training_tokens}",
-        )
+    _count_limit(quotas, "max_queued_jobs", active, "jobs queued or running")
+    _sum_limit(quotas, "max_training_tokens", tokens, new_tokens, "the tenant's jobs train on {} tokens")

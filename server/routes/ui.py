@@ -3,7 +3,7 @@
 the base model.
 
 Static pages; they talk to the public API with the key the user types, so they have no powers of their own.
-Each is one self-contained file (no CDN, no external script), so it works offline.
+Each is one file, but for the streamed chat both use (`/ui/chat.js`); no CDN, so they work offline.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from functools import cache
 from pathlib import Path
 
 from fastapi import APIRouter
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 
 router = APIRouter(tags=["ui"])
 
@@ -30,3 +30,8 @@ async def playground() -> HTMLResponse:
 @router.get("/ui/fine-tune", response_class=HTMLResponse, include_in_schema=False)
 async def fine_tune_playground() -> HTMLResponse:
     return HTMLResponse(_page("fine-tune.html"))
+
+
+@router.get("/ui/chat.js", include_in_schema=False)
+async def chat_script() -> Response:
+    return Response(_page("chat.js"), media_type="text/javascript")
