@@ -1,5 +1,19 @@
-// Shared by the playground pages (/ui, /ui/fine-tune): one streamed chat completion into `target`, token by
-// token. `headers(extra)` is the page's own (the API key the user typed).
+// Shared by the playground pages (/ui, /ui/fine-tune), loaded before each page's own script, which defines
+// `keyInput` (the API key the user typed): its headers, a JSON call to the API, and one streamed chat
+// completion into `target`, token by token.
+
+function headers(extra = {}) {
+  const h = { ...extra };
+  if (keyInput.value) h["Authorization"] = "Bearer " + keyInput.value;
+  return h;
+}
+
+async function api(path, options = {}) {
+  const r = await fetch(path, { ...options, headers: headers(options.headers || {}) });
+  const body = r.headers.get("content-type")?.includes("json") ? await r.json() : await r.text();
+  if (!r.ok) throw new Error(body?.error?.message || `HTTP ${r.status}`);
+  return body;
+}
 
 async function stream(body, target) {
   target.textContent = "";
