@@ -600,6 +600,10 @@ def test_new_tenants_get_the_default_limits(server) -> None:
         "max_n": 2,
         "max_tokens_in_flight": 32768,
         "max_active_adapters": 1,
+        "max_files": 100,
+        "max_file_bytes": 256 << 20,
+        "max_queued_jobs": 4,
+        "max_training_tokens": 50_000_000,
     }
     tid = r.json()["id"]
     q2 = call(

@@ -917,6 +917,10 @@ def test_cli_admin_json(mt_server, spec, tmp_path, capsys, monkeypatch) -> None:
         "max_n": 8,
         "max_tokens_in_flight": 32768,
         "max_active_adapters": 16,
+        "max_files": 100,
+        "max_file_bytes": 256 << 20,
+        "max_queued_jobs": 4,
+        "max_training_tokens": 50_000_000,
     }
     assert "sdk-cli" in [x["name"] for x in run("tenants", "list")]
     assert run("tenants", "set-quotas", t["id"], "--max-adapters", "4")["quotas"]["max_adapters"] == 4

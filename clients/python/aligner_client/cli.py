@@ -348,6 +348,10 @@ _QUOTA_HELP = {
     "max_n": "sequences (n x prompts) of one request",
     "max_tokens_in_flight": "n x (prompt + max_tokens) in flight",
     "max_active_adapters": "distinct adapters in flight at once",
+    "max_files": "fine-tuning files stored",
+    "max_file_bytes": "total fine-tuning file bytes",
+    "max_queued_jobs": "fine-tuning jobs queued or running at once",
+    "max_training_tokens": "tokens trained on, over the jobs that did not fail",
 }
 
 

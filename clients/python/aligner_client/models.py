@@ -81,6 +81,10 @@ class Quotas(_Model):
     max_n: int | None = None
     max_tokens_in_flight: int | None = None
     max_active_adapters: int | None = None
+    max_files: int | None = None
+    max_file_bytes: int | None = None
+    max_queued_jobs: int | None = None
+    max_training_tokens: int | None = None
 
 
 class Tenant(_Model):
