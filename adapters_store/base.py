@@ -297,9 +297,9 @@ class Store(ABC):
     async def job_counts(self) -> dict[str, int]:
         """Jobs per status over every tenant (for the metrics)."""
 
+    @abstractmethod
     async def training_steps_since(self, since: datetime) -> int:
         """Training steps reported (``metrics`` events) by every worker since ``since`` (for the metrics)."""
-        raise NotImplementedError(f"{type(self).__name__} counts no training steps")
 
     # Change feed (optional: a backend without one raises NotImplementedError)
 
